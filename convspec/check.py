@@ -1,0 +1,413 @@
+"""Stage 2: syntax tree -> checked graph.
+
+``check_paths(spec, params, input_shape)`` runs the passes in order:
+
+1. sections: one per layer, no duplicates, each with a known ``type=``;
+2. merge the params file's sections into their layers;
+3. keys: canonical spelling, typed values, refused and ignored keys;
+4. inputs: every name defined, no cycles, a topological order;
+5. shapes, parameter and multiply-add counts, with cuda-convnet's formulas;
+6. devices: ``gpu=`` placement and replica rules.
+
+Every failure is a located :class:`~convspec.errors.SpecError`.  No torch here,
+so ``convspec check`` is fast and works without a GPU build.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import values as V
+from .errors import Location, SpecError, did_you_mean, fail
+from .layers import (
+    IGNORED_KEYS, LAYER_TYPES, LEGACY_SPELLINGS, REFUSED_KEYS, REQUIRED, UNSUPPORTED_TYPES,
+    Key, Layer, LayerType, numel,
+)
+from .parse import Entry, Section, SpecFile, parse_file
+
+TRAIN_SECTION = "train"  # convspec extension in the params file: the training recipe
+
+
+@dataclass
+class DeviceTotals:
+    layers: int = 0
+    params: int = 0
+    activation_bytes: int = 0  # float32 outputs held per image
+
+
+@dataclass
+class CheckedNet:
+    path: str
+    layers: dict[str, Layer]  # in topological order
+    params_path: str | None = None
+    spec_text: str = ""
+    params_text: str = ""
+    train: Section | None = None
+    notes: list[str] = field(default_factory=list)
+    devices: dict[int, DeviceTotals] = field(default_factory=dict)
+
+    @property
+    def total_params(self) -> int:
+        return sum(layer.params for layer in self.layers.values())
+
+    @property
+    def total_neurons(self) -> int:
+        return sum(layer.neurons for layer in self.layers.values())
+
+    @property
+    def total_macs(self) -> int:
+        return sum(layer.macs for layer in self.layers.values())
+
+    @property
+    def image_shape(self) -> tuple[int, ...] | None:
+        for layer in self.layers.values():
+            if layer.type == "data" and layer["dataIdx"] != 1:
+                return layer.shape
+        return None
+
+    def consumers(self, name: str) -> list[str]:
+        return [l.name for l in self.layers.values() if name in l.inputs]
+
+
+def find_params_file(spec_path: str | Path) -> Path | None:
+    """The params file beside a spec: ``NAME.params.cfg``, or cuda-convnet's
+    pairing where ``layers`` becomes ``layer-params`` in the file name."""
+    spec = Path(spec_path)
+    candidates = [spec.with_name(spec.stem + ".params" + spec.suffix)]
+    if "layers" in spec.name:
+        candidates.append(spec.with_name(spec.name.replace("layers", "layer-params")))
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def check_paths(spec_path: str | Path, params_path: str | Path | None = None,
+                input_shape: tuple[int, int, int] | None = None,
+                find_params: bool = True) -> CheckedNet:
+    """Parse and check a spec (and its params file, given or found beside it)."""
+    spec = parse_file(spec_path)
+    if params_path is None and find_params:
+        params_path = find_params_file(spec_path)
+    params = parse_file(params_path) if params_path is not None else None
+    return check(spec, params, input_shape)
+
+
+def check(spec: SpecFile, params: SpecFile | None = None,
+          input_shape: tuple[int, int, int] | None = None) -> CheckedNet:
+    net = CheckedNet(spec.path, {}, params.path if params else None, spec.text,
+                     params.text if params else "")
+    layers = _sections_to_layers(spec)
+    if params is not None:
+        net.train = _merge_params(layers, params)
+    for layer in layers.values():
+        _resolve_keys(layer)
+    _check_inputs(layers)
+    order = _topological_order(layers)
+    net.layers = {name: layers[name] for name in order}
+    for layer in net.layers.values():
+        _infer(layer, net, input_shape)
+    _plan_devices(net)
+    unused = [l.name for l in net.layers.values()
+              if not l.type.startswith("cost.") and not net.consumers(l.name)
+              and not (l.type == "data" and l["dataIdx"] == 1)]
+    if unused and any(l.type.startswith("cost.") for l in net.layers.values()):
+        net.notes.append(f"unused layers (nothing reads them): {', '.join(unused)}")
+    return net
+
+
+# --- pass 1: sections -----------------------------------------------------------
+
+
+def _sections_to_layers(spec: SpecFile) -> dict[str, Layer]:
+    if not spec.sections:
+        raise fail("empty spec: no [layer] sections; a spec starts with e.g. [data] and type=data",
+                   Location(spec.path, 1, 1, spec.text.split("\n")[0] if spec.text else ""))
+    layers: dict[str, Layer] = {}
+    for section in spec.sections:
+        _check_section_name(section, layers)
+        entries = _entry_map(section)
+        type_entry = entries.get("type")
+        if type_entry is None:
+            raise fail(f"layer '{section.name}' has no type=; add one, e.g. type=conv "
+                       f"(types: {', '.join(LAYER_TYPES)})", section.loc)
+        type_name = type_entry.value.raw
+        if type_name not in LAYER_TYPES:
+            if type_name in UNSUPPORTED_TYPES:
+                msg = f"layer '{section.name}': type={type_name} is a cuda-convnet2 layer type convspec does not support"
+            else:
+                msg = (f"layer '{section.name}': unknown layer type '{type_name}'"
+                       f"{did_you_mean(type_name, LAYER_TYPES) or '; types: ' + ', '.join(LAYER_TYPES)}")
+            raise fail(msg, type_entry.value.loc)
+        layers[section.name] = Layer(section.name, type_name, section.loc, entries)
+    return layers
+
+
+def _check_section_name(section: Section, seen: dict[str, Layer]) -> None:
+    if section.name == "":
+        if section.entries and section.loc == section.entries[0].loc:
+            raise fail("key=value line before any [section]; put it under a layer's [name] header",
+                       section.loc)
+        raise fail("empty section name []; name the layer, e.g. [conv1]", section.loc)
+    if any(c.isspace() or c in ",=" for c in section.name):
+        raise fail(f"section name '{section.name}' contains a space, ',' or '='; "
+                   "layer names are single words", section.loc)
+    if section.name in seen:
+        first = seen[section.name].loc
+        raise fail(f"duplicate section [{section.name}] (first at line {first.line}); rename or merge one",
+                   section.loc)
+
+
+def _entry_map(section: Section) -> dict[str, Entry]:
+    """Keys are case-insensitive, as cuda-convnet's ConfigParser makes them."""
+    entries: dict[str, Entry] = {}
+    for entry in section.entries:
+        k = entry.key.lower()
+        if k in entries:
+            raise fail(f"layer '{section.name}': duplicate key '{entry.key}' "
+                       f"(first at line {entries[k].loc.line}); keep one", entry.loc)
+        entries[k] = entry
+    return entries
+
+
+# --- pass 2: the params file ------------------------------------------------------
+
+
+def _merge_params(layers: dict[str, Layer], params: SpecFile) -> Section | None:
+    train = None
+    seen: dict[str, Section] = {}
+    for section in params.sections:
+        if section.name == "" and section.entries:
+            raise fail("key=value line before any [section]; put it under a layer's [name] header",
+                       section.loc)
+        if section.name in seen:
+            raise fail(f"duplicate section [{section.name}] (first at line {seen[section.name].loc.line}); "
+                       "merge them", section.loc)
+        seen[section.name] = section
+        if section.name == TRAIN_SECTION and TRAIN_SECTION not in layers:
+            train = section
+            continue
+        layer = layers.get(section.name)
+        if layer is None:
+            raise fail(f"params for layer '{section.name}', which the spec does not define"
+                       f"{did_you_mean(section.name, layers)}", section.loc)
+        for k, entry in _entry_map(section).items():
+            if k == "type":
+                raise fail(f"layer '{section.name}': type= belongs in the layer file, not the params file",
+                           entry.loc)
+            if k in layer.entries:
+                first = layer.entries[k].loc
+                raise fail(f"layer '{section.name}': '{entry.key}' is set in both the layer file "
+                           f"(line {first.line}) and the params file; keep one", entry.loc)
+            layer.entries[k] = entry
+    return train
+
+
+# --- pass 3: keys ----------------------------------------------------------------
+
+
+def _resolve_keys(layer: Layer) -> None:
+    ltype = LAYER_TYPES[layer.type]
+    canonical: dict[str, Entry] = {}
+    for k, entry in layer.entries.items():
+        if k in REFUSED_KEYS:
+            raise fail(f"layer '{layer.name}': {REFUSED_KEYS[k]}", entry.loc)
+        if k in IGNORED_KEYS:
+            continue
+        legacy = LEGACY_SPELLINGS.get((layer.type, k))
+        key = ltype.key(legacy or k)
+        if key is None:
+            names = [x.name for x in ltype.all_keys()]
+            hint = did_you_mean(entry.key, names) or f"; {layer.type} takes {', '.join(names)}"
+            raise fail(f"layer '{layer.name}': unknown key '{entry.key}' for type {layer.type}{hint}",
+                       entry.loc)
+        if legacy and key.name in canonical:
+            raise fail(f"layer '{layer.name}': both sizeX= (old spelling) and size= are set; keep size=",
+                       entry.loc)
+        canonical[key.name] = entry
+    layer.entries = canonical
+
+    if "inputs" in canonical:
+        ctx = V.Ctx(layer.name, "inputs")
+        layer.inputs = [V.to_word(item, ctx) for item in canonical["inputs"].value.items]
+    n_inputs = max(len(layer.inputs), 1)
+    for key in ltype.all_keys():
+        if key.name == "type":
+            continue
+        layer.attrs[key.name] = _convert(layer, key, n_inputs)
+
+
+def _convert(layer: Layer, key: Key, n_inputs: int) -> Any:
+    entry = layer.entries.get(key.name)
+    ctx = V.Ctx(layer.name, key.name)
+    if entry is None or not entry.value.items:
+        if key.default is REQUIRED:
+            doc = f" ({key.doc})" if key.doc else ""
+            where = entry.value.loc if entry is not None else layer.loc
+            raise fail(f"layer '{layer.name}': {layer.type} needs {key.name}=...{doc}", where)
+        if key.per_input:
+            return [key.default] * n_inputs
+        return key.default
+    items = entry.value.items
+    if key.kind in ("names", "ints"):
+        return [_convert_item(item, key, ctx) for item in items]
+    if key.per_input:
+        if len(items) not in (1, n_inputs):
+            raise fail(f"layer '{layer.name}': {key.name} has {len(items)} values but the layer has "
+                       f"{n_inputs} input{'s' if n_inputs != 1 else ''}; give one value, or one per input",
+                       entry.value.loc)
+        converted = [_convert_item(item, key, ctx) for item in items]
+        return converted * n_inputs if len(converted) == 1 else converted
+    if len(items) != 1:
+        raise fail(f"layer '{layer.name}': {key.name} takes one value, not {len(items)}", items[1].loc)
+    return _convert_item(items[0], key, ctx)
+
+
+def _convert_item(item, key: Key, ctx: V.Ctx) -> Any:
+    kind = key.kind
+    if kind in ("int", "ints"):
+        return V.to_int(item, ctx, None if key.minimum is None else int(key.minimum))
+    if kind == "float":
+        return V.to_float(item, ctx, key.minimum)
+    if kind == "bool":
+        return V.to_bool(item, ctx)
+    if kind in ("word", "names"):
+        return V.to_word(item, ctx, key.choices)
+    if kind == "neuron":
+        return V.to_neuron(item, ctx)
+    if kind == "schedule":
+        return V.to_schedule(item, ctx)
+    if kind == "shape":
+        return V.to_shape(item, ctx)
+    raise AssertionError(kind)
+
+
+# --- pass 4: inputs and order ---------------------------------------------------------
+
+
+def _check_inputs(layers: dict[str, Layer]) -> None:
+    for layer in layers.values():
+        ltype = LAYER_TYPES[layer.type]
+        if ltype.num_inputs == 0:
+            continue
+        seen = set()
+        for i, name in enumerate(layer.inputs):
+            if name not in layers:
+                hint = did_you_mean(name, [n for n in layers if n != layer.name])
+                raise fail(f"layer '{layer.name}': input '{name}' is not defined{hint}",
+                           layer.loc_of("inputs", i))
+            if layers[name].type.startswith("cost."):
+                raise fail(f"layer '{layer.name}': input '{name}' is a cost layer, which has no output",
+                           layer.loc_of("inputs", i))
+            if name in seen and layer.type not in ("eltsum", "eltmax", "concat"):
+                raise fail(f"layer '{layer.name}': input '{name}' is listed twice", layer.loc_of("inputs", i))
+            seen.add(name)
+        if ltype.num_inputs is not None and len(layer.inputs) != ltype.num_inputs:
+            raise fail(f"layer '{layer.name}': {layer.type} takes {ltype.num_inputs} input"
+                       f"{'s' if ltype.num_inputs > 1 else ''}, not {len(layer.inputs)}",
+                       layer.loc_of("inputs"))
+
+
+def _topological_order(layers: dict[str, Layer]) -> list[str]:
+    """Kahn's algorithm; ties keep file order, so output reads like the file."""
+    position = {name: i for i, name in enumerate(layers)}
+    waiting = {name: len(set(l.inputs)) for name, l in layers.items()}
+    readers: dict[str, list[str]] = {name: [] for name in layers}
+    for name, layer in layers.items():
+        for src in set(layer.inputs):
+            readers[src].append(name)
+    ready = [(position[n], n) for n, k in waiting.items() if k == 0]
+    heapq.heapify(ready)
+    order: list[str] = []
+    while ready:
+        _, name = heapq.heappop(ready)
+        order.append(name)
+        for reader in readers[name]:
+            waiting[reader] -= 1
+            if waiting[reader] == 0:
+                heapq.heappush(ready, (position[reader], reader))
+    if len(order) < len(layers):
+        raise _cycle_error(layers, set(layers) - set(order))
+    return order
+
+
+def _cycle_error(layers: dict[str, Layer], stuck: set[str]) -> SpecError:
+    # Walk inputs inside the stuck set until a name repeats: that loop is a cycle.
+    start = min(stuck, key=lambda n: list(layers).index(n))
+    path, name = [], start
+    while name not in path:
+        path.append(name)
+        name = next(src for src in layers[name].inputs if src in stuck)
+    cycle = path[path.index(name):] + [name]
+    first = layers[cycle[0]]
+    return fail(f"layer '{first.name}': inputs form a cycle: {' -> '.join(reversed(cycle))}; "
+                "a layer cannot read its own output", first.loc_of("inputs", first.inputs.index(cycle[1])))
+
+
+# --- pass 5: shapes and counts -----------------------------------------------------
+
+
+def _infer(layer: Layer, net: CheckedNet, input_shape: tuple[int, int, int] | None) -> None:
+    ltype: LayerType = LAYER_TYPES[layer.type]
+    if ltype.num_inputs == 0:
+        layer.shape = _data_shape(layer, net, input_shape)
+        return
+    sources = [net.layers[name] for name in layer.inputs]
+    layer.input_shapes = [s.shape for s in sources]
+    layer.input_types = [s.type for s in sources]
+    layer.shape = ltype.shape(layer)
+    layer.params, layer.macs = ltype.count(layer)
+    if ltype.counts_neurons:
+        layer.neurons = numel(layer.shape)
+
+
+def _data_shape(layer: Layer, net: CheckedNet, input_shape) -> tuple[int, ...]:
+    if layer["dataIdx"] == 1:
+        return (1,)  # cuda-convnet's providers put the labels at dataIdx=1
+    if input_shape is not None:
+        return tuple(input_shape)
+    if layer["inputSize"] is not None:
+        return tuple(layer["inputSize"])
+    raise fail(f"data layer '{layer.name}' has no image size: pass --input CxHxW (e.g. --input 3x32x32) "
+               "or add inputSize=CxHxW to this section", layer.loc)
+
+
+# --- pass 6: devices -------------------------------------------------------------------
+
+
+def _plan_devices(net: CheckedNet) -> None:
+    defaulted = []
+    replicas: dict[str, int] = {}
+    for layer in net.layers.values():
+        if layer.type == "data":
+            continue
+        gpu = layer.attrs.get("gpu")
+        if gpu is None:
+            first = net.layers[layer.inputs[0]]
+            if first.type == "data":
+                gpu, layer.gpu_defaulted = [0], True
+                defaulted.append(layer.name)
+            else:
+                gpu = list(first.gpu)
+        if len(set(gpu)) != len(gpu):
+            raise fail(f"layer '{layer.name}': gpu={','.join(map(str, gpu))} lists a GPU twice; "
+                       "replicas must run on different GPUs", layer.loc_of("gpu"))
+        layer.gpu = gpu
+        input_replicas = {replicas[s] for s in layer.inputs if s in replicas}
+        if len(input_replicas) > 1:
+            raise fail(f"layer '{layer.name}': its inputs have different numbers of replicas "
+                       f"({', '.join(f'{s}: {replicas[s]}' for s in layer.inputs if s in replicas)}); "
+                       "give them equal gpu= lists", layer.loc_of("inputs"))
+        for src in layer.inputs:
+            if src in replicas and replicas[src] % len(gpu):
+                raise fail(f"layer '{layer.name}': its {len(gpu)} replicas must divide the {replicas[src]} "
+                           f"replicas of input '{src}'", layer.loc_of("gpu"))
+        replicas[layer.name] = len(gpu)
+        for index in gpu:
+            totals = net.devices.setdefault(index, DeviceTotals())
+            totals.layers += 1
+            totals.params += layer.params
+            totals.activation_bytes += 4 * numel(layer.shape) if not layer.type.startswith("cost.") else 0
+    net.devices = dict(sorted(net.devices.items()))
+    if defaulted:
+        net.notes.append(f"no gpu= on layers fed straight from data; placed on gpu 0: {', '.join(defaulted)}")

@@ -1,0 +1,70 @@
+"""Source locations and the one error type every stage raises.
+
+Every problem a user can cause -- a typo in a spec, a missing file, a shape that
+does not fit -- becomes a :class:`SpecError` that prints as
+
+    specs/alexnet.cfg:14:8: layer 'conv2': groups=3 does not divide the 64 channels of 'pool1'
+    inputs=pool1
+           ^
+
+so an editor can jump to it.  The CLI prints ``str(error)`` and exits 1; only
+``--debug`` shows a traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Iterable
+
+
+@dataclass(frozen=True)
+class Location:
+    """A 1-based line and column in a file (pycparser's ``Coord``)."""
+
+    path: str
+    line: int = 0
+    column: int = 0
+    source_line: str | None = None
+
+    def __str__(self) -> str:
+        if self.line <= 0:
+            return self.path
+        return f"{self.path}:{self.line}:{self.column}"
+
+
+class SpecError(Exception):
+    """A problem with a spec, a params file or a command-line value.
+
+    ``message`` is one line naming the layer, the key, the constraint and the
+    fix.  ``location`` points at the offending text when there is one.
+    """
+
+    def __init__(self, message: str, location: Location | None = None):
+        super().__init__(message)
+        self.message = message
+        self.location = location
+
+    def __str__(self) -> str:
+        if self.location is None:
+            return self.message
+        text = f"{self.location}: {self.message}"
+        line = self.location.source_line
+        if line is not None and self.location.column > 0:
+            # Tabs keep their width so the caret lands under the character.
+            prefix = "".join(c if c == "\t" else " " for c in line[: self.location.column - 1])
+            text += f"\n{line}\n{prefix}^"
+        return text
+
+
+def fail(message: str, location: Location | None = None) -> SpecError:
+    """Build the error; callers write ``raise fail(...)`` so control flow stays visible."""
+    return SpecError(message, location)
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """A ``"; did you mean 'x'?"`` suffix for the closest choice, or ``""``."""
+    choices = list(choices)
+    lowered = {c.lower(): c for c in choices}
+    close = difflib.get_close_matches(word.lower(), list(lowered), n=1, cutoff=0.6)
+    return f"; did you mean '{lowered[close[0]]}'?" if close else ""
