@@ -97,9 +97,9 @@ def check(spec: SpecFile, params: SpecFile | None = None,
           input_shape: tuple[int, int, int] | None = None) -> CheckedNet:
     net = CheckedNet(spec.path, {}, params.path if params else None, spec.text,
                      params.text if params else "")
-    layers = _sections_to_layers(spec)
+    layers = _sections_to_layers(spec, net.notes)
     if params is not None:
-        net.train = _merge_params(layers, params)
+        net.train = _merge_params(layers, params, net.notes)
     for layer in layers.values():
         _resolve_keys(layer)
     _check_inputs(layers)
@@ -119,14 +119,14 @@ def check(spec: SpecFile, params: SpecFile | None = None,
 # --- pass 1: sections -----------------------------------------------------------
 
 
-def _sections_to_layers(spec: SpecFile) -> dict[str, Layer]:
+def _sections_to_layers(spec: SpecFile, notes: list[str]) -> dict[str, Layer]:
     if not spec.sections:
         raise fail("empty spec: no [layer] sections; a spec starts with e.g. [data] and type=data",
                    Location(spec.path, 1, 1, spec.text.split("\n")[0] if spec.text else ""))
     layers: dict[str, Layer] = {}
     for section in spec.sections:
         _check_section_name(section, layers)
-        entries = _entry_map(section)
+        entries = _entry_map(section, notes)
         type_entry = entries.get("type")
         if type_entry is None:
             raise fail(f"layer '{section.name}' has no type=; add one, e.g. type=conv "
@@ -158,14 +158,23 @@ def _check_section_name(section: Section, seen: dict[str, Layer]) -> None:
                    section.loc)
 
 
-def _entry_map(section: Section) -> dict[str, Entry]:
-    """Keys are case-insensitive, as cuda-convnet's ConfigParser makes them."""
+def _entry_map(section: Section, notes: list[str] | None = None) -> dict[str, Entry]:
+    """Keys are case-insensitive, as cuda-convnet's ConfigParser makes them.
+
+    A key repeated with the same value is harmless (some published files do
+    it) and only noted; with a different value it is an error.
+    """
     entries: dict[str, Entry] = {}
     for entry in section.entries:
         k = entry.key.lower()
         if k in entries:
-            raise fail(f"layer '{section.name}': duplicate key '{entry.key}' "
-                       f"(first at line {entries[k].loc.line}); keep one", entry.loc)
+            first = entries[k]
+            if first.value.raw != entry.value.raw:
+                raise fail(f"layer '{section.name}': duplicate key '{entry.key}' with a different value "
+                           f"(first at line {first.loc.line}); keep one", entry.loc)
+            if notes is not None:
+                notes.append(f"{entry.loc}: layer '{section.name}': '{entry.key}' repeated with the same value")
+            continue
         entries[k] = entry
     return entries
 
@@ -173,7 +182,7 @@ def _entry_map(section: Section) -> dict[str, Entry]:
 # --- pass 2: the params file ------------------------------------------------------
 
 
-def _merge_params(layers: dict[str, Layer], params: SpecFile) -> Section | None:
+def _merge_params(layers: dict[str, Layer], params: SpecFile, notes: list[str]) -> Section | None:
     train = None
     seen: dict[str, Section] = {}
     for section in params.sections:
@@ -189,9 +198,12 @@ def _merge_params(layers: dict[str, Layer], params: SpecFile) -> Section | None:
             continue
         layer = layers.get(section.name)
         if layer is None:
-            raise fail(f"params for layer '{section.name}', which the spec does not define"
-                       f"{did_you_mean(section.name, layers)}", section.loc)
-        for k, entry in _entry_map(section).items():
+            # cuda-convnet reads only the sections its layers ask for, and
+            # published pairs carry such leftovers; say so rather than fail.
+            notes.append(f"{section.loc}: params section [{section.name}] names no layer in the spec; "
+                         f"ignored{did_you_mean(section.name, layers)}")
+            continue
+        for k, entry in _entry_map(section, notes).items():
             if k == "type":
                 raise fail(f"layer '{section.name}': type= belongs in the layer file, not the params file",
                            entry.loc)

@@ -131,6 +131,7 @@ IGNORED_KEYS = {
     "randsparse": "randSparse",
     "filterchannels": "filterChannels",
     "conservemem": "conserveMem",
+    "crossmap": "crossMap",  # a redundant marker on old cmrnorm layers
 }
 
 # Keys that would run code or need machinery convspec refuses.
@@ -427,4 +428,9 @@ LAYER_TYPES: dict[str, LayerType] = {
 }
 
 # Old cuda-convnet files write sizeX= where the norm layers now take size=.
-LEGACY_SPELLINGS = {("cmrnorm", "sizex"): "size", ("rnorm", "sizex"): "size", ("cnorm", "sizex"): "size"}
+# Early cuda-convnet files also wrote numFilters, numOutputs and subsX.
+LEGACY_SPELLINGS = {
+    ("cmrnorm", "sizex"): "size", ("rnorm", "sizex"): "size", ("cnorm", "sizex"): "size",
+    ("conv", "numfilters"): "filters", ("local", "numfilters"): "filters",
+    ("fc", "numoutputs"): "outputs", ("pool", "subsx"): "sizeX",
+}

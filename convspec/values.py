@@ -87,7 +87,8 @@ class Schedule:
         # dexp: numSteps values sampled from the exp curve at evenly spaced
         # progress points, each held for 1/numSteps of training.
         n = self.num_steps
-        values = [self.base * (1.0 / self.tgt_factor) ** (i / (n - 1) if n > 1 else 0) for i in range(n)]
+        # The last step is exactly base / tgtFactor (numSteps=1 gives only that).
+        values = [self.base * (1.0 / self.tgt_factor) ** (i / (n - 1)) for i in range(n - 1)] + [final]
         for i, v in enumerate(values):
             if p <= (i + 1) / n:
                 return v

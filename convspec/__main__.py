@@ -1,0 +1,5 @@
+"""``python -m convspec`` is the ``convspec`` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,194 @@
+"""Stage 3: checked graph -> ``torch.nn.Module``.
+
+    net = build(check_paths("specs/alexnet.cfg"), devices=["cuda:0", "cuda:1"])
+    logits = net(images)                       # the input of the cost's softmax
+    loss = net.loss(logits, labels)            # coeff * cross-entropy
+    feats = net(images, outputs=["fc7a"])      # any layer's output, by name
+
+Submodules are named after the spec's sections, so state-dict keys read
+``conv1a.weight``.  Spec GPU indices fold onto the devices given
+(``gpu % len(devices)``); tensors are copied only where an edge crosses
+devices, and on real GPUs the towers' kernels run concurrently because CUDA
+launches are asynchronous.  On one device, sibling towers are fused
+(``convspec.fuse``).  Each parameter's learning rules (epsW, momW, wc, ...)
+are recorded for the trainer in :meth:`CompiledNet.learning_rules`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .check import CheckedNet
+from .fuse import Step, plan
+from .layers import LAYER_TYPES, Layer
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one parameter learns (cuda-convnet's per-layer keys)."""
+
+    eps: Any  # values.Schedule or None
+    mom: float | None
+    wc: float
+    wball: float
+    update_period: int
+
+
+def default_devices() -> list[torch.device]:
+    if torch.cuda.is_available():
+        return [torch.device(f"cuda:{i}") for i in range(torch.cuda.device_count())]
+    return [torch.device("cpu")]
+
+
+def module_name(layer_name: str) -> str:
+    # nn.Module names cannot contain '.'.
+    return layer_name.replace(".", "_")
+
+
+class CompiledNet(nn.Module):
+    def __init__(self, net: CheckedNet, devices: Sequence[str | torch.device] | None = None,
+                 fuse: bool = True):
+        super().__init__()
+        self.spec = net
+        self.devices = [torch.device(d) for d in devices] if devices else default_devices()
+        self.fuse = fuse
+        self.device_of: dict[str, int] = {}
+        for layer in net.layers.values():
+            if layer.type == "data":
+                continue
+            self.device_of[layer.name] = layer.gpu[0] % len(self.devices)
+            module_class = LAYER_TYPES[layer.type].module
+            if module_class:
+                module = getattr(ops, module_class)(layer)
+                self.add_module(module_name(layer.name), module.to(self.devices[self.device_of[layer.name]]))
+        self.image_input = next((l.name for l in net.layers.values()
+                                 if l.type == "data" and l["dataIdx"] != 1), None)
+        self.cost = next((l for l in net.layers.values() if l.type == "cost.logreg"), None)
+        if self.cost is not None:
+            softmax = net.layers[self.cost.inputs[1]]
+            self.output_name = softmax.inputs[0]  # logits: the loss applies log-softmax itself
+        else:
+            sinks = [l.name for l in net.layers.values() if l.type != "data" and not net.consumers(l.name)]
+            self.output_name = sinks[-1] if sinks else self.image_input
+        self._plans: dict[tuple[str, ...], list[Step]] = {}
+
+    # --- planning -------------------------------------------------------------------
+
+    def layer_module(self, name: str) -> nn.Module:
+        return getattr(self, module_name(name))
+
+    def steps(self, outputs: tuple[str, ...]) -> list[Step]:
+        if outputs not in self._plans:
+            needed: set[str] = set()
+            stack = list(outputs)
+            while stack:
+                name = stack.pop()
+                if name in needed:
+                    continue
+                if name not in self.spec.layers:
+                    raise KeyError(f"no layer '{name}' in {self.spec.path}")
+                needed.add(name)
+                stack.extend(self.spec.layers[name].inputs)
+            self._plans[outputs] = plan(self.spec, self.device_of, needed, self.fuse)
+        return self._plans[outputs]
+
+    # --- running ----------------------------------------------------------------------
+
+    def forward(self, images: torch.Tensor, outputs: Sequence[str] | None = None):
+        wanted = tuple(outputs) if outputs else (self.output_name,)
+        values: dict[str, torch.Tensor] = {self.image_input: images}
+        fused: dict[tuple[str, ...], torch.Tensor] = {}  # members -> channel-concatenated output
+        copies: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+        def fetch(name: str, device: torch.device) -> torch.Tensor:
+            x = values[name]
+            if x.device == device:
+                return x
+            key = (name, device)
+            if key not in copies:  # one copy per edge target, shared by its readers
+                copies[key] = x.to(device, non_blocking=True)
+            return copies[key]
+
+        def gather(names: tuple[str, ...], device: torch.device) -> torch.Tensor:
+            if len(names) == 1:
+                return fetch(names[0], device)
+            if names in fused and fused[names].device == device:
+                return fused[names]
+            return torch.cat([fetch(n, device) for n in names], dim=1)
+
+        for step in self.steps(wanted):
+            device = self.devices[step.device]
+            if step.kind == "single":
+                name = step.members[0]
+                layer = self.spec.layers[name]
+                values[name] = self.layer_module(name)([fetch(s, device) for s in layer.inputs])
+                continue
+            x = gather(step.sources, device)
+            y = self._run_fused(step, x)
+            fused[step.members] = y
+            offset = 0
+            for name in step.members:
+                width = self.spec.layers[name].shape[0]
+                values[name] = y.narrow(1, offset, width)
+                offset += width
+
+        if outputs:
+            return {name: values[name] for name in outputs}
+        return values[self.output_name]
+
+    def _run_fused(self, step: Step, x: torch.Tensor) -> torch.Tensor:
+        mods = [self.layer_module(n) for n in step.members]
+        first = mods[0]
+        layer = self.spec.layers[step.members[0]]
+        if layer.type == "conv":
+            if step.kind == "full":
+                weight = torch.cat([
+                    torch.cat([m.weights()[self.spec.layers[n].inputs.index(s)] for s in step.sources], dim=1)
+                    for n, m in zip(step.members, mods)], dim=0)
+                groups = 1
+            else:
+                weight = torch.cat([m.weights()[0] for m in mods], dim=0)
+                groups = len(mods) * first.geometry[0][2]
+            y = first.conv(x, weight, 0, groups=groups)
+            y = first.add_bias(y, torch.cat([m.bias for m in mods], dim=0))
+            return ops.apply_neuron(first.neuron, y)
+        if layer.type == "cmrnorm":
+            # The channel window must not cross towers: fold towers into the batch.
+            n, c, h, w = x.shape
+            k = len(mods)
+            return first([x.reshape(n * k, c // k, h, w)]).reshape(n, c, h, w)
+        # pool, neuron, dropout, rnorm, cnorm: the same work on every channel.
+        return first([x])
+
+    # --- training support ---------------------------------------------------------------
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """cuda-convnet's cost.logreg: coeff * mean(-log softmax(logits)[label])."""
+        coeff = self.cost["coeff"] if self.cost is not None else 1.0
+        return coeff * F.cross_entropy(logits.float(), labels.to(logits.device))
+
+    def learning_rules(self) -> Iterator[tuple[str, nn.Parameter, Rule]]:
+        """(state-dict name, parameter, its rule) for every learnable tensor."""
+        for layer in self.spec.layers.values():
+            if not LAYER_TYPES[layer.type].has_weights:
+                continue
+            module = self.layer_module(layer.name)
+            prefix = module_name(layer.name)
+            weights = module.weights()
+            for i, w in enumerate(weights):
+                suffix = "weight" if len(weights) == 1 else f"weight.{i}"
+                yield f"{prefix}.{suffix}", w, Rule(layer["epsW"][i], layer["momW"][i], layer["wc"][i],
+                                                   layer["wball"][i], layer["updatePeriod"])
+            yield f"{prefix}.bias", module.bias, Rule(layer["epsB"], layer["momB"], 0.0, 0.0,
+                                                      layer["updatePeriod"])
+
+
+def build(net: CheckedNet, devices: Sequence[str | torch.device] | None = None,
+          fuse: bool = True) -> CompiledNet:
+    return CompiledNet(net, devices, fuse)

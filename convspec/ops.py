@@ -1,0 +1,372 @@
+"""PyTorch modules for each layer type, with cuda-convnet2's run-time semantics.
+
+Each module is built from a checked :class:`~convspec.layers.Layer` and its
+``forward`` takes the list of its input tensors.  The formulas, and the
+cuda-convnet2 sources they come from, are noted where they differ from the
+obvious PyTorch call.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import Layer
+from .values import Neuron
+
+# --- neuron functions (cudaconvnet/include/neuron.cuh) ---------------------------
+
+
+def apply_neuron(neuron: Neuron | None, x: torch.Tensor) -> torch.Tensor:
+    if neuron is None or neuron.name == "ident":
+        return x
+    name, p = neuron.name, neuron.params
+    if name == "relu":
+        return F.relu(x)
+    if name == "logistic":
+        return torch.sigmoid(x)
+    if name == "abs":
+        return x.abs()
+    if name == "softrelu":
+        # cuda-convnet returns x itself above 4, not log(1 + e^x).
+        return F.softplus(x, beta=1.0, threshold=4.0)
+    if name == "square":
+        return x * x
+    if name == "sqrt":
+        return x.sqrt()
+    if name == "log":
+        return torch.log(p[0] + x)
+    if name == "tanh":
+        return p[0] * torch.tanh(p[1] * x)
+    if name == "abstanh":
+        return p[0] * torch.tanh(p[1] * x).abs()
+    if name == "brelu":
+        return x.clamp(0.0, p[0])
+    if name == "linear":
+        return p[0] * x + p[1]
+    if name == "drelu":
+        return x - p[0] * torch.tanh(x / p[0])
+    raise AssertionError(name)
+
+
+def as_images(x: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
+    """cuda-convnet re-reads flat outputs as images; do the same.  A 4-d input
+    is used as it is (a fused step may hand over several towers' channels)."""
+    if x.dim() == 4:
+        return x
+    return x.reshape(x.shape[0], *shape)
+
+
+def bottom_right_overhang(size: int, out: int, filter_size: int, stride: int, padding: int) -> int:
+    """Rows past the bottom (or columns past the right) that cuda-convnet's
+    rounded-up output size reads; they hold implicit zeros."""
+    return max(0, (out - 1) * stride + filter_size - size - 2 * padding)
+
+
+class LayerModule(nn.Module):
+    def __init__(self, layer: Layer):
+        super().__init__()
+        self.layer_name = layer.name
+        self.image_inputs = list(layer.image_inputs)
+        self.neuron: Neuron | None = layer.attrs.get("neuron")
+
+
+# --- weight layers -------------------------------------------------------------------
+
+
+def _params_per_input(module: nn.Module, tensors: list[torch.Tensor]) -> None:
+    """One input: ``weight``.  Several: ``weight.0``, ``weight.1`` (one bank per input)."""
+    if len(tensors) == 1:
+        module.weight = nn.Parameter(tensors[0])
+    else:
+        module.weight = nn.ParameterList([nn.Parameter(t) for t in tensors])
+
+
+class _FilterLayer(LayerModule):
+    """Shared by conv and local: per-input filter geometry."""
+
+    def __init__(self, layer: Layer):
+        super().__init__(layer)
+        self.out_shape = tuple(layer.shape)
+        self.geometry = []  # per input: (filterSize, stride, groups, (pad_left, pad_right, pad_top, pad_bottom))
+        _, oh, ow = layer.shape
+        for i, (c, h, w) in enumerate(layer.image_inputs):
+            f, s, p = layer.per_input("filterSize", i), layer.per_input("stride", i), layer.per_input("padding", i)
+            pads = (p, p + bottom_right_overhang(w, ow, f, s, p), p, p + bottom_right_overhang(h, oh, f, s, p))
+            self.geometry.append((f, s, layer.per_input("groups", i), pads))
+
+    def weights(self) -> list[torch.Tensor]:
+        return [self.weight] if isinstance(self.weight, nn.Parameter) else list(self.weight)
+
+
+class Conv(_FilterLayer):
+    """Convolution.  Weight per input: (filters*groups, channels/groups, size, size);
+    bias: (filters,) shared, or (filters, outH, outW) with sharedBiases=0."""
+
+    def __init__(self, layer: Layer):
+        super().__init__(layer)
+        fmaps, oh, ow = layer.shape
+        tensors = []
+        for i, (c, _h, _w) in enumerate(layer.image_inputs):
+            f, _s, g, _p = self.geometry[i]
+            tensors.append(torch.randn(fmaps, c // g, f, f) * layer.per_input("initW", i))
+        _params_per_input(self, tensors)
+        bias_shape = (fmaps,) if layer["sharedBiases"] else (fmaps, oh, ow)
+        self.bias = nn.Parameter(torch.full(bias_shape, float(layer["initB"])))
+        self.shared_biases = layer["sharedBiases"]
+
+    def conv(self, x: torch.Tensor, weight: torch.Tensor, i: int, groups: int | None = None) -> torch.Tensor:
+        f, s, g, (pl, pr, pt, pb) = self.geometry[i]
+        if pl == pr == pt == pb:
+            y = F.conv2d(x, weight, None, s, pl, 1, groups or g)
+        else:
+            y = F.conv2d(F.pad(x, (pl, pr, pt, pb)), weight, None, s, 0, 1, groups or g)
+        oh, ow = self.out_shape[1:]
+        return y if y.shape[-2:] == (oh, ow) else y[..., :oh, :ow]
+
+    def add_bias(self, y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return y + (bias.view(1, -1, 1, 1) if bias.dim() == 1 else bias.unsqueeze(0))
+
+    def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        y = None
+        for i, (x, w) in enumerate(zip(inputs, self.weights())):
+            part = self.conv(as_images(x, self.image_inputs[i]), w, i)
+            y = part if y is None else y + part
+        return apply_neuron(self.neuron, self.add_bias(y, self.bias))
+
+
+class Local(_FilterLayer):
+    """Locally connected (unshared) filters.  Weight per input:
+    (outH*outW, filters*groups, channels/groups, size, size); bias: (filters, outH, outW)."""
+
+    def __init__(self, layer: Layer):
+        super().__init__(layer)
+        fmaps, oh, ow = layer.shape
+        tensors = []
+        for i, (c, _h, _w) in enumerate(layer.image_inputs):
+            f, _s, g, _p = self.geometry[i]
+            tensors.append(torch.randn(oh * ow, fmaps, c // g, f, f) * layer.per_input("initW", i))
+        _params_per_input(self, tensors)
+        self.bias = nn.Parameter(torch.full((fmaps, oh, ow), float(layer["initB"])))
+
+    def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        fmaps, oh, ow = self.out_shape
+        y = None
+        for i, (x, w) in enumerate(zip(inputs, self.weights())):
+            f, s, g, pads = self.geometry[i]
+            x = F.pad(as_images(x, self.image_inputs[i]), pads)
+            cols = F.unfold(x, f, stride=s)  # (N, C*f*f, L), channel-major like the weight
+            cols = cols[..., : oh * ow] if cols.shape[-1] != oh * ow else cols
+            n = x.shape[0]
+            cols = cols.view(n, g, -1, oh * ow)
+            wg = w.view(oh * ow, g, fmaps // g, -1)
+            part = torch.einsum("ngcl,lgfc->ngfl", cols, wg).reshape(n, fmaps, oh, ow)
+            y = part if y is None else y + part
+        return apply_neuron(self.neuron, y + self.bias.unsqueeze(0))
+
+
+class FullyConnected(LayerModule):
+    """Weight per input: (outputs, input size), as nn.Linear; bias: (outputs,)."""
+
+    def __init__(self, layer: Layer):
+        super().__init__(layer)
+        out = layer["outputs"]
+        tensors = [torch.randn(out, math.prod(s)) * layer.per_input("initW", i)
+                   for i, s in enumerate(layer.input_shapes)]
+        _params_per_input(self, tensors)
+        self.bias = nn.Parameter(torch.full((out,), float(layer["initB"])))
+
+    def weights(self) -> list[torch.Tensor]:
+        return [self.weight] if isinstance(self.weight, nn.Parameter) else list(self.weight)
+
+    def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        y = None
+        for x, w in zip(inputs, self.weights()):
+            x = x.reshape(x.shape[0], -1)
+            y = F.linear(x, w, self.bias) if y is None else torch.addmm(y, x, w.t())
+        return apply_neuron(self.neuron, y)
+
+
+# --- pooling ----------------------------------------------------------------------------
+
+
+class Pool(LayerModule):
+    """max, avg and maxabs pooling over [start + o*stride, ... + sizeX), clipped
+    to the image; avg divides by the clipped count (cuda-convnet's AvgPooler)."""
+
+    def __init__(self, layer: Layer):
+        super().__init__(layer)
+        self.kind = layer["pool"]
+        self.size, self.stride, self.start = layer["sizeX"], layer["stride"], layer["start"]
+        c, h, w = layer.image_inputs[0]
+        _, oh, ow = layer.shape
+        self.out_hw = (oh, ow)
+        natural = [1 + math.ceil((n - self.size) / self.stride) for n in (h, w)]
+        # PyTorch's ceil_mode gives the same windows and clipped averages when
+        # the windows start at 0 and each starts inside the image.
+        self.fast = (self.start == 0 and [oh, ow] == natural and self.stride <= self.size)
+        # Otherwise: crop or pad so that the windows tile exactly.
+        self.pads = []
+        for n, o in ((w, ow), (h, oh)):
+            before = -self.start
+            after = self.start + (o - 1) * self.stride + self.size - n
+            self.pads += [before, after]
+
+    def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        x = as_images(inputs[0], self.image_inputs[0])
+        k, s = self.size, self.stride
+        if self.fast and self.kind == "max":
+            y = F.max_pool2d(x, k, s, ceil_mode=True)
+        elif self.fast and self.kind == "avg":
+            y = F.avg_pool2d(x, k, s, ceil_mode=True, count_include_pad=False)
+        else:
+            y = self._general(x)
+        return apply_neuron(self.neuron, y)
+
+    def _general(self, x: torch.Tensor) -> torch.Tensor:
+        k, s = self.size, self.stride
+        if self.kind == "avg":
+            ones = torch.ones_like(x[:1, :1])
+            sums = F.avg_pool2d(F.pad(x, self.pads), k, s, divisor_override=1)
+            counts = F.avg_pool2d(F.pad(ones, self.pads), k, s, divisor_override=1)
+            return sums / counts
+        fill = -math.inf if self.kind == "max" else 0.0
+        padded = F.pad(x, self.pads, value=fill)
+        if self.kind == "max":
+            return F.max_pool2d(padded, k, s)
+        # maxabs: the element of largest magnitude, with its sign.
+        _, idx = F.max_pool2d(padded.abs(), k, s, return_indices=True)
+        flat = padded.flatten(2)
+        return flat.gather(2, idx.flatten(2)).view_as(idx)
+
+
+# --- normalisation (cudaconv3/src/conv_util.cu) ---------------------------------------------
+
+
+class _Norm(LayerModule):
+    def __init__(self, layer: Layer):
+        super().__init__(layer)
+        if layer["scale"] is None or layer["pow"] is None:
+            from .errors import fail
+
+            raise fail(f"layer '{layer.name}': {layer.type} needs scale= and pow= "
+                       "(in the params file) before it can be built", layer.loc)
+        self.size = layer["size"]
+        self.scale, self.pow, self.min_div = layer["scale"], layer["pow"], layer["minDiv"]
+        self.blocked = layer["blocked"]
+
+    def window_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum over a size x size window starting size/2 before each pixel,
+        clipped to the image (zeros outside)."""
+        before, after = self.size // 2, self.size - 1 - self.size // 2
+        padded = F.pad(x, (before, after, before, after))
+        return F.avg_pool2d(padded, self.size, 1, divisor_override=1)
+
+
+class CrossMapNorm(_Norm):
+    """out = a * (minDiv + scale/size * sum of a^2 over channels [c - size/2, c - size/2 + size))^-pow."""
+
+    def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        x = as_images(inputs[0], self.image_inputs[0])
+        sq = (x * x).unsqueeze(1)  # (N, 1, C, H, W): pool over the channel axis
+        n = self.size
+        if self.blocked:
+            c = x.shape[1]
+            blocks = math.ceil(c / n)
+            padded = F.pad(sq, (0, 0, 0, 0, 0, blocks * n - c))
+            sums = F.avg_pool3d(padded, (n, 1, 1), (n, 1, 1), divisor_override=1)
+            sums = sums.repeat_interleave(n, dim=2)[:, :, :c]
+        else:
+            padded = F.pad(sq, (0, 0, 0, 0, n // 2, n - 1 - n // 2))
+            sums = F.avg_pool3d(padded, (n, 1, 1), 1, divisor_override=1)
+        denom = self.min_div + (self.scale / n) * sums.squeeze(1)
+        return apply_neuron(self.neuron, x * denom.pow(-self.pow))
+
+
+class ResponseNorm(_Norm):
+    """Within a map: out = a * (minDiv + scale/size^2 * sum of a^2 over the window)^-pow."""
+
+    def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        x = as_images(inputs[0], self.image_inputs[0])
+        denom = self.min_div + (self.scale / self.size ** 2) * self.window_sum(x * x)
+        return apply_neuron(self.neuron, x * denom.pow(-self.pow))
+
+
+class ContrastNorm(_Norm):
+    """Contrast normalisation: d = a - local mean (mean over the clipped window);
+    out = a * (minDiv + scale/size^2 * sum of d^2 over the window)^-pow."""
+
+    def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        x = as_images(inputs[0], self.image_inputs[0])
+        counts = self.window_sum(torch.ones_like(x[:1, :1]))
+        diffs = x - self.window_sum(x) / counts
+        denom = self.min_div + (self.scale / self.size ** 2) * self.window_sum(diffs * diffs)
+        return apply_neuron(self.neuron, x * denom.pow(-self.pow))
+
+
+# --- everything else ---------------------------------------------------------------------------------
+
+
+class NeuronLayer(LayerModule):
+    def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        return apply_neuron(self.neuron, inputs[0])
+
+
+class Softmax(LayerModule):
+    def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        return apply_neuron(self.neuron, F.softmax(inputs[0].reshape(inputs[0].shape[0], -1), dim=1))
+
+
+class Dropout(LayerModule):
+    """dropout: keep with probability ``keep`` and scale by 1/keep while training.
+    dropout2: keep without scaling while training; scale by ``keep`` otherwise."""
+
+    def __init__(self, layer: Layer):
+        super().__init__(layer)
+        self.keep, self.enable, self.kind = layer["keep"], layer["enable"], layer.type
+
+    def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        x = inputs[0]
+        training = self.training and self.enable
+        if self.kind == "dropout":
+            y = F.dropout(x, 1.0 - self.keep, training=True) if training else x
+        elif training:
+            y = x * (torch.rand_like(x) < self.keep).to(x.dtype)
+        else:
+            y = x * self.keep
+        return apply_neuron(self.neuron, y)
+
+
+class Concat(LayerModule):
+    def __init__(self, layer: Layer):
+        super().__init__(layer)
+        self.images = len(layer.shape) == 3
+
+    def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        if not self.images:
+            inputs = [x.reshape(x.shape[0], -1) for x in inputs]
+        return apply_neuron(self.neuron, torch.cat(inputs, dim=1))
+
+
+class EltSum(LayerModule):
+    def __init__(self, layer: Layer):
+        super().__init__(layer)
+        self.coeffs = list(layer["coeffs"])
+
+    def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        first = inputs[0]
+        y = self.coeffs[0] * first
+        for c, x in zip(self.coeffs[1:], inputs[1:]):
+            y = y + c * x.reshape(first.shape)
+        return apply_neuron(self.neuron, y)
+
+
+class EltMax(LayerModule):
+    def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        y = inputs[0]
+        for x in inputs[1:]:
+            y = torch.maximum(y, x.reshape(y.shape))
+        return apply_neuron(self.neuron, y)

@@ -1,0 +1,67 @@
+"""`convspec check` output: the per-layer table, totals and per-device totals,
+as text or as JSON."""
+
+from __future__ import annotations
+
+from .check import CheckedNet
+from .layers import fmt_shape
+
+
+def as_dict(net: CheckedNet) -> dict:
+    layers = []
+    for layer in net.layers.values():
+        layers.append({
+            "name": layer.name,
+            "type": layer.type,
+            "gpu": list(layer.gpu),
+            "shape": list(layer.shape),
+            "params": layer.params,
+            "neurons": layer.neurons,
+            "macs": layer.macs,
+        })
+    return {
+        "spec": net.path,
+        "params_file": net.params_path,
+        "layers": layers,
+        "total_params": net.total_params,
+        "total_neurons": net.total_neurons,
+        "total_macs": net.total_macs,
+        "devices": {
+            str(gpu): {"layers": t.layers, "params": t.params, "activation_bytes_per_image": t.activation_bytes}
+            for gpu, t in net.devices.items()
+        },
+        "notes": list(net.notes),
+    }
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def as_text(net: CheckedNet) -> str:
+    header = ("layer", "type", "gpu", "output", "params", "neurons", "MACs")
+    rows = [header]
+    for layer in net.layers.values():
+        gpu = ",".join(map(str, layer.gpu)) if layer.gpu else "-"
+        shape = "cost" if layer.type.startswith("cost.") else fmt_shape(layer.shape)
+        rows.append((layer.name, layer.type, gpu, shape, f"{layer.params:,}", f"{layer.neurons:,}",
+                     f"{layer.macs:,}"))
+    rows.append(("total", "", "", "", f"{net.total_params:,}", f"{net.total_neurons:,}", f"{net.total_macs:,}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    numeric = {4, 5, 6}
+    lines = []
+    for n, row in enumerate(rows):
+        if n == len(rows) - 1:
+            lines.append("  ".join("-" * w for w in widths))
+        cells = [c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+    lines.append("")
+    sources = net.path + (f" + {net.params_path}" if net.params_path else " (no params file)")
+    lines.append(f"{sources}: {len(net.layers)} layers, {net.total_params:,} parameters, "
+                 f"{net.total_neurons:,} neurons, {net.total_macs:,} multiply-adds per image")
+    for gpu, t in net.devices.items():
+        lines.append(f"  gpu {gpu}: {t.layers} layers, {t.params:,} parameters, "
+                     f"{_mib(t.activation_bytes)} of float32 activations per image")
+    for note in net.notes:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)
