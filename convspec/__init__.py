@@ -1,6 +1,7 @@
 """convspec: cuda-convnet's layer-definition language, compiled to PyTorch.
 
-    from convspec import check_paths, build
+    from convspec.check import check_paths
+    from convspec.build import build          # imports torch
     net = build(check_paths("specs/alexnet.cfg"))
 
 Stages: ``parse`` (text -> tree), ``check`` (tree -> checked graph, no torch),
@@ -13,11 +14,4 @@ from .check import CheckedNet, check, check_paths, find_params_file  # noqa: E40
 from .errors import Location, SpecError  # noqa: E402
 
 
-def build(*args, **kwargs):
-    """Imported lazily so that checking never pays for importing torch."""
-    from .build import build as _build
-
-    return _build(*args, **kwargs)
-
-
-__all__ = ["CheckedNet", "Location", "SpecError", "build", "check", "check_paths", "find_params_file"]
+__all__ = ["CheckedNet", "Location", "SpecError", "check", "check_paths", "find_params_file"]

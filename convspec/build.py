@@ -171,7 +171,9 @@ class CompiledNet(nn.Module):
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """cuda-convnet's cost.logreg: coeff * mean(-log softmax(logits)[label])."""
         coeff = self.cost["coeff"] if self.cost is not None else 1.0
-        return coeff * F.cross_entropy(logits.float(), labels.to(logits.device))
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()  # the log-softmax of low-precision logits loses too much
+        return coeff * F.cross_entropy(logits, labels.to(logits.device))
 
     def learning_rules(self) -> Iterator[tuple[str, nn.Parameter, Rule]]:
         """(state-dict name, parameter, its rule) for every learnable tensor."""

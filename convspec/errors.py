@@ -67,4 +67,6 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     choices = list(choices)
     lowered = {c.lower(): c for c in choices}
     close = difflib.get_close_matches(word.lower(), list(lowered), n=1, cutoff=0.6)
+    if not close:  # 'convolution' -> 'conv': a known name that starts the word
+        close = [c for c in sorted(lowered, key=len, reverse=True) if len(c) >= 3 and word.lower().startswith(c)][:1]
     return f"; did you mean '{lowered[close[0]]}'?" if close else ""

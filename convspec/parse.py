@@ -225,6 +225,8 @@ def _syntax_error(err: lark.exceptions.UnexpectedInput, path: str, lines: list[s
             got = f"unexpected {tok.value!r}"
     else:
         got = "file ends too early"
+    if source.strip().startswith("[") and "]" not in source:
+        return fail(f"section header {source.strip()!r} is missing its closing ']'", loc)
     expected = getattr(err, "expected", None) or getattr(err, "allowed", None) or ()
     hint = (
         "; a spec line is '[section]', 'key=value' or a comment starting with # or ;"

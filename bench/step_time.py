@@ -1,0 +1,195 @@
+"""Training-step time of a convspec-built net against the same net written by hand.
+
+One training step is forward + ``F.cross_entropy`` loss + backward + an SGD
+update with momentum (``torch.optim.SGD(lr=0.01, momentum=0.9, foreach=True)``),
+done identically for both sides.  The built side is
+``convspec.build.build(convspec.check.check_paths(spec))`` on one device, so a
+two-tower spec has its towers folded onto that device and fused
+(``convspec.fuse``); the hand-written peers live in ``tests/reference_nets.py``
+and get the built net's weights copied in, so both compute the same thing:
+
+* ``alexnet``:          specs/alexnet.cfg vs ``AlexNetGrouped`` (``alexnet_from_built``);
+* ``alexnet-unfused``:  the same, built with ``fuse=False``, to show what tower fusion buys;
+* ``cifar10-80sec``:    specs/cifar10-80sec.cfg vs ``Cifar80Sec`` (``copy_by_name``).
+
+Both models train (dropout active) on the same random batch (fixed seed), in
+one process with the same threads.  Steps are interleaved: step i times the
+built net then the hand-written one, step i+1 the other way round, so slow
+drift in the machine (clocks, other processes) hits both sides alike.  Each
+net prints one JSON line on stdout with the median step time of each side,
+``ratio = median(built) / median(handwritten)`` (above 1: the built net is
+slower) and images/s; progress goes to stderr.
+
+Run from the repository root:
+
+    python bench/step_time.py
+    python bench/step_time.py --nets alexnet --steps 6
+    python bench/step_time.py --nets cifar10-80sec --channels-last --precision bf16
+    python bench/step_time.py --device cuda --precision bf16 --batch 256
+
+Defaults: batch 64 for the AlexNets and 128 for CIFAR (``--batch`` overrides
+both), 2 warm-up steps, then 10 timed steps for the AlexNets and 30 for CIFAR
+(``--steps`` overrides both); ``--threads`` defaults to PyTorch's own choice.
+``--channels-last`` converts both models and the batch to channels_last;
+``--precision bf16`` runs forward + loss of both sides under
+``torch.autocast(device, dtype=torch.bfloat16)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # reference_nets: the hand-written peers
+sys.path.insert(0, str(ROOT))  # convspec itself, without installing it
+
+import reference_nets  # noqa: E402
+from convspec.build import build  # noqa: E402
+from convspec.check import check_paths  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Bench:
+    spec: str
+    fuse: bool
+    handwritten: Callable[[nn.Module], nn.Module]  # built net -> hand-written net with its weights
+    batch: int
+    steps: int
+
+
+NETS = {
+    "alexnet": Bench("specs/alexnet.cfg", True, reference_nets.alexnet_from_built, 64, 10),
+    "cifar10-80sec": Bench("specs/cifar10-80sec.cfg", True,
+                           lambda net: reference_nets.copy_by_name(net, reference_nets.Cifar80Sec()), 128, 30),
+    "alexnet-unfused": Bench("specs/alexnet.cfg", False, reference_nets.alexnet_from_built, 64, 10),
+}
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def make_models(bench: Bench, device: torch.device) -> tuple[nn.Module, nn.Module]:
+    net = build(check_paths(ROOT / bench.spec), devices=[device], fuse=bench.fuse)
+    ref = bench.handwritten(net).to(device)
+    return net, ref
+
+
+@torch.no_grad()
+def max_abs_diff(net: nn.Module, ref: nn.Module, images: torch.Tensor) -> float:
+    """Sanity check that both sides compute the same function (eval mode: no dropout)."""
+    net.eval(), ref.eval()
+    diff = (net(images[:2]) - ref(images[:2])).abs().max().item()
+    net.train(), ref.train()
+    return diff
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, images: torch.Tensor,
+               labels: torch.Tensor, precision: Callable[[], contextlib.AbstractContextManager]) -> None:
+    opt.zero_grad(set_to_none=True)
+    with precision():
+        loss = F.cross_entropy(model(images), labels)
+    loss.backward()
+    opt.step()
+
+
+def timed(step: Callable[[], None], device: torch.device) -> float:
+    """Seconds for one step; on a GPU, wait for queued kernels on both ends."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def run(name: str, args: argparse.Namespace, device: torch.device) -> dict:
+    bench = NETS[name]
+    batch = args.batch or bench.batch
+    steps = args.steps or bench.steps
+
+    torch.manual_seed(0)
+    net, ref = make_models(bench, device)
+    net.train(), ref.train()
+    images = torch.randn(batch, *net.spec.layers[net.image_input].shape, device=device)
+    labels = torch.randint(0, net.spec.layers[net.output_name].shape[0], (batch,), device=device)
+    diff = max_abs_diff(net, ref, images)
+    if args.channels_last:
+        net, ref = net.to(memory_format=torch.channels_last), ref.to(memory_format=torch.channels_last)
+        images = images.contiguous(memory_format=torch.channels_last)
+
+    if args.precision == "bf16":
+        precision = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
+    else:
+        precision = contextlib.nullcontext
+    sides = {}
+    for side, model in (("built", net), ("handwritten", ref)):
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, foreach=True)
+        sides[side] = lambda model=model, opt=opt: train_step(model, opt, images, labels, precision)
+
+    times: dict[str, list[float]] = {"built": [], "handwritten": []}
+    for i in range(args.warmup + steps):
+        order = ("built", "handwritten") if i % 2 == 0 else ("handwritten", "built")
+        for side in order:
+            seconds = timed(sides[side], device)
+            if i >= args.warmup:
+                times[side].append(seconds)
+
+    built_s, hand_s = statistics.median(times["built"]), statistics.median(times["handwritten"])
+    result = {
+        "net": name, "batch": batch, "threads": torch.get_num_threads(), "device": str(device),
+        "precision": args.precision, "channels_last": args.channels_last, "steps": steps,
+        "built_ms": round(built_s * 1e3, 3), "handwritten_ms": round(hand_s * 1e3, 3),
+        "ratio": round(built_s / hand_s, 4),
+        "built_images_per_s": round(batch / built_s, 1), "handwritten_images_per_s": round(batch / hand_s, 1),
+        "max_abs_diff": diff, "torch": torch.__version__,
+    }
+    log(f"{name}: built {result['built_ms']:.1f} ms, hand-written {result['handwritten_ms']:.1f} ms, "
+        f"ratio {result['ratio']:.3f} (median of {steps} steps, batch {batch}, "
+        f"{result['threads']} threads, {args.precision}{', channels_last' if args.channels_last else ''})")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nets", default=",".join(NETS),
+                        help=f"comma-separated, from {', '.join(NETS)} (default: all)")
+    parser.add_argument("--batch", type=int, help="images per step (default: 64 AlexNet, 128 CIFAR)")
+    parser.add_argument("--steps", type=int, help="timed steps per side (default: 10 AlexNet, 30 CIFAR)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first (default: 2)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: PyTorch's choice)")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last models and batch")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: autocast forward + loss on both sides")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    args = parser.parse_args(argv)
+
+    names = [n.strip() for n in args.nets.split(",") if n.strip()]
+    unknown = [n for n in names if n not in NETS]
+    if unknown:
+        parser.error(f"unknown net(s) {', '.join(unknown)}; choose from {', '.join(NETS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+
+    for name in names:
+        print(json.dumps(run(name, args, device)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

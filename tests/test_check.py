@@ -1,0 +1,292 @@
+"""Stage 2: names, order, shapes, counts and devices, and the exact errors."""
+
+import math
+import time
+
+import pytest
+
+from convspec.check import check, check_paths, find_params_file
+from convspec.errors import SpecError
+from convspec.parse import parse_text
+from convspec.values import Schedule
+
+from conftest import REFERENCE_SPECS, ROOT, needs_shared
+
+SPECS = ROOT / "specs"
+
+HEAD = "[data]\ntype=data\ninputSize=3x32x32\n\n[labels]\ntype=data\ndataIdx=1\n"
+TAIL = "[probs]\ntype=softmax\ninputs=fc\n\n[cost]\ntype=cost.logreg\ninputs=labels,probs\n"
+
+
+def checked(body, params=None, input_shape=None, head=HEAD):
+    spec = parse_text(head + body, "s.cfg")
+    return check(spec, parse_text(params, "p.cfg") if params is not None else None, input_shape)
+
+
+# --- the AlexNet spec: the paper's numbers ---------------------------------------
+
+def test_alexnet_counts():
+    net = check_paths(SPECS / "alexnet.cfg")
+    assert net.total_params == 60_965_224  # the paper's "60 million"
+    # conv/local/fc output units: 290,400 + 186,624 + 64,896 * 2 + 43,264 + 9,192
+    assert net.total_neurons == 55 * 55 * 96 + 27 * 27 * 256 + 2 * 13 * 13 * 384 + 13 * 13 * 256 + 4096 * 2 + 1000
+    assert net.layers["conv1a"].shape == (48, 55, 55)  # cuda-convnet rounds up; nn.Conv2d would give 54
+    assert net.layers["pool5b"].shape == (128, 6, 6)
+    assert net.params_path.endswith("alexnet.params.cfg")
+    assert set(net.devices) == {0, 1}
+    assert net.devices[0].params + net.devices[1].params == net.total_params
+
+
+def test_alexnet_macs_by_formula():
+    net = check_paths(SPECS / "alexnet.cfg")
+    conv = lambda out, fc, k, fmaps: out * out * fmaps * fc * k * k
+    expected = (conv(55, 3, 11, 96) + conv(27, 48, 5, 256) + conv(13, 256, 3, 384) + conv(13, 192, 3, 384)
+                + conv(13, 192, 3, 256) + 9216 * 4096 + 4096 * 4096 + 4096 * 1000)
+    assert net.total_macs == expected
+
+
+def test_alexnet_lrn_ablation_has_same_parameters():
+    net = check_paths(SPECS / "alexnet-lrn.cfg")
+    assert net.total_params == 60_965_224
+    assert net.layers["rnorm1a"].attrs["minDiv"] == 2.0 and net.layers["rnorm1a"].attrs["size"] == 5
+
+
+def test_cifar_specs_match_cuda_convnet_counts():
+    # 80sec: conv 3*32*25+32, 32*32*25+32, 32*64*25+64, fc 1024*64+64, 64*10+10
+    assert check_paths(SPECS / "cifar10-80sec.cfg").total_params == 2432 + 25632 + 51264 + 65600 + 650
+    assert check_paths(SPECS / "cifar10-18pct.cfg").total_params == 2432 + 25632 + 51264 + 10250
+
+
+@needs_shared
+@pytest.mark.parametrize("name, shape, params", [
+    ("cuda-convnet-layers-80sec.cfg", (3, 32, 32), 145_578),
+    ("cuda-convnet-layers-18pct.cfg", (3, 32, 32), 89_578),
+    ("cuda-convnet2-layers-imagenet-2gpu-model.cfg", (3, 224, 224), 60_965_224),
+])
+def test_reference_specs_check_unmodified(name, shape, params):
+    net = check_paths(REFERENCE_SPECS / name, input_shape=shape)
+    assert net.params_path is not None and "layer-params" in net.params_path  # cuda-convnet's pairing
+    assert net.total_params == params
+
+
+@needs_shared
+def test_reference_params_are_read():
+    net = check_paths(REFERENCE_SPECS / "cuda-convnet2-layers-imagenet-2gpu-model.cfg", input_shape=(3, 224, 224))
+    assert net.layers["conv1a"].attrs["epsW"][0] == Schedule("dexp", 0.02, 250, 4)
+    assert net.layers["rnorm1a"].attrs["minDiv"] == 2 and net.layers["cnorm2a"].attrs["scale"] == 0.001
+    assert net.layers["dropout1a"].attrs["keep"] == 0.5
+    assert net.layers["logprob"].attrs["topk"] == 5
+
+
+def test_params_file_pairing(tmp_path):
+    (tmp_path / "net.cfg").write_text("x")
+    (tmp_path / "net.params.cfg").write_text("x")
+    assert find_params_file(tmp_path / "net.cfg") == tmp_path / "net.params.cfg"
+    (tmp_path / "layers-a.cfg").write_text("x")
+    (tmp_path / "layer-params-a.cfg").write_text("x")
+    assert find_params_file(tmp_path / "layers-a.cfg") == tmp_path / "layer-params-a.cfg"
+    assert find_params_file(tmp_path / "other.cfg") is None
+
+
+# --- semantics that surprise ---------------------------------------------------------
+
+def test_filters_are_per_group_and_output_rounds_up():
+    net = checked("[c]\ntype=conv\ninputs=data\nfilters=16\nfilterSize=5\nstride=2\ngroups=3\n"
+                  "[fc]\ntype=fc\ninputs=c\noutputs=10\n" + TAIL, input_shape=(6, 31, 31))
+    c = net.layers["c"]
+    assert c.shape == (48, 1 + math.ceil((31 - 5) / 2), 14)
+    assert c.params == 48 * 2 * 25 + 48
+
+
+def test_multi_input_conv_has_one_bank_per_input_and_one_bias():
+    net = checked("[a]\ntype=conv\ninputs=data\nfilters=8\nfilterSize=3\npadding=1\n"
+                  "[b]\ntype=conv\ninputs=data,a\nfilters=4\nfilterSize=3,1\npadding=1,0\n"
+                  "[fc]\ntype=fc\ninputs=b\noutputs=10\n" + TAIL)
+    assert net.layers["b"].params == 4 * 3 * 9 + 4 * 8 * 1 + 4
+
+
+def test_unshared_biases_and_local_layer_counts():
+    net = checked("[c]\ntype=conv\ninputs=data\nfilters=4\nfilterSize=3\nsharedBiases=0\n"
+                  "[l]\ntype=local\ninputs=c\nfilters=2\nfilterSize=3\n"
+                  "[fc]\ntype=fc\ninputs=l\noutputs=10\n" + TAIL)
+    assert net.layers["c"].params == 4 * 3 * 9 + 4 * 30 * 30
+    assert net.layers["l"].params == 28 * 28 * (2 * 4 * 9) + 2 * 28 * 28
+
+
+def test_pool_output_formula_and_start():
+    net = checked("[p]\ntype=pool\npool=max\ninputs=data\nsizeX=3\nstride=2\n"
+                  "[q]\ntype=pool\npool=avg\ninputs=data\nsizeX=4\nstride=3\nstart=-1\n"
+                  "[fc]\ntype=fc\ninputs=p,q\noutputs=10\n" + TAIL)
+    assert net.layers["p"].shape == (3, 16, 16)  # 1 + ceil((32 - 3) / 2)
+    assert net.layers["q"].shape == (3, 1 + math.ceil((32 + 1 - 4) / 3), 11)
+
+
+def test_replicated_layer_weights_counted_once():
+    net = checked("[fc]\ntype=fc\ninputs=data\noutputs=10\ngpu=0,1\n" + TAIL)
+    assert net.total_params == 3 * 32 * 32 * 10 + 10
+    assert net.devices[0].params == net.devices[1].params == net.total_params
+
+
+def test_data_fed_layers_default_to_gpu_0_and_say_so():
+    net = checked("[fc]\ntype=fc\ninputs=data\noutputs=10\n" + TAIL)
+    assert net.layers["fc"].gpu == [0] and net.layers["probs"].gpu == [0]
+    assert any("placed on gpu 0: fc" in n for n in net.notes)
+
+
+def test_legacy_sizex_on_norm_layers():
+    net = checked("[n]\ntype=cmrnorm\ninputs=data\nsizeX=3\n[fc]\ntype=fc\ninputs=n\noutputs=10\n" + TAIL)
+    assert net.layers["n"].attrs["size"] == 3
+
+
+def test_kernel_tuning_keys_are_ignored_and_keys_are_case_insensitive():
+    net = checked("[c]\ntype=conv\ninputs=data\nFILTERS=16\nfiltersize=3\npartialSum=4\nsumWidth=2\n"
+                  "randSparse=false\n[fc]\ntype=fc\ninputs=c\noutputs=10\n" + TAIL)
+    assert net.layers["c"].shape == (16, 30, 30)
+
+
+def test_input_overrides_recorded_size():
+    assert checked("[fc]\ntype=fc\ninputs=data\noutputs=10\n" + TAIL, input_shape=(1, 8, 8)).total_params == 650
+
+
+# --- schedules: cuda-convnet2's lr.cu formulas ----------------------------------------------
+
+def test_schedules():
+    assert Schedule("const", 0.1).value(0.7) == 0.1
+    assert Schedule("linear", 1.0, 4.0).value(0.5) == pytest.approx(0.5 * 1 + 0.5 * 0.25)
+    assert Schedule("exp", 1.0, 100.0).value(0.5) == pytest.approx(0.1)
+    d = Schedule("dexp", 0.02, 250, 4)
+    steps = [0.02 * 250 ** (-i / 3) for i in range(4)]
+    assert [d.value(p) for p in (0.0, 0.25, 0.26, 0.5, 0.6, 0.75, 0.8, 1.0)] == pytest.approx(
+        [steps[0], steps[0], steps[1], steps[1], steps[2], steps[2], steps[3], steps[3]])
+    assert Schedule("dexp", 1.0, 10, 1).value(0.0) == pytest.approx(0.1)
+
+
+# --- errors: exact text and location ----------------------------------------------------------
+
+CONV = "[c]\ntype=conv\ninputs=data\nfilters=16\nfilterSize=5\n"
+FC = "[fc]\ntype=fc\ninputs=c\noutputs=10\n"
+
+ERRORS = [
+    # (spec body after HEAD, params or None, first line of the error)
+    ("[c]\ntype=conv\ninputs=dta\nfilters=16\nfilterSize=5\n" + FC + TAIL, None,
+     "s.cfg:10:8: layer 'c': input 'dta' is not defined; did you mean 'data'?"),
+    (CONV + "[c]\ntype=fc\ninputs=data\noutputs=3\n" + FC + TAIL, None,
+     "s.cfg:13:2: duplicate section [c] (first at line 8); rename or merge one"),
+    (CONV + "filters=32\n" + FC + TAIL, None,
+     "s.cfg:13:1: layer 'c': duplicate key 'filters' with a different value (first at line 11); keep one"),
+    ("[c]\ntype=conv\ninputs=data\nfilters=x16\nfilterSize=5\n" + FC + TAIL, None,
+     "s.cfg:11:9: layer 'c': filters must be a whole number, not 'x16'"),
+    ("[c]\ntype=convolution\ninputs=data\n" + FC + TAIL, None,
+     "s.cfg:9:6: layer 'c': unknown layer type 'convolution'; did you mean 'conv'?"),
+    (CONV + "filtrs=3\n" + FC + TAIL, None,
+     "s.cfg:13:1: layer 'c': unknown key 'filtrs' for type conv; did you mean 'filters'?"),
+    ("[c]\ntype=conv\ninputs=data\nfilters=16\nfilterSize=0\n" + FC + TAIL, None,
+     "s.cfg:12:12: layer 'c': filterSize=0 must be at least 1"),
+    ("[c]\ntype=conv\ninputs=data\nfilters=16\nfilterSize=40\n" + FC + TAIL, None,
+     "s.cfg:12:12: layer 'c': filterSize=40 is larger than the 32x32 input of 'data' plus padding=0; "
+     "use a smaller filterSize or more padding"),
+    ("[c]\ntype=conv\ninputs=data\nfilters=16\nfilterSize=5\ngroups=2\n" + FC + TAIL, None,
+     "s.cfg:13:8: layer 'c': groups=2 does not divide the 3 channels of 'data'"),
+    ("[c]\ntype=conv\ninputs=data\nchannels=1\nfilters=16\nfilterSize=5\n" + FC + TAIL, None,
+     "s.cfg:11:10: layer 'c': channels=1 but input 'data' has 3 channels; set channels=3"),
+    ("[c]\ntype=conv\ninputs=data\nfilterSize=5\n" + FC + TAIL, None,
+     "s.cfg:8:2: layer 'c': conv needs filters=... (filters per group)"),
+    ("[c]\ntype=conv\ninputs=fc\nfilters=16\nfilterSize=5\n" + FC + TAIL, None,
+     "s.cfg:10:8: layer 'c': inputs form a cycle: c -> fc -> c; a layer cannot read its own output"),
+    ("[c]\ninputs=data\n" + FC + TAIL, None,
+     "s.cfg:8:2: layer 'c' has no type=; add one, e.g. type=conv (types: data, conv, local, fc, pool, "
+     "neuron, softmax, dropout, dropout2, cmrnorm, rnorm, cnorm, concat, pass, eltsum, eltmax, cost.logreg)"),
+    (CONV + "initWFunc=mod.fn(1)\n" + FC + TAIL, None,
+     "s.cfg:13:1: layer 'c': initWFunc names a Python function cuda-convnet would import and run; "
+     "a spec must never run code, so use initW=STD (Gaussian) instead"),
+    (CONV + "neuron=relux\n" + FC + TAIL, None,
+     "s.cfg:13:8: layer 'c': neuron: unknown neuron function 'relux'; did you mean 'relu'?"),
+    (CONV + "neuron=tanh[1]\n" + FC + TAIL, None,
+     "s.cfg:13:8: layer 'c': neuron: neuron 'tanh' is written tanh[a,b] (f(x) = a * tanh(b * x)), not 'tanh[1]'"),
+    ("[p]\ntype=pool\npool=mean\ninputs=data\nsizeX=3\nstride=2\n[fc]\ntype=fc\ninputs=p\noutputs=10\n" + TAIL, None,
+     "s.cfg:10:6: layer 'p': pool=mean is not one of max, avg, maxabs"),
+    (CONV + "gpu=0,0\n" + FC + TAIL, None,
+     "s.cfg:13:5: layer 'c': gpu=0,0 lists a GPU twice; replicas must run on different GPUs"),
+    ("[c]\ntype=conv\ninputs=data\nfilters=16,8\nfilterSize=5\n" + FC + TAIL, None,
+     "s.cfg:11:9: layer 'c': filters has 2 values but the layer has 1 input; give one value, or one per input"),
+    (CONV + FC + TAIL, "[c]\nepsW=fast\n",
+     "p.cfg:2:6: layer 'c': epsW: unknown schedule 'fast'; use a number or one of const[base=B], "
+     "linear[base=B;tgtFactor=F], exp[base=B;tgtFactor=F], dexp[base=B;tgtFactor=F;numSteps=N]"),
+    (CONV + FC + TAIL, "[c]\nepsW=dexp[base=0.1;tgtFactor=10]\n",
+     "p.cfg:2:6: layer 'c': epsW: dexp schedule needs numSteps (as dexp[base=...;tgtFactor=...;numSteps=...])"),
+    (CONV + FC + TAIL, "[c]\nfilters=16\n",
+     "p.cfg:2:1: layer 'c': 'filters' is set in both the layer file (line 11) and the params file; keep one"),
+    (CONV + "[fc]\ntype=fc\ninputs=c\noutputs=10\n[probs]\ntype=softmax\ninputs=fc\n"
+     "[cost]\ntype=cost.logreg\ninputs=probs,labels\n", None,
+     "s.cfg:22:8: layer 'cost': the first input of cost.logreg must be the labels (a data layer with dataIdx=1), "
+     "but 'probs' has 10 outputs"),
+]
+
+
+@pytest.mark.parametrize("body, params, message", ERRORS, ids=[m.split(": ", 1)[1][:50] for _, _, m in ERRORS])
+def test_error_messages(body, params, message):
+    with pytest.raises(SpecError) as err:
+        checked(body, params)
+    assert str(err.value).split("\n")[0] == message
+
+
+def test_error_shows_the_line_and_a_caret():
+    with pytest.raises(SpecError) as err:
+        checked("[c]\ntype=conv\ninputs=dta\nfilters=16\nfilterSize=5\n" + FC + TAIL)
+    assert str(err.value).split("\n")[1:] == ["inputs=dta", "       ^"]
+
+
+def test_missing_image_size_asks_for_input():
+    with pytest.raises(SpecError) as err:
+        checked(FC.replace("inputs=c", "inputs=data") + TAIL, head="[data]\ntype=data\n[labels]\ntype=data\ndataIdx=1\n")
+    assert str(err.value).split("\n")[0] == (
+        "s.cfg:1:2: data layer 'data' has no image size: pass --input CxHxW (e.g. --input 3x32x32) "
+        "or add inputSize=CxHxW to this section")
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "empty spec: no [layer] sections; a spec starts with e.g. [data] and type=data"),
+    (b"# only a comment\n", "empty spec: no [layer] sections; a spec starts with e.g. [data] and type=data"),
+    (b"\x00\x01binary", "is a binary file, not a spec; a spec is text of [section] and key=value lines"),
+    (b"[a]\ntype=\xff\n", "is not UTF-8 text (bad byte 0xff); save it as UTF-8"),
+])
+def test_bad_files(tmp_path, content, message):
+    path = tmp_path / "bad.cfg"
+    path.write_bytes(content)
+    with pytest.raises(SpecError) as err:
+        check_paths(path)
+    assert err.value.message == message
+    assert str(err.value).startswith(str(path))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(SpecError) as err:
+        check_paths(tmp_path / "nope.cfg")
+    assert str(err.value).startswith(f"{tmp_path / 'nope.cfg'}: no such file")
+
+
+def test_unknown_params_section_is_noted_not_fatal():
+    net = checked(CONV + FC + TAIL, "[conv9]\nepsW=0.1\n")
+    assert any("params section [conv9] names no layer" in n for n in net.notes)
+
+
+# --- speed ---------------------------------------------------------------------------------------
+
+def _chain_spec(n_layers: int) -> str:
+    body = [HEAD]
+    prev = "data"
+    for i in range(n_layers):
+        body.append(f"[n{i}]\ntype=neuron\ninputs={prev}\nneuron=relu\n")
+        prev = f"n{i}"
+    body.append(f"[fc]\ntype=fc\ninputs={prev}\noutputs=10\n" + TAIL)
+    return "".join(body)
+
+
+def test_check_is_fast():
+    start = time.perf_counter()
+    check_paths(SPECS / "alexnet.cfg")
+    assert time.perf_counter() - start < 1.0
+    text = _chain_spec(1000)
+    start = time.perf_counter()
+    net = check(parse_text(text, "big.cfg"))
+    assert len(net.layers) == 1005 and time.perf_counter() - start < 2.0
