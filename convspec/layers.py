@@ -300,6 +300,12 @@ def pool_shape(layer: Layer) -> Shape:
         )
     if layer["outputsX"]:
         oh = ow = layer["outputsX"]
+        if start + (oh - 1) * stride >= min(h, w):
+            raise fail(
+                f"layer '{layer.name}': outputsX={oh} puts the last window past the {h}x{w} input of "
+                f"'{layer.inputs[0]}'; use outputsX={1 + (min(h, w) - 1 - start) // stride} or less",
+                layer.loc_of("outputsX"),
+            )
     else:
         oh = _out_size(layer, "sizeX", 1 + math.ceil((h - start - size) / stride), h)
         ow = _out_size(layer, "sizeX", 1 + math.ceil((w - start - size) / stride), w)

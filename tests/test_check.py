@@ -205,6 +205,8 @@ ERRORS = [
      "s.cfg:13:8: layer 'c': neuron: neuron 'tanh' is written tanh[a,b] (f(x) = a * tanh(b * x)), not 'tanh[1]'"),
     ("[p]\ntype=pool\npool=mean\ninputs=data\nsizeX=3\nstride=2\n[fc]\ntype=fc\ninputs=p\noutputs=10\n" + TAIL, None,
      "s.cfg:10:6: layer 'p': pool=mean is not one of max, avg, maxabs"),
+    ("[p]\ntype=pool\npool=avg\ninputs=data\nsizeX=2\nstride=2\noutputsX=17\n[fc]\ntype=fc\ninputs=p\noutputs=10\n" + TAIL, None,
+     "s.cfg:14:10: layer 'p': outputsX=17 puts the last window past the 32x32 input of 'data'; use outputsX=16 or less"),
     (CONV + "gpu=0,0\n" + FC + TAIL, None,
      "s.cfg:13:5: layer 'c': gpu=0,0 lists a GPU twice; replicas must run on different GPUs"),
     ("[c]\ntype=conv\ninputs=data\nfilters=16,8\nfilterSize=5\n" + FC + TAIL, None,
