@@ -9,8 +9,9 @@ plain ``random.Random(seed)`` so a run is repeatable:
 
 * random bytes and random text written to a file;
 * mutated copies of every spec in ``specs/`` and every
-  ``../shared/reference-specs/*layers*.cfg`` (a line deleted, duplicated or
-  swapped; a value or a key replaced; random characters inserted), written
+  ``../shared/reference-specs/*layers*.cfg`` (one to three edits: a line
+  deleted, duplicated or swapped; a value, one list item or a key replaced; a
+  number nudged, to 10**12 at most; random characters inserted), written
   beside an unmutated copy of the params file (or, one time in four, the
   spec is kept and the params file mutated).
 
@@ -20,14 +21,18 @@ non-negative totals and a printable report, and, when it is small, must build
 and run a forward pass on CPU whose every layer output has the shape the
 checker inferred.  Anything else is a failure: the first few are printed with
 their input and traceback, counts are printed as JSON, and the exit status is
-1 if there was any failure.
+1 if there was any failure.  The process's address space is capped
+(``--memory-gb``) so that a runaway allocation is reported, not OOM-killed.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import math
 import random
+import resource
 import re
 import sys
 import tempfile
@@ -124,7 +129,7 @@ def mutate(text: str, rng: random.Random, names: list[str]) -> str:
             found = list(_NUMBER.finditer(lines[k]))
             m = rng.choice(found)
             n = int(m.group())
-            new = rng.choice([n + 1, n - 1, n * 2, n // 2, 0, 1, 2, n + rng.randint(2, 9)])
+            new = rng.choice([n + 1, n - 1, n * 2, n // 2, 0, 1, 2, n + rng.randint(2, 9), 10**12])
             lines[k] = lines[k][: m.start()] + str(new) + lines[k][m.end():]
         elif op in ("value", "item", "key", "number") and entries:
             k = rng.choice(entries)
@@ -146,6 +151,19 @@ def mutate(text: str, rng: random.Random, names: list[str]) -> str:
             lines = (text[:at] + insert + text[at:]).split("\n")
         text = "\n".join(lines)
     return text
+
+
+def describe_input(tmpdir: Path, kind: str, original: Path | None) -> str:
+    """A mutant as a diff against its original; random input as bytes."""
+    if original is None:
+        return "\n".join(f"{p.name}: {p.read_bytes()[:2000]!r}" for p in sorted(tmpdir.iterdir()))
+    params = find_params_file(original)
+    pairs = [(original, tmpdir / original.name)] + ([(params, tmpdir / params.name)] if params else [])
+    diffs = []
+    for before, after in pairs:
+        diffs += difflib.unified_diff(before.read_text().splitlines(), after.read_bytes().decode("utf-8", "replace")
+                                      .splitlines(), str(before), f"mutated {after.name}", lineterm="", n=2)
+    return "\n".join(diffs)
 
 
 # --- one round ------------------------------------------------------------------------
@@ -184,11 +202,14 @@ def check_one(spec: Path, params: Path | None, shape, do_build: bool) -> str:
         return "spec_error"
     if min(net.total_params, net.total_neurons, net.total_macs) < 0:
         raise Failure(f"negative totals: {net.total_params}, {net.total_neurons}, {net.total_macs}")
+    for layer in net.layers.values():
+        if not layer.shape or min(layer.shape) < 1:
+            raise Failure(f"layer '{layer.name}' checked with shape {layer.shape}")
     json.dumps(as_dict(net))
     as_text(net)
     small = (net.total_params < BUILD_MAX_PARAMS and net.total_neurons < BUILD_MAX_NEURONS
              and net.total_macs < BUILD_MAX_MACS and net.image_shape is not None
-             and sum(net.image_shape) < 3000)
+             and math.prod(net.image_shape) < BUILD_MAX_NEURONS)
     if do_build and small:
         try:
             run_forward(net)
@@ -204,7 +225,12 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--no-build", action="store_true", help="only parse and check")
     parser.add_argument("--show", type=int, default=3, help="failures to print in full (default 3)")
+    parser.add_argument("--memory-gb", type=float, default=8.0,
+                        help="address-space limit, so a runaway allocation is a failure, not the "
+                             "OOM killer (default 8)")
     args = parser.parse_args()
+    limit = int(args.memory_gb * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
 
     rng = random.Random(args.seed)
     seeds = seed_specs()
@@ -213,6 +239,7 @@ def main() -> int:
     counts: dict[str, int] = {"ok": 0, "built": 0, "spec_error": 0, "build_spec_error": 0, "failure": 0}
     by_kind: dict[str, int] = {}
     failures: list[tuple[str, str]] = []
+    failure_types: set[str] = set()
     start = time.monotonic()
     rounds = 0
     with tempfile.TemporaryDirectory(prefix="convspec-fuzz-") as tmp:
@@ -220,7 +247,7 @@ def main() -> int:
         while time.monotonic() - start < args.seconds:
             rounds += 1
             roll = rng.random()
-            params_path = None
+            params_path = original = None
             for old in tmpdir.iterdir():
                 old.unlink()
             if roll < 0.1:
@@ -230,7 +257,7 @@ def main() -> int:
             elif roll < 0.2:
                 kind, shape = "text", (3, 32, 32)
                 spec_path = tmpdir / "random.cfg"
-                spec_path.write_bytes(random_text(rng).encode("utf-8", "surrogatepass"))
+                spec_path.write_bytes(random_text(rng).encode("utf-8"))
             else:
                 original, shape = rng.choice(seeds)
                 kind = "mutant:" + original.name
@@ -253,14 +280,17 @@ def main() -> int:
             by_kind[kind.split(":")[0]] = by_kind.get(kind.split(":")[0], 0) + 1
             try:
                 counts[check_one(spec_path, None, shape, not args.no_build)] += 1
-            except Exception:  # noqa: BLE001 -- anything but SpecError is what we hunt
+            except Exception as exc:  # noqa: BLE001 -- anything but SpecError is what we hunt
                 counts["failure"] += 1
-                if len(failures) < 50:
-                    inputs = "\n".join(f"--- {p.name}\n{p.read_bytes()[:4000]!r}" for p in sorted(tmpdir.iterdir()))
+                # torch's C++ errors run to dozens of lines; the first names the problem.
+                first_line = (str(exc).strip().split("\n") or [""])[0][:160]
+                failure_types.add(f"{type(exc).__name__}: {first_line}")
+                if len(failures) < args.show:
+                    inputs = describe_input(tmpdir, kind, original if kind.startswith("mutant") else None)
                     failures.append((f"round {rounds} ({kind}, input {shape}):\n{inputs}",
-                                     traceback.format_exc()))
+                                     traceback.format_exc(limit=-8)[:6000]))
 
-    for where, tb in failures[: args.show]:
+    for where, tb in failures:
         print(f"=== failure in {where}\n{tb}", file=sys.stderr)
     summary = {
         "seconds": round(time.monotonic() - start, 1),
@@ -268,7 +298,7 @@ def main() -> int:
         "rounds": rounds,
         "inputs": by_kind,
         **counts,
-        "failure_types": sorted({tb.strip().splitlines()[-1][:160] for _, tb in failures}),
+        "failure_types": sorted(failure_types),
     }
     print(json.dumps(summary, indent=2))
     return 1 if counts["failure"] else 0

@@ -108,6 +108,11 @@ def check(spec: SpecFile, params: SpecFile | None = None,
     for layer in net.layers.values():
         _infer(layer, net, input_shape)
     _plan_devices(net)
+    unset = [l.name for l in net.layers.values()
+             if l.type in ("cmrnorm", "rnorm", "cnorm") and (l["scale"] is None or l["pow"] is None)]
+    if unset:
+        net.notes.append(f"scale= and pow= not set (they belong in the params file); needed to build: "
+                         f"{', '.join(unset)}")
     unused = [l.name for l in net.layers.values()
               if not l.type.startswith("cost.") and not net.consumers(l.name)
               and not (l.type == "data" and l["dataIdx"] == 1)]

@@ -245,6 +245,12 @@ def local_shape(layer: Layer) -> Shape:
                     f"'{layer.inputs[i]}' plus padding={p}; use a smaller filterSize or more padding",
                     layer.loc_of("filterSize", i),
                 )
+            if s > f and (max(oh, ow) - 1) * s >= 2 * p + min(h, w):
+                raise fail(
+                    f"layer '{layer.name}': stride={s} puts output windows wholly outside the {h}x{w} input "
+                    f"of '{layer.inputs[i]}'; use a stride of at most filterSize={f}",
+                    layer.loc_of("stride", i),
+                )
         outs.append((layer.per_input("filters", i) * groups, oh, ow))
     if len(set(outs)) != 1:
         dims = ", ".join(fmt_shape(o) for o in outs)
@@ -293,6 +299,9 @@ def pool_shape(layer: Layer) -> Shape:
     c, h, w = image_input(layer, 0, layer["channels"])
     layer.image_inputs = [(c, h, w)]
     size, stride, start = layer["sizeX"], layer["stride"], layer["start"]
+    if stride > size:  # cuda-convnet's layer.py: 1 <= stride <= sizeX
+        raise fail(f"layer '{layer.name}': stride={stride} is larger than sizeX={size}; "
+                   f"pooling windows must touch or overlap", layer.loc_of("stride"))
     if size > min(h, w):
         raise fail(
             f"layer '{layer.name}': sizeX={size} is larger than the {h}x{w} input of '{layer.inputs[0]}'",

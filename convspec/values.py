@@ -122,10 +122,9 @@ def _item_text(item) -> str:
 
 
 def to_int(item, ctx: Ctx, minimum: int | None = None) -> int:
+    # Whole numbers are written as such: cuda-convnet's int() refuses "16.0" and "1e3" too.
     if isinstance(item, Number) and isinstance(item.value, int):
         value = item.value
-    elif isinstance(item, Number) and float(item.value).is_integer():
-        value = int(item.value)
     else:
         raise fail(f"{ctx.where()} must be a whole number, not '{_item_text(item)}'", item.loc)
     if minimum is not None and value < minimum:

@@ -1,0 +1,318 @@
+"""The ``convspec`` command line: tables, JSON, exit statuses and one-line errors.
+
+    python -m pytest -q tests/test_cli.py
+
+Runs ``convspec.cli.main`` in-process through click's ``CliRunner``; one test
+runs ``python -m convspec`` as a subprocess.  Error messages are pinned
+exactly, as poetry-core's tests pin their caret text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from convspec.cli import main
+from convspec.errors import SpecError
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REFERENCE_80SEC = SHARED / "reference-specs" / "cuda-convnet-layers-80sec.cfg"
+
+needs_shared = pytest.mark.skipif(not REFERENCE_80SEC.is_file(),
+                                  reason=f"{REFERENCE_80SEC} is not present (../shared is missing)")
+
+ALEXNET = str(ROOT / "specs" / "alexnet.cfg")
+
+LAYER_KEYS = {"name", "type", "gpu", "shape", "params", "neurons", "macs"}
+
+# A small valid spec (3*8*8*10 + 10 = 1,930 parameters) that the error table edits.
+TINY = """\
+[data]
+type=data
+inputSize=3x8x8
+
+[labels]
+type=data
+dataIdx=1
+
+[fc]
+type=fc
+inputs=data
+outputs=10
+
+[probs]
+type=softmax
+inputs=fc
+
+[logprob]
+type=cost.logreg
+inputs=labels,probs
+"""
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, list(args))
+
+
+def write(tmp_path: Path, text: str | bytes, name: str = "t.cfg") -> str:
+    path = tmp_path / name
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text)
+    return str(path)
+
+
+def assert_one_located_error(result, first_line: str) -> None:
+    """Exit 1, nothing on stdout, no traceback, and on stderr the message line,
+    optionally followed by the offending source line and a caret under it."""
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+    lines = result.stderr.rstrip("\n").split("\n")
+    assert lines[0] == first_line
+    assert len(lines) in (1, 3), lines
+    if len(lines) == 3:
+        assert lines[2].strip() == "^"
+
+
+# --- check: the table and the JSON ---------------------------------------------------
+
+
+def test_check_alexnet_prints_the_table():
+    result = invoke("check", ALEXNET)
+    assert result.exit_code == 0, result.output
+    assert "60,965,224" in result.stdout
+    assert result.stdout.split()[:7] == ["layer", "type", "gpu", "output", "params", "neurons", "MACs"]
+    total = next(line for line in result.stdout.splitlines() if line.startswith("total"))
+    assert total.split()[1:] == ["60,965,224", "659,272", "724,406,816"]
+    assert "gpu 0: 15 layers, 32,531,112 parameters" in result.stdout
+    assert "gpu 1: 12 layers, 28,434,112 parameters" in result.stdout
+
+
+def test_check_alexnet_json():
+    result = invoke("check", ALEXNET, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert {"layers", "total_params", "total_neurons", "total_macs", "devices"} <= set(report)
+    assert report["total_params"] == 60965224
+    assert report["total_neurons"] == 659272
+    assert report["total_macs"] == 724406816
+    for layer in report["layers"]:
+        assert set(layer) == LAYER_KEYS, layer
+    assert sum(layer["params"] for layer in report["layers"]) == report["total_params"]
+    assert sum(layer["neurons"] for layer in report["layers"]) == report["total_neurons"]
+    assert {gpu: d["params"] for gpu, d in report["devices"].items()} == {"0": 32531112, "1": 28434112}
+    conv1a = next(layer for layer in report["layers"] if layer["name"] == "conv1a")
+    # 48 filters of 3x11x11 plus 48 biases; 224 -> 55 with cuda-convnet's rounding up.
+    assert conv1a == {"name": "conv1a", "type": "conv", "gpu": [0], "shape": [48, 55, 55],
+                      "params": 48 * 3 * 11 * 11 + 48, "neurons": 48 * 55 * 55,
+                      "macs": 48 * 55 * 55 * 3 * 11 * 11}
+
+
+def test_check_tiny_spec_and_input_override(tmp_path):
+    path = write(tmp_path, TINY)
+    result = invoke("check", path)
+    assert result.exit_code == 0, result.output
+    assert "5 layers, 1,930 parameters, 10 neurons, 1,920 multiply-adds per image" in result.stdout
+    # --input overrides inputSize=: 3*16*16*10 + 10.
+    result = invoke("check", path, "--input", "3x16x16", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["total_params"] == 7690
+    assert report["layers"][0]["shape"] == [3, 16, 16]
+
+
+@needs_shared
+def test_reference_spec_needs_input():
+    result = invoke("check", str(REFERENCE_80SEC))
+    assert_one_located_error(
+        result,
+        f"{REFERENCE_80SEC}:3:2: data layer 'data' has no image size: pass --input CxHxW "
+        "(e.g. --input 3x32x32) or add inputSize=CxHxW to this section",
+    )
+    assert "--input" in result.stderr
+
+
+@needs_shared
+def test_reference_spec_with_input():
+    result = invoke("check", str(REFERENCE_80SEC), "--input", "3x32x32")
+    assert result.exit_code == 0, result.output
+    assert "145,578" in result.stdout
+    assert "cuda-convnet-layer-params-80sec.cfg" in result.stdout  # the paired params file was found
+    report = json.loads(invoke("check", str(REFERENCE_80SEC), "--input", "3x32x32", "--json").stdout)
+    assert report["total_params"] == 145578
+    assert report["params_file"].endswith("cuda-convnet-layer-params-80sec.cfg")
+
+
+# --- usage errors: exit 2 ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["3x32", "3x32x32x1", "0x32x32", "3x0x5", "axbxc", "", "-3x32x32", "3.5x32x32"])
+def test_bad_input_value_is_a_usage_error(value):
+    result = invoke("check", ALEXNET, f"--input={value}")
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    assert result.stderr.rstrip("\n").split("\n")[-1] == (
+        "Error: Invalid value for '--input': must be CxHxW with positive whole numbers, "
+        f"e.g. 3x224x224, not '{value}'"
+    )
+
+
+def test_directory_is_a_usage_error(tmp_path):
+    result = invoke("check", str(tmp_path))
+    assert result.exit_code == 2
+    assert f"Error: Invalid value for 'SPEC': File '{tmp_path}' is a directory." in result.stderr
+
+
+def test_unknown_command_and_missing_argument():
+    assert invoke("chek", ALEXNET).exit_code == 2
+    assert invoke("check").exit_code == 2
+
+
+def test_version_and_help():
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.stdout.startswith("convspec, version ")
+    result = invoke("check", "--help")
+    assert result.exit_code == 0
+    assert "--input CxHxW" in result.stdout and "--json" in result.stdout
+
+
+def test_python_dash_m_convspec_help():
+    result = subprocess.run([sys.executable, "-m", "convspec", "--help"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "check" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+# --- spec errors: exit 1, one located line ----------------------------------------------------
+
+
+def test_missing_file(tmp_path):
+    path = str(tmp_path / "missing.cfg")
+    assert_one_located_error(invoke("check", path),
+                             f"{path}: no such file; check the path (working directory: {os.getcwd()})")
+
+
+def test_missing_params_file(tmp_path):
+    spec = write(tmp_path, TINY)
+    params = str(tmp_path / "nope.params.cfg")
+    assert_one_located_error(invoke("check", spec, "--params", params),
+                             f"{params}: no such file; check the path (working directory: {os.getcwd()})")
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"", "{path}:1:1: empty spec: no [layer] sections; a spec starts with e.g. [data] and type=data"),
+    (b"\n\n# only a comment\n",
+     "{path}:1:1: empty spec: no [layer] sections; a spec starts with e.g. [data] and type=data"),
+    (b"[a]\nx=\x001\n", "{path}:1:1: is a binary file, not a spec; a spec is text of [section] and key=value lines"),
+    (bytes(range(256)), "{path}:1:1: is a binary file, not a spec; a spec is text of [section] and key=value lines"),
+    (b"[a]\ntype=caf\xe9\n", "{path}:2:1: is not UTF-8 text (bad byte 0xe9); save it as UTF-8"),
+])
+def test_unreadable_files(tmp_path, data, message):
+    path = write(tmp_path, data)
+    assert_one_located_error(invoke("check", path), message.format(path=path))
+
+
+# (edit of TINY, first line of the error with {path} for the file)
+ERRORS = [
+    # syntax
+    (("[fc]", "[fc"), "{path}:9:1: section header '[fc' is missing its closing ']'"),
+    (("outputs=10", "outputs 10"), "{path}:12:9: unexpected '10'; expected '='"),
+    (("outputs=10", "outputs=10,"), "{path}:12:12: line ends too early; expected a number or a value"),
+    (("outputs=10", "outputs=10]"), "{path}:12:11: unexpected ']'; expected ',', a comment or end of line"),
+    (("inputs=data", "inputs=data\nneuron=tanh[1,2"),
+     "{path}:12:16: line ends too early; expected ',' or ';' or ']'"),
+    (("[data]", "x=1\n[data]"),
+     "{path}:1:1: key=value line before any [section]; put it under a layer's [name] header"),
+    # sections
+    (("[probs]", "[fc]"), "{path}:14:2: duplicate section [fc] (first at line 9); rename or merge one"),
+    (("[labels]", "[]"), "{path}:5:2: empty section name []; name the layer, e.g. [conv1]"),
+    (("[probs]", "[pro bs]"),
+     "{path}:14:2: section name 'pro bs' contains a space, ',' or '='; layer names are single words"),
+    (("type=fc", "type=fcc"), "{path}:10:6: layer 'fc': unknown layer type 'fcc'; did you mean 'fc'?"),
+    (("type=fc", "type=sfc"),
+     "{path}:10:6: layer 'fc': type=sfc is a cuda-convnet2 layer type convspec does not support"),
+    # keys and values
+    (("outputs=10", "output=10"),
+     "{path}:12:1: layer 'fc': unknown key 'output' for type fc; did you mean 'outputs'?"),
+    (("outputs=10", "outputs=ten"), "{path}:12:9: layer 'fc': outputs must be a whole number, not 'ten'"),
+    (("outputs=10", "outputs=0"), "{path}:12:9: layer 'fc': outputs=0 must be at least 1"),
+    (("outputs=10", "outputs=10\noutputs=11"),
+     "{path}:13:1: layer 'fc': duplicate key 'outputs' with a different value (first at line 12); keep one"),
+    (("inputs=data", "inputs=data\nneuron=relux"),
+     "{path}:12:8: layer 'fc': neuron: unknown neuron function 'relux'; did you mean 'relu'?"),
+    (("inputs=data", "inputs=data\nneuron=tanh[1]"),
+     "{path}:12:8: layer 'fc': neuron: neuron 'tanh' is written tanh[a,b] (f(x) = a * tanh(b * x)), "
+     "not 'tanh[1]'"),
+    (("inputs=data", "inputs=data\nepsW=dexp[base=0.1]"),
+     "{path}:12:6: layer 'fc': epsW: dexp schedule needs tgtFactor, numSteps "
+     "(as dexp[base=...;tgtFactor=...;numSteps=...])"),
+    (("inputSize=3x8x8", "inputSize=3x8"),
+     "{path}:3:11: layer 'data': inputSize must be CxHxW with positive whole numbers, e.g. 3x224x224, "
+     "not '3x8'"),
+    (("inputs=fc", "inputs=fc\ninitWFunc=foo.bar"),
+     "{path}:17:1: layer 'probs': initWFunc names a Python function cuda-convnet would import and run; "
+     "a spec must never run code, so use initW=STD (Gaussian) instead"),
+    # the graph
+    (("inputs=data", "inputs=dta"), "{path}:11:8: layer 'fc': input 'dta' is not defined; did you mean 'data'?"),
+    (("inputs=data", "inputs=probs"),
+     "{path}:11:8: layer 'fc': inputs form a cycle: fc -> probs -> fc; a layer cannot read its own output"),
+    (("inputs=labels,probs", "inputs=labels,fc"),
+     "{path}:20:15: layer 'logprob': the second input of cost.logreg must be a softmax layer, but 'fc' is fc"),
+    (("type=softmax", "type=softmax\ngpu=0,0"),
+     "{path}:16:5: layer 'probs': gpu=0,0 lists a GPU twice; replicas must run on different GPUs"),
+]
+
+
+@pytest.mark.parametrize("edit, message", ERRORS, ids=[m.split(": ", 1)[1][:40] for _, m in ERRORS])
+def test_spec_errors_are_one_located_line(tmp_path, edit, message):
+    old, new = edit
+    assert TINY.count(old) == 1, old
+    path = write(tmp_path, TINY.replace(old, new))
+    assert_one_located_error(invoke("check", path), message.format(path=path))
+
+
+def test_error_shows_the_source_line_and_caret(tmp_path):
+    path = write(tmp_path, TINY.replace("inputs=data", "inputs=dta"))
+    result = invoke("check", path)
+    assert result.stderr == (f"{path}:11:8: layer 'fc': input 'dta' is not defined; did you mean 'data'?\n"
+                             "inputs=dta\n"
+                             "       ^\n")
+
+
+def test_json_errors_are_not_json(tmp_path):
+    # A failing --json run prints the same message on stderr and nothing on stdout.
+    path = write(tmp_path, TINY.replace("type=fc", "type=fcc"))
+    assert_one_located_error(invoke("check", path, "--json"),
+                             f"{path}:10:6: layer 'fc': unknown layer type 'fcc'; did you mean 'fc'?")
+
+
+# --- --debug ------------------------------------------------------------------------------------
+
+
+def test_debug_raises_the_spec_error(tmp_path):
+    path = write(tmp_path, TINY.replace("[fc]", "[fc"))
+    result = invoke("--debug", "check", path)
+    assert result.exit_code == 1
+    assert isinstance(result.exception, SpecError)
+    assert str(result.exception).split("\n")[0] == f"{path}:9:1: section header '[fc' is missing its closing ']'"
+    shown = "".join(traceback.format_exception(*result.exc_info))
+    assert shown.startswith("Traceback") and "convspec/parse.py" in shown.replace(os.sep, "/")
+    with pytest.raises(SpecError):
+        CliRunner().invoke(main, ["--debug", "check", path], catch_exceptions=False)
+
+
+def test_without_debug_there_is_no_exception(tmp_path):
+    path = write(tmp_path, TINY.replace("[fc]", "[fc"))
+    result = invoke("check", path)
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 1
