@@ -1,0 +1,203 @@
+"""The training and evaluation loader.
+
+    source = open_source("data/cifar-10-batches-py", "train")
+    train_idx, val_idx = holdout(len(source), fraction=0.1, seed=0)
+    batches = Batches(source, train_idx, batch_size=128, crop=24,
+                      augment=Augment(24, flip=True, random_crop=True), seed=0)
+    for images, labels in batches.epoch(3): ...      # float32 (B, 3, 24, 24), int64 (B,)
+
+Every source hands out uint8 (B, S, S, 3) batches; crops, flips, the mean
+subtraction and the PCA colour noise then run on the whole batch
+(``preprocess.augment_batch``).  The order is a permutation drawn from
+(seed, epoch), so a resumed run sees the same order, and each data-parallel
+rank takes every ``world``-th batch of it.  Decoding sources (JPEG stores,
+image folders) use ``DataLoader`` workers; memory-mapped raw stores and CIFAR
+arrays need none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from convspec.errors import Location, fail
+
+from . import cifar
+from .preprocess import Augment, Stats, augment_batch, eval_views, load_square
+from .sources import ImageList, detect, list_class_folders, list_flat
+from .store import StoreSplit
+
+
+class ImageSource(Protocol):
+    labels: np.ndarray
+    classes: list[str]
+    mean: np.ndarray  # float32 (S, S, 3)
+    eigvals: np.ndarray
+    eigvecs: np.ndarray
+    size: int
+    decodes: bool  # True when fetching a batch decodes images (workers help)
+
+    def images(self, indices) -> np.ndarray: ...
+
+
+class _Sized:
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+class ArraySource(_Sized):
+    """Images already in memory (CIFAR batches)."""
+
+    decodes = False
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, classes: list[str], stats: Stats | None = None):
+        self.array, self.labels, self.classes = images, labels, classes
+        self.size = images.shape[1]
+        if stats is None:
+            stats = Stats.empty(self.size)
+            for start in range(0, len(images), 4096):
+                stats.add(images[start:start + 4096])
+        self.mean = stats.mean_image()
+        self.eigvals, self.eigvecs = stats.pca()
+
+    def images(self, indices) -> np.ndarray:
+        return self.array[np.asarray(indices)]
+
+
+class FolderSource(_Sized):
+    """Image files decoded on every fetch: the naive pipeline, kept for
+    convenience; ``convspec prepare`` makes a store that reads far faster."""
+
+    decodes = True
+
+    def __init__(self, listing: ImageList, size: int, stats: Stats | None = None):
+        self.paths = [p for p, _ in listing.items]
+        self.labels = np.asarray([label for _, label in listing.items], dtype=np.int64)
+        self.classes, self.size = listing.classes, size
+        if stats is None:  # one pass over the images; the store keeps this instead
+            stats = Stats.empty(size)
+            for start in range(0, len(self.paths), 256):
+                stats.add(self.images(range(start, min(len(self.paths), start + 256))))
+        self.mean = stats.mean_image()
+        self.eigvals, self.eigvecs = stats.pca()
+
+    def images(self, indices) -> np.ndarray:
+        out = np.empty((len(indices), self.size, self.size, 3), dtype=np.uint8)
+        for k, i in enumerate(indices):
+            try:
+                out[k] = load_square(str(self.paths[int(i)]), self.size)
+            except Exception as err:  # a broken file mid-epoch: name it rather than crash opaquely
+                raise fail(f"cannot read image ({type(err).__name__}: {err}); "
+                           "run convspec prepare to list and skip broken files", Location(str(self.paths[int(i)])))
+        return out
+
+
+class _StoreSource(_Sized):
+    def __init__(self, split: StoreSplit):
+        self.split = split
+        self.labels, self.classes, self.mean = split.labels, split.classes, split.mean
+        self.eigvals, self.eigvecs, self.size = split.eigvals, split.eigvecs, split.size
+        self.decodes = split.kind == "jpeg"
+
+    def images(self, indices) -> np.ndarray:
+        return self.split.images(indices)
+
+
+def open_source(path: str | Path, split: str = "train", classes: list[str] | None = None,
+                labels_file: Path | None = None, size: int = 256) -> ImageSource:
+    """Detect the kind of ``path`` and open one split ("train", "val" or "test")."""
+    path = Path(path)
+    kind = detect(path)
+    if kind == "store":
+        store = StoreSplit(path, split if split != "test" else "val")
+        return _StoreSource(store)
+    if kind == "cifar":
+        data = cifar.load_cifar(path, "train" if split == "train" else "test")
+        return ArraySource(data.images, data.labels, data.classes)
+    if kind == "imagefolder":
+        sub = path / ("train" if split == "train" else "val")
+        if not sub.is_dir():
+            raise fail(f"has no {sub.name}/ folder", Location(str(path)))
+        return FolderSource(list_class_folders(sub, classes), size)
+    if kind == "classfolders":
+        return FolderSource(list_class_folders(path, classes), size)
+    if labels_file is None or classes is None:
+        raise fail("is a flat folder of images; give --labels FILE ('filename class' lines)", Location(str(path)))
+    return FolderSource(list_flat(path, labels_file, classes), size)
+
+
+def holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train indices, validation indices): a fixed random ``fraction`` held out."""
+    order = np.random.default_rng(seed).permutation(n)
+    k = int(round(n * fraction))
+    return np.sort(order[k:]), np.sort(order[:k])
+
+
+class _EpochBatches(Dataset):
+    def __init__(self, source, batches: list[np.ndarray], augment: Augment, seed: int, epoch: int):
+        self.source, self.batches, self.augment = source, batches, augment
+        self.seed, self.epoch = seed, epoch
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, b: int):
+        idx = self.batches[b]
+        rng = np.random.default_rng([self.seed, self.epoch, b])  # independent of worker count
+        images = augment_batch(self.source.images(idx), self.source.mean, self.augment, rng,
+                               self.source.eigvals, self.source.eigvecs)
+        return images, torch.from_numpy(self.source.labels[idx])
+
+
+@dataclass
+class Batches:
+    source: ImageSource
+    indices: np.ndarray
+    batch_size: int
+    augment: Augment
+    seed: int = 0
+    shuffle: bool = True
+    rank: int = 0
+    world: int = 1
+    workers: int = 0
+    pin_memory: bool = False
+    drop_last: bool = True
+
+    def __post_init__(self):
+        if self.augment.crop > self.source.size:
+            raise fail(f"the net wants {self.augment.crop}x{self.augment.crop} crops but the images are "
+                       f"{self.source.size}x{self.source.size}")
+
+    def _batches(self, epoch: int) -> list[np.ndarray]:
+        order = self.indices
+        if self.shuffle:
+            order = order[np.random.default_rng([self.seed, epoch]).permutation(len(order))]
+        size = self.batch_size * self.world
+        stop = (len(order) // size) * size if self.drop_last else len(order)
+        globals_ = [order[i:i + size] for i in range(0, stop, size)]
+        # Each rank takes its slice of every global batch.
+        return [g[self.rank::self.world] for g in globals_ if len(g[self.rank::self.world])]
+
+    def __len__(self) -> int:
+        return len(self._batches(0))
+
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        data = _EpochBatches(self.source, self._batches(epoch), self.augment, self.seed, epoch)
+        workers = self.workers if self.source.decodes else 0
+        loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=workers,
+                            pin_memory=self.pin_memory, persistent_workers=False,
+                            prefetch_factor=4 if workers else None)
+        yield from loader
+
+
+def eval_batches(source: ImageSource, indices: np.ndarray, batch_size: int, crop: int,
+                 ten_views: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(B, V, 3, crop, crop) views and labels, in order; V is 1 or 10."""
+    for start in range(0, len(indices), batch_size):
+        idx = indices[start:start + batch_size]
+        yield eval_views(source.images(idx), source.mean, crop, ten_views), torch.from_numpy(source.labels[idx])

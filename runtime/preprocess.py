@@ -1,0 +1,145 @@
+"""The AlexNet paper's preprocessing and augmentation (section 2 and 4.1).
+
+- :func:`load_square`: decode any image, make it RGB (grayscale and CMYK too),
+  rescale so the shorter side is ``size`` and crop the central ``size`` x ``size``.
+- :class:`Stats`: the training set's per-pixel mean image and the eigenvectors
+  and eigenvalues of its RGB covariance, accumulated shard by shard.
+- :func:`augment_batch`: random crops, horizontal flips, mean subtraction and
+  PCA colour noise on a whole uint8 batch at once.
+- :func:`eval_views`: the centre crop, or the paper's 10 views.
+
+Pixels stay in 0..255 (minus the mean), as cuda-convnet and the paper trained.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error we report, not grey pixels
+
+
+def load_square(data: bytes | str, size: int) -> np.ndarray:
+    """(size, size, 3) uint8: short side rescaled to ``size``, centre crop."""
+    with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
+        img.draft("RGB", (size, size))  # JPEG: let libjpeg decode at a smaller scale when it can
+        img = img.convert("RGB")
+        w, h = img.size
+        scale = size / min(w, h)
+        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+        if (nw, nh) != (w, h):
+            img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+@dataclass
+class Stats:
+    """Streaming sums for the mean image and the RGB covariance."""
+
+    count: int
+    pixel_sum: np.ndarray  # (S, S, 3) float64
+    rgb_sum: np.ndarray  # (3,)
+    rgb_outer: np.ndarray  # (3, 3)
+    rgb_count: int
+
+    @classmethod
+    def empty(cls, size: int) -> "Stats":
+        return cls(0, np.zeros((size, size, 3)), np.zeros(3), np.zeros((3, 3)), 0)
+
+    def add(self, images: np.ndarray) -> None:
+        images = images.astype(np.float64)
+        self.count += len(images)
+        self.pixel_sum += images.sum(0)
+        flat = images.reshape(-1, 3)
+        self.rgb_sum += flat.sum(0)
+        self.rgb_outer += flat.T @ flat
+        self.rgb_count += len(flat)
+
+    def merge(self, other: "Stats") -> None:
+        self.count += other.count
+        self.pixel_sum += other.pixel_sum
+        self.rgb_sum += other.rgb_sum
+        self.rgb_outer += other.rgb_outer
+        self.rgb_count += other.rgb_count
+
+    def mean_image(self) -> np.ndarray:
+        return (self.pixel_sum / max(self.count, 1)).astype(np.float32)
+
+    def pca(self) -> tuple[np.ndarray, np.ndarray]:
+        """(eigenvalues (3,), eigenvectors (3, 3) as columns), largest first."""
+        n = max(self.rgb_count, 1)
+        mean = self.rgb_sum / n
+        cov = self.rgb_outer / n - np.outer(mean, mean)
+        values, vectors = np.linalg.eigh(cov)
+        order = np.argsort(values)[::-1]
+        return values[order].astype(np.float32), vectors[:, order].astype(np.float32)
+
+    def to_arrays(self) -> dict:
+        return {"count": np.array(self.count), "pixel_sum": self.pixel_sum, "rgb_sum": self.rgb_sum,
+                "rgb_outer": self.rgb_outer, "rgb_count": np.array(self.rgb_count)}
+
+    @classmethod
+    def from_arrays(cls, a) -> "Stats":
+        return cls(int(a["count"]), a["pixel_sum"], a["rgb_sum"], a["rgb_outer"], int(a["rgb_count"]))
+
+
+@dataclass
+class Augment:
+    crop: int  # output side
+    flip: bool = False
+    random_crop: bool = False
+    pca_std: float = 0.0  # the paper's 0.1; 0 turns colour noise off
+
+
+def augment_batch(images: np.ndarray, mean: np.ndarray, aug: Augment, rng: np.random.Generator,
+                  eigvals: np.ndarray | None = None, eigvecs: np.ndarray | None = None) -> torch.Tensor:
+    """uint8 (B, S, S, 3) -> float32 (B, 3, crop, crop), mean subtracted.
+
+    The mean image is cropped at the same place as each image, so the result is
+    exactly ``crop(image - mean)``.  Work is per batch: one gather of crops, one
+    flip, one subtraction.
+    """
+    b, s = images.shape[0], images.shape[1]
+    c = aug.crop
+    if aug.random_crop:
+        ys = rng.integers(0, s - c + 1, size=b)
+        xs = rng.integers(0, s - c + 1, size=b)
+    else:
+        ys = xs = np.full(b, (s - c) // 2)
+    flips = rng.random(b) < 0.5 if aug.flip else np.zeros(b, dtype=bool)
+    out = np.empty((b, c, c, 3), dtype=np.float32)
+    for i in range(b):
+        y, x = ys[i], xs[i]
+        crop = images[i, y:y + c, x:x + c]
+        m = mean[y:y + c, x:x + c]
+        if flips[i]:
+            crop, m = crop[:, ::-1], m[:, ::-1]
+        np.subtract(crop, m, out=out[i], dtype=np.float32)
+    if aug.pca_std > 0 and eigvals is not None:
+        alphas = rng.normal(0.0, aug.pca_std, size=(b, 3)).astype(np.float32)
+        # The paper adds sum_i alpha_i lambda_i p_i.  Eigenvalues scale with the
+        # square of the pixel unit, so apply it in [0, 1] units (as common
+        # reimplementations do) and convert back: lambda / 255 in 0..255 units.
+        out += ((alphas * eigvals / 255.0) @ eigvecs.T)[:, None, None, :]
+    return torch.from_numpy(out).permute(0, 3, 1, 2)
+
+
+def eval_views(images: np.ndarray, mean: np.ndarray, crop: int, ten: bool) -> torch.Tensor:
+    """(B, S, S, 3) uint8 -> (B, V, 3, crop, crop): the centre (V=1), or the four
+    corners and the centre, each also flipped (V=10), mean subtracted."""
+    s = images.shape[1]
+    centred = images.astype(np.float32) - mean
+    offsets = [((s - crop) // 2, (s - crop) // 2)]
+    if ten:
+        far = s - crop
+        offsets = [(0, 0), (0, far), (far, 0), (far, far)] + offsets
+    views = [centred[:, y:y + crop, x:x + crop] for y, x in offsets]
+    if ten:
+        views += [v[:, :, ::-1] for v in views]
+    stacked = np.ascontiguousarray(np.stack(views, axis=1))  # (B, V, c, c, 3)
+    return torch.from_numpy(stacked).permute(0, 1, 4, 2, 3)

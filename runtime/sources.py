@@ -1,0 +1,114 @@
+"""Where images come from: ``--data PATH`` is detected as one of
+
+- a **prepared store** (``store.json`` inside; written by ``convspec prepare``);
+- **CIFAR-10/100 python batches** (``batches.meta`` or ``meta`` inside);
+- an **image folder** in ImageFolder layout: ``PATH/train/<class>/*`` and
+  ``PATH/val/<class>/*``, or a single split ``PATH/<class>/*``;
+- a **flat folder** of images with a labels file (``--labels``, ILSVRC's
+  validation layout: ``filename class`` lines).
+
+Class indices are the training set's sorted class names; a split evaluated
+later maps its names through that list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from convspec.errors import Location, did_you_mean, fail
+
+from .cifar import is_cifar_dir
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
+STORE_MARKER = "store.json"
+
+
+def is_image(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+
+
+def detect(path: Path) -> str:
+    """'store', 'cifar', 'imagefolder' (with train/ and val/), 'classfolders' or 'flat'."""
+    if not path.exists():
+        raise fail("no such dataset path; give a prepared store, a CIFAR python folder, "
+                   "or an image folder with one sub-folder per class", Location(str(path)))
+    if not path.is_dir():
+        raise fail("is a file; --data takes a folder (a prepared store, CIFAR batches or class folders)",
+                   Location(str(path)))
+    if (path / STORE_MARKER).is_file():
+        return "store"
+    if is_cifar_dir(path):
+        return "cifar"
+    if (path / "train").is_dir():
+        return "imagefolder"
+    subdirs = [d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    if subdirs:
+        return "classfolders"
+    if any(is_image(p) for p in path.iterdir()):
+        return "flat"
+    raise fail("holds no images, class folders, CIFAR batches or prepared store", Location(str(path)))
+
+
+@dataclass
+class ImageList:
+    items: list[tuple[Path, int]]  # (file, class index)
+    classes: list[str]  # folder names (wnids), index order
+
+
+def class_folders(root: Path) -> list[str]:
+    names = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not names:
+        raise fail("has no class sub-folders", Location(str(root)))
+    return names
+
+
+def list_class_folders(root: Path, classes: list[str] | None = None) -> ImageList:
+    """Images under ``root/<class>/``.  With ``classes`` (the training run's
+    list), folder names map through it; an unseen class is an error."""
+    found = class_folders(root)
+    if classes is None:
+        classes = found
+    index = {name: i for i, name in enumerate(classes)}
+    items = []
+    for name in found:
+        if name not in index:
+            raise fail(f"class folder '{name}' is not one of the {len(classes)} classes the run was trained on"
+                       f"{did_you_mean(name, classes)}", Location(str(root / name)))
+        items += [(p, index[name]) for p in sorted((root / name).iterdir()) if is_image(p)]
+    if not items:
+        raise fail("has class folders but no .jpg/.jpeg/.png/.bmp images in them", Location(str(root)))
+    return ImageList(items, classes)
+
+
+def list_flat(root: Path, labels_file: Path, classes: list[str]) -> ImageList:
+    """A flat folder and a ``filename class`` file, the class being a folder name (wnid) from training."""
+    index = {name: i for i, name in enumerate(classes)}
+    labels: dict[str, int] = {}
+    for n, line in enumerate(labels_file.read_text().splitlines(), 1):
+        parts = line.split()
+        if not parts or line.lstrip().startswith("#"):
+            continue
+        if len(parts) != 2:
+            raise fail("expected 'filename class' on each line", Location(str(labels_file), n, 1, line))
+        if parts[1] not in index:
+            raise fail(f"class '{parts[1]}' is not one of the {len(classes)} training classes"
+                       f"{did_you_mean(parts[1], classes)}", Location(str(labels_file), n, 1, line))
+        labels[parts[0]] = index[parts[1]]
+    items = []
+    for p in sorted(root.iterdir()):
+        if is_image(p):
+            if p.name not in labels:
+                raise fail(f"image '{p.name}' has no line in the labels file", Location(str(labels_file)))
+            items.append((p, labels[p.name]))
+    return ImageList(items, classes)
+
+
+def read_synsets(path: Path) -> dict[str, str]:
+    """``wnid name`` per line -> {wnid: name}."""
+    names = {}
+    for line in path.read_text().splitlines():
+        parts = line.strip().split(maxsplit=1)
+        if parts:
+            names[parts[0]] = parts[1] if len(parts) > 1 else parts[0]
+    return names

@@ -1,0 +1,274 @@
+"""The prepared store: ``convspec prepare SRC OUT`` writes it, the loader reads it.
+
+Layout of OUT (every array is a ``.npy`` file, so ``np.load(mmap_mode="r")``
+maps it without reading it)::
+
+    store.json                  written last: its presence means "complete"
+    prepare.json                the options; a rerun with other options is refused
+    classes.tsv                 index <TAB> folder name <TAB> readable name
+    mean.npy                    float32 (S, S, 3): the training split's mean image
+    pca.npz                     eigvals (3,), eigvecs (3, 3) columns: RGB covariance
+    report.txt                  images that could not be read, and why
+    <split>-<k>.labels.npy      int64 (n,)
+    <split>-<k>.raw.npy         uint8 (n, S, S, 3)            (--raw)
+    <split>-<k>.jpeg.npy        uint8 (bytes,): JPEGs back to back  (default)
+    <split>-<k>.offsets.npy     int64 (n + 1,): where each JPEG starts
+    <split>-<k>.stats.npz       the shard's sums for the mean and covariance
+
+Shards are fixed chunks of the sorted file list, written under temporary names
+and renamed, the labels file last; a rerun keeps every finished shard and
+redoes the rest, so an interrupted prepare finishes the job.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from convspec.errors import Location, fail
+
+from . import cifar
+from .preprocess import Stats, load_square
+from .progress import Progress
+from .sources import STORE_MARKER, ImageList, detect, list_class_folders, read_synsets
+
+FORMAT = "convspec-store"
+VERSION = 1
+SHARD = 512  # images per shard: small enough to show progress, large enough to read fast
+
+
+@dataclass
+class PrepareOptions:
+    size: int = 256
+    raw: bool = False
+    quality: int = 90
+    workers: int = 0  # 0: one per core
+
+    def fingerprint(self, source: Path) -> dict:
+        return {"format": FORMAT, "version": VERSION, "source": str(source.resolve()), "size": self.size,
+                "kind": "raw" if self.raw else "jpeg", "quality": None if self.raw else self.quality}
+
+
+def _save_atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _encode(job: tuple[str, int, int, bool]):
+    """Worker: one file -> (pixels, jpeg bytes or None, error or None)."""
+    path, size, quality, raw = job
+    try:
+        pixels = load_square(path, size)
+    except Exception as err:  # PIL raises many types for broken files; each is reported
+        reason = "zero-byte file" if os.path.getsize(path) == 0 else f"{type(err).__name__}: {err}"
+        return None, None, reason
+    if raw:
+        return pixels, None, None
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=quality)
+    return pixels, buf.getvalue(), None
+
+
+def _splits(source: Path, options: PrepareOptions):
+    """[(split name, ImageList or CifarSplit)] for the source's layout."""
+    kind = detect(source)
+    if kind == "store":
+        raise fail("is already a prepared store; give the original images", Location(str(source)))
+    if kind == "cifar":
+        return [("train", cifar.load_cifar(source, "train")), ("test", cifar.load_cifar(source, "test"))]
+    if kind == "imagefolder":
+        train = list_class_folders(source / "train")
+        out = [("train", train)]
+        if (source / "val").is_dir():
+            out.append(("val", list_class_folders(source / "val", train.classes)))
+        return out
+    if kind == "classfolders":
+        return [("train", list_class_folders(source))]
+    raise fail("a flat folder needs a labels file; prepare takes class folders or CIFAR batches",
+               Location(str(source)))
+
+
+def prepare(source: Path, out: Path, options: PrepareOptions, synsets: Path | None = None,
+            progress: bool = True) -> dict:
+    """Write (or finish writing) a store; returns its store.json contents."""
+    source, out = Path(source), Path(out)
+    splits = _splits(source, options)
+    fingerprint = options.fingerprint(source)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "prepare.json").is_file():
+        previous = json.loads((out / "prepare.json").read_text())
+        if previous != fingerprint:
+            raise fail(f"already holds a different store (from {previous.get('source')}, "
+                       f"{previous.get('kind')} {previous.get('size')}px); choose another OUT or delete it",
+                       Location(str(out)))
+        if (out / STORE_MARKER).is_file():
+            return json.loads((out / STORE_MARKER).read_text())
+    elif any(out.iterdir()):
+        raise fail("is not empty and holds no convspec store; choose an empty or new folder", Location(str(out)))
+    (out / "prepare.json").write_text(json.dumps(fingerprint, indent=1))
+
+    names = read_synsets(synsets) if synsets else {}
+    classes = splits[0][1].classes
+    meta = {**fingerprint, "classes": [{"index": i, "folder": c, "name": names.get(c, c)}
+                                       for i, c in enumerate(classes)], "splits": {}, "skipped": 0}
+    bad: list[str] = []
+    total_stats = Stats.empty(options.size if not isinstance(splits[0][1], cifar.CifarSplit) else 32)
+    workers = options.workers or os.cpu_count() or 1
+    with multiprocessing.get_context("fork").Pool(workers) if workers > 1 else _Inline() as pool:
+        for split, data in splits:
+            shards, count = _write_split(split, data, out, options, pool, bad, total_stats if split == "train" else None,
+                                         progress)
+            meta["splits"][split] = {"count": count, "shards": shards}
+    meta["skipped"] = len(bad)
+    meta["size"] = int(total_stats.pixel_sum.shape[0])
+    _save_atomic(out / "report.txt", lambda f: f.write("".join(line + "\n" for line in bad).encode()))
+    _save_atomic(out / "classes.tsv", lambda f: f.write("".join(
+        f"{c['index']}\t{c['folder']}\t{c['name']}\n" for c in meta["classes"]).encode()))
+    _save_atomic(out / "mean.npy", lambda f: np.save(f, total_stats.mean_image()))
+    eigvals, eigvecs = total_stats.pca()
+    _save_atomic(out / "pca.npz", lambda f: np.savez(f, eigvals=eigvals, eigvecs=eigvecs))
+    _save_atomic(out / STORE_MARKER, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    return meta
+
+
+class _Inline:
+    """A stand-in for a Pool with one worker: no processes to start."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def imap(self, fn, jobs, chunksize=1):
+        return map(fn, jobs)
+
+
+def _write_split(split, data, out: Path, options: PrepareOptions, pool, bad: list[str], stats: Stats | None,
+                 show: bool) -> tuple[list[str], int]:
+    is_cifar = isinstance(data, cifar.CifarSplit)
+    n = len(data.labels) if is_cifar else len(data.items)
+    bar = Progress(n, f"prepare {split}", enabled=show)
+    shards, count = [], 0
+    for k, start in enumerate(range(0, n, SHARD)):
+        name = f"{split}-{k:05d}"
+        shards.append(name)
+        stop = min(n, start + SHARD)
+        if (out / f"{name}.labels.npy").is_file():  # finished by an earlier run
+            count += len(np.load(out / f"{name}.labels.npy", mmap_mode="r"))
+            if stats is not None:
+                stats.merge(Stats.from_arrays(np.load(out / f"{name}.stats.npz")))
+            bar.update(stop - start)
+            continue
+        if is_cifar:
+            pixels = [img for img in data.images[start:stop]]
+            labels = list(data.labels[start:stop])
+            encoded = [_encode_array(p, options) for p in pixels]
+        else:
+            jobs = [(str(p), options.size, options.quality, options.raw) for p, _ in data.items[start:stop]]
+            encoded, labels = [], []
+            for (path, label), (px, jpeg, err) in zip(data.items[start:stop], pool.imap(_encode, jobs, chunksize=8)):
+                if err is not None:
+                    bad.append(f"{path}\t{err}")
+                    continue
+                encoded.append((px, jpeg))
+                labels.append(label)
+        count += _write_shard(out, name, encoded, labels, options, stats)
+        bar.update(stop - start)
+    bar.close()
+    return shards, count
+
+
+def _encode_array(pixels: np.ndarray, options: PrepareOptions):
+    if options.raw:
+        return pixels, None
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=options.quality)
+    return pixels, buf.getvalue()
+
+
+def _write_shard(out: Path, name: str, encoded, labels, options: PrepareOptions, stats: Stats | None) -> int:
+    pixels = np.stack([px for px, _ in encoded]) if encoded else np.zeros((0, options.size, options.size, 3), np.uint8)
+    shard_stats = Stats.empty(pixels.shape[1])
+    shard_stats.add(pixels)
+    if options.raw:
+        _save_atomic(out / f"{name}.raw.npy", lambda f: np.save(f, pixels))
+    else:
+        blobs = [jpeg for _, jpeg in encoded]
+        offsets = np.zeros(len(blobs) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([len(b) for b in blobs])
+        data = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+        _save_atomic(out / f"{name}.jpeg.npy", lambda f: np.save(f, data))
+        _save_atomic(out / f"{name}.offsets.npy", lambda f: np.save(f, offsets))
+    _save_atomic(out / f"{name}.stats.npz", lambda f: np.savez(f, **shard_stats.to_arrays()))
+    _save_atomic(out / f"{name}.labels.npy", lambda f: np.save(f, np.asarray(labels, dtype=np.int64)))
+    if stats is not None:
+        stats.merge(shard_stats)
+    return len(labels)
+
+
+# --- reading -----------------------------------------------------------------------------
+
+
+class StoreSplit:
+    """One split of a store: ``images(indices)`` gives a uint8 (B, S, S, 3) batch."""
+
+    def __init__(self, root: Path, split: str):
+        root = Path(root)
+        meta_path = root / STORE_MARKER
+        if not meta_path.is_file():
+            raise fail("is not a complete convspec store (no store.json); run convspec prepare again to finish it",
+                       Location(str(root)))
+        self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:
+            raise fail(f"store.json is not a {FORMAT} v{VERSION} store", Location(str(meta_path)))
+        if split not in self.meta["splits"]:
+            raise fail(f"store has no '{split}' split (it has {', '.join(self.meta['splits'])})", Location(str(root)))
+        self.kind = self.meta["kind"]
+        self.classes = [c["folder"] for c in self.meta["classes"]]
+        self.class_names = [c["name"] for c in self.meta["classes"]]
+        self.mean = np.load(root / "mean.npy")
+        pca = np.load(root / "pca.npz")
+        self.eigvals, self.eigvecs = pca["eigvals"], pca["eigvecs"]
+        labels, self._shards, starts = [], [], [0]
+        for name in self.meta["splits"][split]["shards"]:
+            shard_labels = np.load(root / f"{name}.labels.npy")
+            labels.append(shard_labels)
+            if self.kind == "raw":
+                self._shards.append(np.load(root / f"{name}.raw.npy", mmap_mode="r"))
+            else:
+                self._shards.append((np.load(root / f"{name}.jpeg.npy", mmap_mode="r"),
+                                     np.load(root / f"{name}.offsets.npy")))
+            starts.append(starts[-1] + len(shard_labels))
+        self.labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+        self._starts = np.asarray(starts)
+        self.size = int(self.meta["size"])
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def image(self, i: int) -> np.ndarray:
+        shard = int(np.searchsorted(self._starts, i, side="right") - 1)
+        j = i - self._starts[shard]
+        if self.kind == "raw":
+            return self._shards[shard][j]
+        data, offsets = self._shards[shard]
+        with Image.open(io.BytesIO(data[offsets[j]:offsets[j + 1]].tobytes())) as img:
+            return np.asarray(img.convert("RGB"))
+
+    def images(self, indices) -> np.ndarray:
+        out = np.empty((len(indices), self.size, self.size, 3), dtype=np.uint8)
+        for k, i in enumerate(indices):
+            out[k] = self.image(int(i))
+        return out
