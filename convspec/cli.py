@@ -80,6 +80,48 @@ def check(ctx, spec, params_path, input_shape, as_json):
     _guard(ctx, run)
 
 
+@main.command()
+@click.argument("src", type=click.Path())
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--size", default=256, show_default=True,
+              help="Side of the stored square: short side rescaled to SIZE, centre crop (image folders).")
+@click.option("--quality", default=90, show_default=True, type=click.IntRange(1, 100),
+              help="JPEG quality of the stored images.")
+@click.option("--raw", is_flag=True, help="Store raw uint8 pixels instead of JPEG (small images such as CIFAR).")
+@click.option("--workers", default=0, type=click.IntRange(0), help="Decoding processes.  Default: one per core.")
+@click.option("--synsets", type=click.Path(dir_okay=False, exists=True),
+              help="'wnid name' lines giving readable class names (ImageNet's synsets file).")
+@click.pass_context
+def prepare(ctx, src, out, size, quality, raw, workers, synsets):
+    """Convert images once into a store that training reads fast.
+
+    SRC is an image folder (SRC/train/<class>/*, optional SRC/val/<class>/*, or
+    SRC/<class>/*) or a CIFAR python-batch folder.  OUT gets memory-mappable
+    shards of SIZExSIZE images (JPEG, or raw with --raw), the class list, the
+    training split's mean image and its RGB PCA, and report.txt listing images
+    that could not be read (they are skipped and counted).  Interrupting is
+    safe: run the same command again and it finishes the job.
+
+    \b
+    Examples:
+      convspec prepare ../shared/datasets/imagenet-samples data/inet --synsets ../shared/datasets/imagenet-synsets.txt
+      convspec prepare data/cifar-10-batches-py data/cifar10 --raw
+    """
+    from pathlib import Path
+
+    from runtime.store import PrepareOptions, prepare as run_prepare
+
+    def run():
+        options = PrepareOptions(size=size, raw=raw, quality=quality, workers=workers)
+        meta = run_prepare(Path(src), Path(out), options, Path(synsets) if synsets else None)
+        counts = ", ".join(f"{split} {info['count']:,}" for split, info in meta["splits"].items())
+        click.echo(f"{out}: {meta['kind']} store of {meta['size']}x{meta['size']} images, "
+                   f"{len(meta['classes'])} classes ({counts}); skipped {meta['skipped']} unreadable "
+                   f"(see {Path(out) / 'report.txt'})")
+
+    _guard(ctx, run)
+
+
 def _guard(ctx: click.Context, fn) -> None:
     """Run a command body: a SpecError is one message and exit status 1."""
     try:

@@ -1,0 +1,309 @@
+"""Data: CIFAR batches, the paper's preprocessing, the prepared store and the loader."""
+
+import io
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from convspec.errors import SpecError
+from runtime import cifar
+from runtime.loader import ArraySource, Batches, eval_batches, holdout, open_source
+from runtime.preprocess import Augment, Stats, augment_batch, eval_views, load_square
+from runtime.store import PrepareOptions, StoreSplit, prepare
+
+from conftest import SHARED
+
+SAMPLES = SHARED / "datasets" / "imagenet-samples"
+needs_samples = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"{SAMPLES} is not present")
+
+
+def _png(path, array):
+    Image.fromarray(array).save(path)
+
+
+# --- CIFAR batches ------------------------------------------------------------------------------
+
+def _cifar_dir(tmp_path, n=6, seed=0):
+    rng = np.random.default_rng(seed)
+    root = tmp_path / "cifar-10-batches-py"
+    root.mkdir()
+    images = rng.integers(0, 256, (n * 6, 32, 32, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, n * 6)
+    for i, name in enumerate(cifar.CIFAR10_TRAIN + [cifar.CIFAR10_TEST]):
+        cifar.write_batch(root / name, images[i * n:(i + 1) * n], labels[i * n:(i + 1) * n])
+    (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": [f"c{i}".encode() for i in range(10)]}, 2))
+    return root, images, labels
+
+
+def test_cifar_batches_round_trip(tmp_path):
+    root, images, labels = _cifar_dir(tmp_path)
+    train = cifar.load_cifar(root, "train")
+    assert np.array_equal(train.images, images[:30]) and np.array_equal(train.labels, labels[:30])
+    assert train.classes[:2] == ["c0", "c1"]
+    assert np.array_equal(cifar.load_cifar(root, "test").images, images[30:])
+
+
+def test_cifar_plane_layout(tmp_path):
+    # The format stores 1024 red values, then green, then blue.
+    img = np.zeros((1, 32, 32, 3), np.uint8)
+    img[0, 0, 1] = (10, 20, 30)
+    cifar.write_batch(tmp_path / "b", img, [0])
+    data = cifar.load_batch(tmp_path / "b")["data"][0]
+    assert (data[1], data[1024 + 1], data[2048 + 1]) == (10, 20, 30)
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/convspec-pwned",))
+
+
+def test_restricted_unpickler_refuses_code(tmp_path):
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps({"data": _Evil()}))
+    if os.path.exists("/tmp/convspec-pwned"):
+        os.remove("/tmp/convspec-pwned")
+    with pytest.raises(SpecError, match=r"not a CIFAR python batch \(refusing to load posix.system"):
+        cifar.load_batch(path)
+    assert not os.path.exists("/tmp/convspec-pwned")
+
+
+def test_truncated_batch_is_a_clear_error(tmp_path):
+    root, _, _ = _cifar_dir(tmp_path)
+    data = (root / "data_batch_3").read_bytes()
+    (root / "data_batch_3").write_bytes(data[: len(data) // 2])
+    with pytest.raises(SpecError) as err:
+        cifar.load_cifar(root, "train")
+    assert str(err.value).startswith(f"{root / 'data_batch_3'}: not a CIFAR python batch")
+
+
+# --- preprocessing ------------------------------------------------------------------------------
+
+def test_load_square_rescales_short_side_and_crops_centre(tmp_path):
+    img = np.zeros((300, 600, 3), np.uint8)  # h=300, w=600
+    img[:, 150:450] = 255  # the central half is white
+    _png(tmp_path / "a.png", img)
+    out = load_square(str(tmp_path / "a.png"), 256)
+    assert out.shape == (256, 256, 3)
+    assert out[:, 2:-2].min() >= 250  # the centre crop of the 512x256 rescale is all white
+
+
+def test_grayscale_and_cmyk_become_rgb(tmp_path):
+    Image.fromarray(np.full((40, 50), 77, np.uint8), "L").save(tmp_path / "g.png")
+    Image.new("CMYK", (40, 40), (0, 255, 255, 0)).save(tmp_path / "c.jpg")
+    gray = load_square(str(tmp_path / "g.png"), 32)
+    assert gray.shape == (32, 32, 3) and (gray == 77).all()
+    red = load_square(str(tmp_path / "c.jpg"), 32)
+    assert red.shape == (32, 32, 3) and red[..., 0].mean() > 200 and red[..., 1].mean() < 60
+
+
+def test_stats_match_numpy():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8)
+    a, b = Stats.empty(8), Stats.empty(8)
+    a.add(images[:7])
+    b.add(images[7:])
+    a.merge(b)
+    np.testing.assert_allclose(a.mean_image(), images.mean(0), rtol=1e-6)
+    cov = np.cov(images.reshape(-1, 3).astype(np.float64).T, bias=True)
+    values, vectors = a.pca()
+    np.testing.assert_allclose(sorted(values), sorted(np.linalg.eigvalsh(cov)), rtol=1e-5)
+    for i in range(3):  # each column is an eigenvector of the covariance
+        np.testing.assert_allclose(cov @ vectors[:, i], values[i] * vectors[:, i], rtol=1e-3, atol=1e-3)
+
+
+def test_augment_batch_is_crop_of_image_minus_mean():
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (4, 10, 10, 3), dtype=np.uint8)
+    mean = rng.random((10, 10, 3), dtype=np.float32) * 255
+    centre = augment_batch(images, mean, Augment(6), np.random.default_rng(0))
+    expected = (images.astype(np.float32) - mean)[:, 2:8, 2:8].transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(centre.numpy(), expected, rtol=1e-6)
+    flipped = augment_batch(images, mean, Augment(10, flip=True), np.random.default_rng(3))
+    full = (images.astype(np.float32) - mean).transpose(0, 3, 1, 2)
+    for i in range(4):
+        f = flipped[i].numpy()
+        assert np.allclose(f, full[i]) or np.allclose(f, full[i][:, :, ::-1])
+
+
+def test_random_crops_cover_positions_and_pca_noise_is_per_image_constant():
+    images = np.zeros((64, 8, 8, 3), np.uint8)
+    mean = np.zeros((8, 8, 3), np.float32)
+    vals, vecs = np.array([900.0, 90.0, 9.0], np.float32), np.eye(3, dtype=np.float32)
+    out = augment_batch(images, mean, Augment(8, pca_std=0.1), np.random.default_rng(0), vals, vecs)
+    per_image = out.reshape(64, 3, -1)
+    assert torch.allclose(per_image, per_image[:, :, :1].expand_as(per_image))  # one colour shift per image
+    assert 0.1 < per_image[:, 0, 0].std().item() / (0.1 * 900 / 255) < 2  # scale alpha*lambda/255
+    marked = np.zeros((1, 8, 8, 3), np.uint8)
+    marked[0, 0, 0] = 255
+    seen = {tuple(augment_batch(marked, mean, Augment(6, random_crop=True), np.random.default_rng(s))[0, 0]
+                  .nonzero().tolist()[0]) if augment_batch(marked, mean, Augment(6, random_crop=True),
+                                                           np.random.default_rng(s)).max() > 0 else None
+            for s in range(40)}
+    assert (0, 0) in seen and None in seen  # the marked corner is in some crops and not in others
+
+
+def test_ten_views():
+    images = np.arange(2 * 5 * 5 * 3, dtype=np.uint8).reshape(2, 5, 5, 3)
+    views = eval_views(images, np.zeros((5, 5, 3), np.float32), 3, ten=True)
+    assert views.shape == (2, 10, 3, 3, 3)
+    img = torch.from_numpy(images.astype(np.float32)).permute(0, 3, 1, 2)
+    corners = [img[:, :, :3, :3], img[:, :, :3, 2:], img[:, :, 2:, :3], img[:, :, 2:, 2:], img[:, :, 1:4, 1:4]]
+    for k, v in enumerate(corners):
+        assert torch.equal(views[:, k], v) and torch.equal(views[:, k + 5], v.flip(-1))
+    assert eval_views(images, np.zeros((5, 5, 3), np.float32), 3, ten=False).shape == (2, 1, 3, 3, 3)
+
+
+# --- the prepared store -----------------------------------------------------------------------------
+
+def _image_folder(tmp_path, bad=True):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "src"
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(3):
+                _png(root / split / cls / f"{i}.PNG", rng.integers(0, 256, (20 + i, 30, 3), dtype=np.uint8))
+    if bad:
+        (root / "train" / "cat" / "empty.jpg").write_bytes(b"")
+        (root / "train" / "dog" / "junk.jpeg").write_bytes(b"not an image")
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+        (root / "train" / "dog" / "cut.jpg").write_bytes(buf.getvalue()[:400])
+    return root
+
+
+def test_prepare_raw_store(tmp_path):
+    root = _image_folder(tmp_path)
+    meta = prepare(root, tmp_path / "out", PrepareOptions(size=16, raw=True, workers=1), progress=False)
+    assert meta["splits"]["train"]["count"] == 6 and meta["splits"]["val"]["count"] == 6 and meta["skipped"] == 3
+    report = (tmp_path / "out" / "report.txt").read_text().splitlines()
+    assert sorted(line.split("\t")[0].rsplit("/", 1)[1] for line in report) == ["cut.jpg", "empty.jpg", "junk.jpeg"]
+    assert "zero-byte file" in next(line for line in report if "empty.jpg" in line)
+    train = StoreSplit(tmp_path / "out", "train")
+    assert train.classes == ["cat", "dog"] and list(train.labels) == [0, 0, 0, 1, 1, 1]
+    assert np.array_equal(train.images([4])[0], load_square(str(root / "train" / "dog" / "1.PNG"), 16))
+    pixels = np.stack([load_square(str(root / "train" / c / f"{i}.PNG"), 16) for c in ("cat", "dog") for i in range(3)])
+    np.testing.assert_allclose(train.mean, pixels.mean(0), rtol=1e-5)  # the training split's mean only
+    assert (tmp_path / "out" / "classes.tsv").read_text().splitlines()[1] == "1\tdog\tdog"
+
+
+def test_prepare_jpeg_store_is_close_to_the_pixels(tmp_path):
+    root = _image_folder(tmp_path, bad=False)
+    ramp = np.linspace(0, 255, 32)
+    smooth = np.stack(np.broadcast_arrays(ramp[:, None], ramp[None, :], 128.0), -1).astype(np.uint8)
+    _png(root / "train" / "cat" / "0.PNG", smooth)  # a photo-like smooth image, not noise
+    prepare(root, tmp_path / "out", PrepareOptions(size=32, quality=95, workers=2), progress=False)
+    train = StoreSplit(tmp_path / "out", "train")
+    assert np.abs(train.images([0])[0] - smooth.astype(float)).mean() < 2
+
+
+def test_interrupted_prepare_finishes_on_rerun(tmp_path):
+    root = _image_folder(tmp_path, bad=False)
+    out = tmp_path / "out"
+    prepare(root, out, PrepareOptions(size=16, raw=True, workers=1), progress=False)
+    complete = StoreSplit(out, "train").images(range(6))
+    # What a kill leaves: no store.json, a shard without its labels, a temp file.
+    (out / "store.json").unlink()
+    (out / "val-00000.labels.npy").unlink()
+    (out / "train-00000.raw.npy.tmp").write_bytes(b"partial")
+    with pytest.raises(SpecError, match="not a complete convspec store"):
+        StoreSplit(out, "train")
+    prepare(root, out, PrepareOptions(size=16, raw=True, workers=1), progress=False)
+    assert np.array_equal(StoreSplit(out, "train").images(range(6)), complete)
+    assert len(StoreSplit(out, "val")) == 6
+
+
+def test_prepare_refuses_a_different_store_and_bad_paths(tmp_path):
+    root = _image_folder(tmp_path, bad=False)
+    prepare(root, tmp_path / "out", PrepareOptions(size=16, raw=True, workers=1), progress=False)
+    with pytest.raises(SpecError, match="already holds a different store"):
+        prepare(root, tmp_path / "out", PrepareOptions(size=24, raw=True, workers=1), progress=False)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x.txt").write_text("x")
+    with pytest.raises(SpecError, match="is not empty and holds no convspec store"):
+        prepare(root, tmp_path / "full", PrepareOptions(size=16, raw=True), progress=False)
+    with pytest.raises(SpecError, match="no such dataset path"):
+        prepare(tmp_path / "nope", tmp_path / "o2", PrepareOptions(), progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SpecError, match="holds no images"):
+        prepare(tmp_path / "empty", tmp_path / "o3", PrepareOptions(), progress=False)
+
+
+def test_prepare_cifar_batches(tmp_path):
+    root, images, _ = _cifar_dir(tmp_path)
+    meta = prepare(root, tmp_path / "out", PrepareOptions(raw=True, workers=1), progress=False)
+    assert meta["size"] == 32 and meta["splits"]["test"]["count"] == 6
+    assert np.array_equal(StoreSplit(tmp_path / "out", "train").images(range(30)), images[:30])
+
+
+@needs_samples
+def test_prepare_real_imagenet_samples_including_grayscale(tmp_path):
+    src = tmp_path / "inet"
+    gray = []
+    for d in sorted(SAMPLES.iterdir())[:40]:  # links, not copies, to a few real classes
+        (src / d.name).mkdir(parents=True)
+        for f in d.iterdir():
+            (src / d.name / f.name).symlink_to(f)
+            with Image.open(f) as im:
+                if im.mode != "RGB":
+                    gray.append(f)
+    meta = prepare(src, tmp_path / "out", PrepareOptions(workers=2), SHARED / "datasets" / "imagenet-synsets.txt",
+                   progress=False)
+    assert meta["splits"]["train"]["count"] == 40 and meta["skipped"] == 0
+    assert meta["classes"][0] == {"index": 0, "folder": "n01440764", "name": "tench"}
+    store = StoreSplit(tmp_path / "out", "train")
+    assert store.images([0, 39]).shape == (2, 256, 256, 3)
+
+
+# --- the loader -------------------------------------------------------------------------------------
+
+def test_holdout_is_fixed_and_disjoint():
+    a, b = holdout(100, 0.1, 7)
+    assert len(b) == 10 and not set(a) & set(b) and len(a) + len(b) == 100
+    assert np.array_equal(holdout(100, 0.1, 7)[1], b) and not np.array_equal(holdout(100, 0.1, 8)[1], b)
+
+
+def _source(n=40):
+    rng = np.random.default_rng(0)
+    return ArraySource(rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8), np.arange(n) % 10,
+                       [str(i) for i in range(10)])
+
+
+def test_batches_are_deterministic_per_epoch_and_sharded_by_rank():
+    source = _source()
+    idx = np.arange(40)
+    make = lambda **kw: Batches(source, idx, 4, Augment(6, flip=True, random_crop=True), seed=3, **kw)
+    e1 = [(x.clone(), y.clone()) for x, y in make().epoch(1)]
+    again = list(make().epoch(1))
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(e1, again))
+    e2 = [y for _, y in make().epoch(2)]
+    assert not all(torch.equal(a[1], b) for a, b in zip(e1, e2))
+    ranks = [[y for _, y in make(rank=r, world=2).epoch(1)] for r in (0, 1)]
+    assert all(len(y) == 4 for r in ranks for y in r)
+    seen = np.concatenate([y.numpy() for r in ranks for y in r])
+    assert len(seen) == 40 and len(set(seen.tolist())) == 10  # labels = index % 10: all covered
+
+
+def test_workers_do_not_change_the_batches(tmp_path):
+    root = _image_folder(tmp_path, bad=False)
+    prepare(root, tmp_path / "out", PrepareOptions(size=16, workers=1), progress=False)
+    source = open_source(tmp_path / "out", "train")
+    make = lambda w: Batches(source, np.arange(6), 2, Augment(12, flip=True, random_crop=True, pca_std=0.1),
+                             seed=0, workers=w)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(make(0).epoch(0), make(2).epoch(0)))
+
+
+def test_eval_batches_and_open_source_kinds(tmp_path):
+    root, images, labels = _cifar_dir(tmp_path)
+    source = open_source(root, "train")
+    views, y = next(eval_batches(source, np.arange(5), 5, 24, ten_views=True))
+    assert views.shape == (5, 10, 3, 24, 24) and torch.equal(y, torch.from_numpy(labels[:5]))
+    folder = open_source(_image_folder(tmp_path / "f", bad=False), "val", size=16)
+    assert len(folder) == 6 and folder.mean.shape == (16, 16, 3)
+    with pytest.raises(SpecError, match="wants 40x40 crops but the images are 32x32"):
+        Batches(source, np.arange(5), 2, Augment(40))
