@@ -163,16 +163,15 @@ def _download(name, url, md5, part, archive, cache, spec, progress, retries, tim
             if err.code == 416 and have:
                 return  # the .part is already whole; the md5 check decides
             reason = f"HTTP {err.code} {err.reason}"
-            if err.code < 500:  # 404, 403: asking again will not help
-                failures = retries
+            final = err.code < 500  # 404, 403: asking again will not help
         except (OSError, http.client.HTTPException) as err:
-            reason = _reason(err)
+            reason, final = _reason(err), False
         size = part.stat().st_size if part.exists() else 0
         if size > furthest:
             furthest, failures = size, 0
         else:
             failures += 1
-        if failures > retries:
+        if final or failures > retries:
             kept = f"; {size:,} bytes kept in {part.name}, run again to resume" if size else ""
             raise fail(f"cannot download {name} from {url} ({reason}{kept}); download it elsewhere and put "
                        f"{spec.filename} in {cache} (md5 {md5}), or pass --data PATH to an extracted "
@@ -191,11 +190,16 @@ def _receive(response, part: Path, have: int, label: str, progress: bool) -> Non
         mode = "ab"
     else:
         have, mode = 0, "wb"  # a plain 200 (the server ignored Range) is the whole file
+    try:
+        f = open(part, mode)
+    except OSError as err:
+        raise fail(f"cannot write the download ({err.strerror}); set CONVSPEC_CACHE to a writable folder",
+                   Location(str(part))) from None
     bar = Progress(length or 0, label + (f" (resuming at {have:,} B)" if have else ""), unit="B",
                    enabled=progress and length is not None)
     got = 0
     try:
-        with open(part, mode) as f:
+        with f:
             while True:
                 try:
                     chunk = response.read(CHUNK)
@@ -236,6 +240,8 @@ def _extract(archive: Path, cache: Path, folder_name: str, md5: str) -> None:
     """Extract into a temporary folder beside the target, then rename into
     place, so an interrupted extraction never looks like a finished one."""
     target = cache / folder_name
+    for leftover in cache.glob(f".{folder_name}-*"):  # from a run killed mid-extraction; we hold the lock
+        shutil.rmtree(leftover, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder_name}-", dir=cache))
     try:
         try:

@@ -29,7 +29,7 @@ from convspec.errors import Location, fail
 
 from . import cifar
 from .preprocess import Augment, Stats, augment_batch, eval_views, load_square
-from .sources import ImageList, detect, list_class_folders, list_flat
+from .sources import ImageList, detect, list_class_folders, list_flat, resolve
 from .store import StoreSplit
 
 
@@ -111,7 +111,7 @@ class _StoreSource(_Sized):
 def open_source(path: str | Path, split: str = "train", classes: list[str] | None = None,
                 labels_file: Path | None = None, size: int = 256) -> ImageSource:
     """Detect the kind of ``path`` and open one split ("train", "val" or "test")."""
-    path = Path(path)
+    path = resolve(path)
     kind = detect(path)
     if kind == "store":
         store = StoreSplit(path, split if split != "test" else "val")

@@ -24,6 +24,16 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp"}
 STORE_MARKER = "store.json"
 
 
+def resolve(path: str | Path) -> Path:
+    """``cifar10`` and ``cifar100`` name datasets (downloaded once into the
+    cache); anything else is a path."""
+    from .download import DATASETS, fetch
+
+    if str(path) in DATASETS and not Path(path).exists():
+        return fetch(str(path))
+    return Path(path)
+
+
 def is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
 

@@ -37,7 +37,7 @@ from convspec.errors import Location, fail
 from . import cifar
 from .preprocess import Stats, load_square
 from .progress import Progress
-from .sources import STORE_MARKER, ImageList, detect, list_class_folders, read_synsets
+from .sources import STORE_MARKER, ImageList, detect, list_class_folders, read_synsets, resolve
 
 FORMAT = "convspec-store"
 VERSION = 1
@@ -102,7 +102,7 @@ def _splits(source: Path, options: PrepareOptions):
 def prepare(source: Path, out: Path, options: PrepareOptions, synsets: Path | None = None,
             progress: bool = True) -> dict:
     """Write (or finish writing) a store; returns its store.json contents."""
-    source, out = Path(source), Path(out)
+    source, out = resolve(source), Path(out)
     splits = _splits(source, options)
     fingerprint = options.fingerprint(source)
     out.mkdir(parents=True, exist_ok=True)
