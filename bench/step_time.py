@@ -18,7 +18,11 @@ built net then the hand-written one, step i+1 the other way round, so slow
 drift in the machine (clocks, other processes) hits both sides alike.  Each
 net prints one JSON line on stdout with the median step time of each side,
 ``ratio = median(built) / median(handwritten)`` (above 1: the built net is
-slower) and images/s; progress goes to stderr.
+slower), images/s, the fastest step of each side (``*_min_ms``: on a shared
+machine the median is only as steady as the neighbours) and ``max_abs_diff``,
+the largest logit difference between the two sides on two images (eval mode,
+fp32, before timing), a check that they really are the same net.  Progress
+goes to stderr.
 
 Run from the repository root:
 
@@ -90,9 +94,11 @@ def make_models(bench: Bench, device: torch.device) -> tuple[nn.Module, nn.Modul
 @torch.no_grad()
 def max_abs_diff(net: nn.Module, ref: nn.Module, images: torch.Tensor) -> float:
     """Sanity check that both sides compute the same function (eval mode: no dropout)."""
-    net.eval(), ref.eval()
+    for model in (net, ref):
+        model.eval()
     diff = (net(images[:2]) - ref(images[:2])).abs().max().item()
-    net.train(), ref.train()
+    for model in (net, ref):
+        model.train()
     return diff
 
 
@@ -123,7 +129,6 @@ def run(name: str, args: argparse.Namespace, device: torch.device) -> dict:
 
     torch.manual_seed(0)
     net, ref = make_models(bench, device)
-    net.train(), ref.train()
     images = torch.randn(batch, *net.spec.layers[net.image_input].shape, device=device)
     labels = torch.randint(0, net.spec.layers[net.output_name].shape[0], (batch,), device=device)
     diff = max_abs_diff(net, ref, images)
@@ -154,6 +159,8 @@ def run(name: str, args: argparse.Namespace, device: torch.device) -> dict:
         "precision": args.precision, "channels_last": args.channels_last, "steps": steps,
         "built_ms": round(built_s * 1e3, 3), "handwritten_ms": round(hand_s * 1e3, 3),
         "ratio": round(built_s / hand_s, 4),
+        "built_min_ms": round(min(times["built"]) * 1e3, 3),
+        "handwritten_min_ms": round(min(times["handwritten"]) * 1e3, 3),
         "built_images_per_s": round(batch / built_s, 1), "handwritten_images_per_s": round(batch / hand_s, 1),
         "max_abs_diff": diff, "torch": torch.__version__,
     }
@@ -181,6 +188,11 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [n for n in names if n not in NETS]
     if unknown:
         parser.error(f"unknown net(s) {', '.join(unknown)}; choose from {', '.join(NETS)}")
+    for option in ("batch", "steps", "threads"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            parser.error(f"--{option} must be at least 1")
+    if args.warmup < 0:
+        parser.error("--warmup must be at least 0")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

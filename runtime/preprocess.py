@@ -113,13 +113,21 @@ def augment_batch(images: np.ndarray, mean: np.ndarray, aug: Augment, rng: np.ra
         ys = xs = np.full(b, (s - c) // 2)
     flips = rng.random(b) < 0.5 if aug.flip else np.zeros(b, dtype=bool)
     out = np.empty((b, c, c, 3), dtype=np.float32)
+    images = np.ascontiguousarray(images)
+    if flips.any():
+        # Reading pixels backwards is numpy's slow path, so flip the mean once
+        # (its crops are then plain slices) and reverse each flipped crop as
+        # whole 3-byte pixels.
+        mean_flipped = np.ascontiguousarray(mean[:, ::-1])
+        pixels = images.view("V3")[..., 0]  # (B, S, S) of RGB triples
+        flipped = np.empty((c, c, 3), dtype=np.uint8)
     for i in range(b):
         y, x = ys[i], xs[i]
-        crop = images[i, y:y + c, x:x + c]
-        m = mean[y:y + c, x:x + c]
         if flips[i]:
-            crop, m = crop[:, ::-1], m[:, ::-1]
-        np.subtract(crop, m, out=out[i], dtype=np.float32)
+            flipped.view("V3")[..., 0] = pixels[i, y:y + c, x:x + c][:, ::-1]
+            np.subtract(flipped, mean_flipped[y:y + c, s - x - c:s - x], out=out[i], dtype=np.float32)
+        else:
+            np.subtract(images[i, y:y + c, x:x + c], mean[y:y + c, x:x + c], out=out[i], dtype=np.float32)
     if aug.pca_std > 0 and eigvals is not None:
         alphas = rng.normal(0.0, aug.pca_std, size=(b, 3)).astype(np.float32)
         # The paper adds sum_i alpha_i lambda_i p_i.  Eigenvalues scale with the

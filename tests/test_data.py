@@ -307,3 +307,18 @@ def test_eval_batches_and_open_source_kinds(tmp_path):
     assert len(folder) == 6 and folder.mean.shape == (16, 16, 3)
     with pytest.raises(SpecError, match="wants 40x40 crops but the images are 32x32"):
         Batches(source, np.arange(5), 2, Augment(40))
+
+
+def test_random_crops_and_flips_equal_a_direct_reference():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (16, 12, 12, 3), dtype=np.uint8)
+    mean = rng.random((12, 12, 3), dtype=np.float32) * 255
+    out = augment_batch(images, mean, Augment(8, flip=True, random_crop=True), np.random.default_rng(5)).numpy()
+    replay = np.random.default_rng(5)  # the same draws, in augment_batch's order
+    ys, xs, flips = replay.integers(0, 5, 16), replay.integers(0, 5, 16), replay.random(16) < 0.5
+    assert 0 < flips.sum() < 16
+    for i in range(16):
+        expected = (images[i].astype(np.float32) - mean)[ys[i]:ys[i] + 8, xs[i]:xs[i] + 8]
+        if flips[i]:
+            expected = expected[:, ::-1]
+        np.testing.assert_allclose(out[i], expected.transpose(2, 0, 1), rtol=1e-6)
