@@ -155,8 +155,7 @@ class CompiledNet(nn.Module):
             else:
                 weight = torch.cat([m.weights()[0] for m in mods], dim=0)
                 groups = len(mods) * first.geometry[0][2]
-            y = first.conv(x, weight, 0, groups=groups)
-            y = first.add_bias(y, torch.cat([m.bias for m in mods], dim=0))
+            y = first.conv(x, weight, 0, groups=groups, bias=torch.cat([m.bias for m in mods], dim=0))
             return ops.apply_neuron(first.neuron, y)
         if layer.type == "cmrnorm":
             # The channel window must not cross towers: fold towers into the batch.

@@ -118,24 +118,30 @@ class Conv(_FilterLayer):
         self.bias = nn.Parameter(torch.full(bias_shape, float(layer["initB"])))
         self.shared_biases = layer["sharedBiases"]
 
-    def conv(self, x: torch.Tensor, weight: torch.Tensor, i: int, groups: int | None = None) -> torch.Tensor:
+    def conv(self, x: torch.Tensor, weight: torch.Tensor, i: int, groups: int | None = None,
+             bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Input ``i``'s convolution; a shared (1-d) bias goes into the conv call
+        itself, which saves a pass and keeps autocast's dtype."""
         f, s, g, (pl, pr, pt, pb) = self.geometry[i]
+        shared = bias if bias is not None and bias.dim() == 1 else None
         if pl == pr == pt == pb:
-            y = F.conv2d(x, weight, None, s, pl, 1, groups or g)
+            y = F.conv2d(x, weight, shared, s, pl, 1, groups or g)
         else:
-            y = F.conv2d(F.pad(x, (pl, pr, pt, pb)), weight, None, s, 0, 1, groups or g)
+            y = F.conv2d(F.pad(x, (pl, pr, pt, pb)), weight, shared, s, 0, 1, groups or g)
         oh, ow = self.out_shape[1:]
-        return y if y.shape[-2:] == (oh, ow) else y[..., :oh, :ow]
-
-    def add_bias(self, y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        return y + (bias.view(1, -1, 1, 1) if bias.dim() == 1 else bias.unsqueeze(0))
+        y = y if y.shape[-2:] == (oh, ow) else y[..., :oh, :ow]
+        if bias is not None and shared is None:
+            y = y + bias.unsqueeze(0).to(y.dtype)  # unshared: one bias per output location
+        return y
 
     def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         y = None
-        for i, (x, w) in enumerate(zip(inputs, self.weights())):
-            part = self.conv(as_images(x, self.image_inputs[i]), w, i)
+        weights = self.weights()
+        for i, (x, w) in enumerate(zip(inputs, weights)):
+            # The bias rides on the last input's conv.
+            part = self.conv(as_images(x, self.image_inputs[i]), w, i, bias=self.bias if i == len(weights) - 1 else None)
             y = part if y is None else y + part
-        return apply_neuron(self.neuron, self.add_bias(y, self.bias))
+        return apply_neuron(self.neuron, y)
 
 
 class Local(_FilterLayer):
@@ -165,7 +171,7 @@ class Local(_FilterLayer):
             wg = w.view(oh * ow, g, fmaps // g, -1)
             part = torch.einsum("ngcl,lgfc->ngfl", cols, wg).reshape(n, fmaps, oh, ow)
             y = part if y is None else y + part
-        return apply_neuron(self.neuron, y + self.bias.unsqueeze(0))
+        return apply_neuron(self.neuron, y + self.bias.unsqueeze(0).to(y.dtype))
 
 
 class FullyConnected(LayerModule):

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from convspec.build import build
+from convspec.build import build as _build
 from convspec.check import check, check_paths
 from convspec.parse import parse_text
 from convspec.values import Schedule
@@ -15,6 +15,11 @@ from conftest import REFERENCE_SPECS, ROOT, needs_shared
 from reference_nets import Cifar18Pct, Cifar80Sec, alexnet_from_built, copy_by_name
 
 SPECS = ROOT / "specs"
+
+
+def build(net, devices=("cpu",), **kw):
+    """These tests compare against CPU references; tests/test_gpu.py covers CUDA."""
+    return _build(net, devices=list(devices), **kw)
 HEAD = "[data]\ntype=data\ninputSize={shape}\n[labels]\ntype=data\ndataIdx=1\n"
 
 
