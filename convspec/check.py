@@ -27,6 +27,7 @@ from .layers import (
     Key, Layer, LayerType, numel,
 )
 from .parse import Entry, Section, SpecFile, parse_file
+from .recipe import DataRecipe, parse_train
 
 TRAIN_SECTION = "train"  # convspec extension in the params file: the training recipe
 
@@ -46,6 +47,7 @@ class CheckedNet:
     spec_text: str = ""
     params_text: str = ""
     train: Section | None = None
+    recipe: DataRecipe = field(default_factory=DataRecipe)
     notes: list[str] = field(default_factory=list)
     devices: dict[int, DeviceTotals] = field(default_factory=dict)
 
@@ -100,6 +102,7 @@ def check(spec: SpecFile, params: SpecFile | None = None,
     layers = _sections_to_layers(spec, net.notes)
     if params is not None:
         net.train = _merge_params(layers, params, net.notes)
+        net.recipe = parse_train(net.train)
     for layer in layers.values():
         _resolve_keys(layer)
     _check_inputs(layers)
@@ -381,10 +384,15 @@ def _infer(layer: Layer, net: CheckedNet, input_shape: tuple[int, int, int] | No
 def _data_shape(layer: Layer, net: CheckedNet, input_shape) -> tuple[int, ...]:
     if layer["dataIdx"] == 1:
         return (1,)  # cuda-convnet's providers put the labels at dataIdx=1
+    # The net sees crops: --input, else [train] crop=, else inputSize=.
     if input_shape is not None:
         return tuple(input_shape)
+    crop = net.recipe.crop
     if layer["inputSize"] is not None:
-        return tuple(layer["inputSize"])
+        c, h, w = layer["inputSize"]
+        return (c, crop, crop) if crop else (c, h, w)
+    if crop:
+        return (3, crop, crop)
     raise fail(f"data layer '{layer.name}' has no image size: pass --input CxHxW (e.g. --input 3x32x32) "
                "or add inputSize=CxHxW to this section", layer.loc)
 

@@ -114,6 +114,8 @@ class Ctx:
     key: str
 
     def where(self) -> str:
+        if self.layer.startswith("["):  # a section that is not a layer, such as [train]
+            return f"{self.layer}: {self.key}"
         return f"layer '{self.layer}': {self.key}"
 
 

@@ -131,6 +131,11 @@ def open_source(path: str | Path, split: str = "train", classes: list[str] | Non
     return FolderSource(list_flat(path, labels_file, classes), size)
 
 
+def augment_for(recipe, crop: int) -> Augment:
+    """Training augmentation from the params file's [train] section (convspec.recipe.DataRecipe)."""
+    return Augment(crop, flip=recipe.flip, random_crop=recipe.random_crop, pca_std=recipe.pca_noise)
+
+
 def holdout(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train indices, validation indices): a fixed random ``fraction`` held out."""
     order = np.random.default_rng(seed).permutation(n)

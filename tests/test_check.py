@@ -292,3 +292,25 @@ def test_check_is_fast():
     start = time.perf_counter()
     net = check(parse_text(text, "big.cfg"))
     assert len(net.layers) == 1005 and time.perf_counter() - start < 2.0
+
+
+# --- the [train] section (convspec extension) ------------------------------------------------------
+
+def test_train_section_data_keys_and_crop_override():
+    net = checked(CONV + FC + TAIL, "[train]\ncrop=24\nrandomCrop=1\nflip=true\npcaNoise=0.1\ntestViews=10\n")
+    r = net.recipe
+    assert (r.crop, r.random_crop, r.flip, r.pca_noise, r.test_views) == (24, True, True, 0.1, 10)
+    assert net.layers["data"].shape == (3, 24, 24)  # the net sees the crops
+    assert checked(CONV + FC + TAIL, "[train]\ncrop=24\n", input_shape=(3, 28, 28)).layers["data"].shape == (3, 28, 28)
+
+
+@pytest.mark.parametrize("params, message", [
+    ("[train]\ncropp=24\n", "p.cfg:2:1: [train]: unknown key 'cropp'; did you mean 'crop'?"),
+    ("[train]\ntestViews=5\n", "p.cfg:2:11: [train]: testViews must be 1 (centre crop) or 10 (the paper's 10 views), not 5"),
+    ("[train]\nflip=maybe\n", "p.cfg:2:6: [train]: flip must be 1, 0, true or false, not 'maybe'"),
+    ("[train]\npcaNoise=-1\n", "p.cfg:2:10: [train]: pcaNoise=-1 must be at least 0"),
+])
+def test_train_section_errors(params, message):
+    with pytest.raises(SpecError) as err:
+        checked(CONV + FC + TAIL, params)
+    assert str(err.value).split("\n")[0] == message
