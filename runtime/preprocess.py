@@ -123,11 +123,15 @@ def augment_batch(images: np.ndarray, mean: np.ndarray, aug: Augment, rng: np.ra
         flipped = np.empty((c, c, 3), dtype=np.uint8)
     for i in range(b):
         y, x = ys[i], xs[i]
+        # Cast, then subtract in float32: two same-type passes beat one mixed-type ufunc.
+        o = out[i]
         if flips[i]:
             flipped.view("V3")[..., 0] = pixels[i, y:y + c, x:x + c][:, ::-1]
-            np.subtract(flipped, mean_flipped[y:y + c, s - x - c:s - x], out=out[i], dtype=np.float32)
+            o[...] = flipped
+            o -= mean_flipped[y:y + c, s - x - c:s - x]
         else:
-            np.subtract(images[i, y:y + c, x:x + c], mean[y:y + c, x:x + c], out=out[i], dtype=np.float32)
+            o[...] = images[i, y:y + c, x:x + c]
+            o -= mean[y:y + c, x:x + c]
     if aug.pca_std > 0 and eigvals is not None:
         alphas = rng.normal(0.0, aug.pca_std, size=(b, 3)).astype(np.float32)
         # The paper adds sum_i alpha_i lambda_i p_i.  Eigenvalues scale with the

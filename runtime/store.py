@@ -268,7 +268,22 @@ class StoreSplit:
             return np.asarray(img.convert("RGB"))
 
     def images(self, indices) -> np.ndarray:
+        indices = np.asarray(indices, dtype=np.int64)
         out = np.empty((len(indices), self.size, self.size, 3), dtype=np.uint8)
-        for k, i in enumerate(indices):
-            out[k] = self.image(int(i))
+        shards = np.searchsorted(self._starts, indices, side="right") - 1
+        for shard in np.unique(shards):
+            picked = np.nonzero(shards == shard)[0]
+            local = indices[picked] - self._starts[shard]
+            if self.kind == "raw":
+                pixels = self._shards[shard]
+                for k, j in zip(picked, local):  # plain slices beat fancy indexing of a memmap here
+                    out[k] = pixels[j]
+            else:
+                for k, j in zip(picked, local):
+                    out[k] = self._decode(shard, j)
         return out
+
+    def _decode(self, shard: int, j: int) -> np.ndarray:
+        data, offsets = self._shards[shard]
+        with Image.open(io.BytesIO(data[offsets[j]:offsets[j + 1]].tobytes())) as img:
+            return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
