@@ -98,8 +98,24 @@ class _FilterLayer(LayerModule):
             pads = (p, p + bottom_right_overhang(w, ow, f, s, p), p, p + bottom_right_overhang(h, oh, f, s, p))
             self.geometry.append((f, s, layer.per_input("groups", i), pads))
 
+    def make_params(self, layer: Layer, locations: tuple[int, ...], bias_shape: tuple[int, ...]) -> None:
+        """Gaussian(initW) filter banks, one per input, with ``locations`` leading
+        dimensions (none for conv, one per output position for local), and a
+        constant initB bias."""
+        fmaps = layer.shape[0]
+        tensors = []
+        for i, (c, _h, _w) in enumerate(layer.image_inputs):
+            f, _s, g, _p = self.geometry[i]
+            tensors.append(torch.randn(*locations, fmaps, c // g, f, f) * layer.per_input("initW", i))
+        _params_per_input(self, tensors)
+        self.bias = nn.Parameter(torch.full(bias_shape, float(layer["initB"])))
+
     def weights(self) -> list[torch.Tensor]:
-        return [self.weight] if isinstance(self.weight, nn.Parameter) else list(self.weight)
+        return weight_banks(self)
+
+
+def weight_banks(module: nn.Module) -> list[torch.Tensor]:
+    return [module.weight] if isinstance(module.weight, nn.Parameter) else list(module.weight)
 
 
 class Conv(_FilterLayer):
@@ -109,13 +125,7 @@ class Conv(_FilterLayer):
     def __init__(self, layer: Layer):
         super().__init__(layer)
         fmaps, oh, ow = layer.shape
-        tensors = []
-        for i, (c, _h, _w) in enumerate(layer.image_inputs):
-            f, _s, g, _p = self.geometry[i]
-            tensors.append(torch.randn(fmaps, c // g, f, f) * layer.per_input("initW", i))
-        _params_per_input(self, tensors)
-        bias_shape = (fmaps,) if layer["sharedBiases"] else (fmaps, oh, ow)
-        self.bias = nn.Parameter(torch.full(bias_shape, float(layer["initB"])))
+        self.make_params(layer, (), (fmaps,) if layer["sharedBiases"] else (fmaps, oh, ow))
         self.shared_biases = layer["sharedBiases"]
 
     def conv(self, x: torch.Tensor, weight: torch.Tensor, i: int, groups: int | None = None,
@@ -151,12 +161,7 @@ class Local(_FilterLayer):
     def __init__(self, layer: Layer):
         super().__init__(layer)
         fmaps, oh, ow = layer.shape
-        tensors = []
-        for i, (c, _h, _w) in enumerate(layer.image_inputs):
-            f, _s, g, _p = self.geometry[i]
-            tensors.append(torch.randn(oh * ow, fmaps, c // g, f, f) * layer.per_input("initW", i))
-        _params_per_input(self, tensors)
-        self.bias = nn.Parameter(torch.full((fmaps, oh, ow), float(layer["initB"])))
+        self.make_params(layer, (oh * ow,), (fmaps, oh, ow))
 
     def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         fmaps, oh, ow = self.out_shape
@@ -186,7 +191,7 @@ class FullyConnected(LayerModule):
         self.bias = nn.Parameter(torch.full((out,), float(layer["initB"])))
 
     def weights(self) -> list[torch.Tensor]:
-        return [self.weight] if isinstance(self.weight, nn.Parameter) else list(self.weight)
+        return weight_banks(self)
 
     def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         y = None
