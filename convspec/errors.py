@@ -50,7 +50,7 @@ class SpecError(Exception):
             return self.message
         text = f"{self.location}: {self.message}"
         line = self.location.source_line
-        if line is not None and self.location.column > 0:
+        if line and line.strip() and self.location.column > 0:
             # Tabs keep their width so the caret lands under the character.
             prefix = "".join(c if c == "\t" else " " for c in line[: self.location.column - 1])
             text += f"\n{line}\n{prefix}^"
