@@ -38,6 +38,7 @@ class Rule:
     wc: float
     wball: float
     update_period: int
+    layer_type: str = ""
 
 
 def default_devices() -> list[torch.device]:
@@ -185,9 +186,9 @@ class CompiledNet(nn.Module):
             for i, w in enumerate(weights):
                 suffix = "weight" if len(weights) == 1 else f"weight.{i}"
                 yield f"{prefix}.{suffix}", w, Rule(layer["epsW"][i], layer["momW"][i], layer["wc"][i],
-                                                   layer["wball"][i], layer["updatePeriod"])
+                                                   layer["wball"][i], layer["updatePeriod"], layer.type)
             yield f"{prefix}.bias", module.bias, Rule(layer["epsB"], layer["momB"], 0.0, 0.0,
-                                                      layer["updatePeriod"])
+                                                      layer["updatePeriod"], layer.type)
 
 
 def build(net: CheckedNet, devices: Sequence[str | torch.device] | None = None,

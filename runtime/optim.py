@@ -1,0 +1,93 @@
+"""cuda-convnet's learning rule, exactly, as a torch optimizer.
+
+For each parameter W with its layer's rule (epsW/epsB, momW/momB, wc):
+
+    inc = mom * inc - eps(progress) * lr_scale * (grad + wc * W)
+    W  += inc
+
+``grad`` is the minibatch-mean gradient.  The momentum buffer holds
+eps-scaled increments, so this differs from ``torch.optim.SGD`` (which keeps
+raw gradients and scales by the current rate) as soon as eps changes: a
+schedule step or a learning-rate drop.  ``eps`` is a cuda-convnet2 schedule
+over training progress in [0, 1]; ``lr_scale`` is the global factor that drops
+and the plateau rule apply.  A parameter whose schedule's base is 0 is frozen,
+as in cuda-convnet.  ``wball`` > 0 rescales each filter of a conv or fc layer
+to that L2 norm after the update (cuda-convnet2's weight constraint).
+
+Parameters sharing one (eps, mom, wc) rule are updated together with
+``torch._foreach_*`` calls: one kernel per group, not per tensor.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+
+class ConvnetSGD(torch.optim.Optimizer):
+    def __init__(self, rules):
+        """``rules``: (name, parameter, convspec.build.Rule) triples, as
+        ``CompiledNet.learning_rules()`` yields them."""
+        params, self.rules, self.names = [], {}, {}
+        for name, param, rule in rules:
+            if rule.eps is None or rule.mom is None:
+                raise ValueError(f"parameter '{name}' has no learning rate or momentum: "
+                                 "set epsW/epsB and momW/momB in the params file")
+            params.append(param)
+            self.rules[id(param)] = rule
+            self.names[id(param)] = name
+        super().__init__(params, {})
+        self.progress = 0.0
+        self.lr_scale = 1.0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        groups: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+        for group in self.param_groups:
+            for p in group["params"]:
+                rule = self.rules[id(p)]
+                if p.grad is None or rule.eps.base <= 0:
+                    continue
+                eps = rule.eps.value(self.progress) * self.lr_scale
+                state = self.state[p]
+                if "inc" not in state:
+                    state["inc"] = torch.zeros_like(p)
+                groups[(eps, rule.mom, rule.wc, p.device, p.dtype)].append(p)
+        for (eps, mom, wc, _device, _dtype), params in groups.items():
+            grads = [p.grad for p in params]
+            incs = [self.state[p]["inc"] for p in params]
+            if wc:
+                grads = torch._foreach_add(grads, params, alpha=wc)  # grad + wc * W
+            torch._foreach_mul_(incs, mom)
+            torch._foreach_add_(incs, grads, alpha=-eps)
+            torch._foreach_add_(params, incs)
+        for group in self.param_groups:
+            for p in group["params"]:
+                rule = self.rules[id(p)]
+                if rule.wball > 0 and p.dim() >= 2 and p.grad is not None:
+                    self._constrain(p, rule)
+        return loss
+
+    @staticmethod
+    def _constrain(p: torch.Tensor, rule) -> None:
+        """cuda-convnet2's wball: conv and fc filters are rescaled to norm
+        wball; local filters (one per location and filter) only when above it."""
+        if rule.layer_type == "local":
+            norms = p.flatten(2).norm(dim=2, keepdim=True).clamp_min(1e-12)  # (L, F, 1)
+            scale = (rule.wball / norms).clamp(max=1.0)
+            p.mul_(scale.view(*scale.shape[:2], *([1] * (p.dim() - 2))))
+        else:
+            norms = p.flatten(1).norm(dim=1).clamp_min(1e-12)  # one filter per output unit
+            p.mul_((rule.wball / norms).view(-1, *([1] * (p.dim() - 1))))
+
+    def state_dict(self):
+        state = super().state_dict()
+        state["progress"], state["lr_scale"] = self.progress, self.lr_scale
+        return state
+
+    def load_state_dict(self, state_dict):
+        self.progress = state_dict.pop("progress", 0.0)
+        self.lr_scale = state_dict.pop("lr_scale", 1.0)
+        super().load_state_dict(state_dict)
