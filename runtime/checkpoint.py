@@ -1,0 +1,86 @@
+"""Checkpoints: one plain dict per file, written atomically, read safely.
+
+A checkpoint holds only tensors and plain Python values (str, int, float,
+bool, None, lists and dicts of them), so ``torch.load(weights_only=True)``
+reads it and a checkpoint can never run code.  Writing goes to a temporary
+file in the same folder, is fsynced, then renamed over the target: a crash
+leaves either the old file or the new one, never half of one.
+
+    save(run_dir / "epoch-0003.pt", state)
+    state = load(run_dir / "epoch-0003.pt")
+    prune(run_dir, keep=3)            # the newest 3 epoch-*.pt; best.pt is separate
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from convspec.errors import Location, fail
+
+EPOCH_PATTERN = "epoch-*.pt"
+
+
+def epoch_name(epoch: int) -> str:
+    return f"epoch-{epoch:04d}.pt"
+
+
+def save(path: str | Path, state: dict) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        # The rename itself is durable only once the folder is synced.
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def load(path: str | Path, map_location="cpu") -> dict:
+    """Read a checkpoint; a missing, truncated, corrupted or unsafe file is a
+    one-line error naming it (older checkpoints are untouched)."""
+    path = Path(path)
+    if not path.is_file():
+        raise fail("no such checkpoint; give a run folder or a .pt file it holds", Location(str(path)))
+    if path.stat().st_size == 0:
+        raise fail("checkpoint is empty (0 bytes), probably cut off while being written; "
+                   "use an older one from the same run", Location(str(path)))
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip; a cut-off one has no directory
+        raise fail("checkpoint is truncated or corrupted (not a complete torch zip file); "
+                   "use an older one from the same run", Location(str(path)))
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (zipfile.BadZipFile, RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            raise fail("checkpoint holds objects other than tensors and plain values and was not loaded, "
+                       "since loading them could run code", Location(str(path))) from None
+        raise fail(f"checkpoint is truncated or corrupted ({first[:120]}); use an older one from the same run",
+                   Location(str(path))) from None
+    if not isinstance(state, dict):
+        raise fail("not a convspec checkpoint (expected a dict)", Location(str(path)))
+    return state
+
+
+def prune(run_dir: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` epoch checkpoints; returns the deleted."""
+    files = sorted(Path(run_dir).glob(EPOCH_PATTERN))
+    doomed = files[:-keep] if keep > 0 else files
+    for f in doomed:
+        f.unlink()
+    return doomed

@@ -1,0 +1,70 @@
+"""Checkpoints: atomic writes, safe reads, clear errors, pruning."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from convspec.errors import SpecError
+from runtime.checkpoint import epoch_name, load, prune, save
+
+
+def _state():
+    return {"model": {"conv1.weight": torch.randn(2, 3)}, "epoch": 3, "spec": "[data]\ntype=data\n",
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.default_rng(0).bit_generator.state},
+            "classes": ["cat", "dog"], "options": {"lr_scale": 0.1, "devices": None}}
+
+
+def test_round_trip(tmp_path):
+    state = _state()
+    save(tmp_path / "a.pt", state)
+    back = load(tmp_path / "a.pt")
+    assert torch.equal(back["model"]["conv1.weight"], state["model"]["conv1.weight"])
+    assert back["rng"]["numpy"] == state["rng"]["numpy"] and back["classes"] == ["cat", "dog"]
+    assert [p.name for p in tmp_path.iterdir()] == ["a.pt"]  # no temporary file left
+
+
+def test_truncated_and_corrupted_files_name_the_file(tmp_path):
+    save(tmp_path / "good.pt", _state())
+    data = (tmp_path / "good.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "junk.pt").write_bytes(os.urandom(2000))
+    for name, words in (("cut.pt", "truncated or corrupted"), ("empty.pt", "is empty"), ("junk.pt", "truncated or corrupted")):
+        with pytest.raises(SpecError) as err:
+            load(tmp_path / name)
+        assert str(err.value).startswith(f"{tmp_path / name}: checkpoint") and words in str(err.value)
+    assert load(tmp_path / "good.pt")["epoch"] == 3  # the older file is untouched
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/convspec-ckpt-pwned",))
+
+
+def test_a_checkpoint_cannot_run_code(tmp_path):
+    torch.save({"model": _Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(SpecError, match="was not loaded, since loading them could run code"):
+        load(tmp_path / "evil.pt")
+    assert not os.path.exists("/tmp/convspec-ckpt-pwned")
+
+
+def test_a_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
+    save(tmp_path / "a.pt", _state())
+
+    def broken(*_a, **_k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(OSError):
+        save(tmp_path / "a.pt", {"epoch": 4})
+    assert load(tmp_path / "a.pt")["epoch"] == 3 and len(list(tmp_path.iterdir())) == 1
+
+
+def test_prune_keeps_the_newest(tmp_path):
+    for e in range(1, 6):
+        save(tmp_path / epoch_name(e), {"epoch": e})
+    save(tmp_path / "best.pt", {"epoch": 2})
+    prune(tmp_path, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "epoch-0004.pt", "epoch-0005.pt"]
