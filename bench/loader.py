@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from convspec.build import build  # noqa: E402
 from convspec.check import check_paths  # noqa: E402
 from runtime.loader import Batches, holdout, open_source  # noqa: E402
-from runtime.preprocess import Augment, augment_batch  # noqa: E402
+from runtime.preprocess import Augment  # noqa: E402
 from runtime.store import PrepareOptions, prepare  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "datasets"
@@ -88,9 +88,10 @@ def part1(args, work: Path) -> dict:
     aug = Augment(224, flip=True, random_crop=True)
 
     def store_batches(source):
-        rng = np.random.default_rng(0)
-        for start in range(0, n, args.batch):
-            yield augment_batch(source.images(range(start, start + args.batch)), source.mean, aug, rng)
+        # The real loader, in this process (a raw store needs no workers).
+        batches = Batches(source, np.arange(n), args.batch, aug, seed=0, shuffle=False, workers=0)
+        for images, _labels in batches.epoch(0):
+            yield images
 
     results = {}
     for _ in range(args.repeats):  # interleaved, best of repeats

@@ -104,8 +104,15 @@ class _StoreSource(_Sized):
         self.eigvals, self.eigvecs, self.size = split.eigvals, split.eigvecs, split.size
         self.decodes = split.kind == "jpeg"
 
-    def images(self, indices) -> np.ndarray:
-        return self.split.images(indices)
+    def images(self, indices, reuse: bool = False) -> np.ndarray:
+        """With ``reuse``, the batch lands in one scratch buffer that the next
+        call overwrites (fresh memory costs page faults on every batch); the
+        loader uses it because augment_batch consumes the batch at once."""
+        if not reuse:
+            return self.split.images(indices)
+        if getattr(self, "_scratch", None) is None or len(self._scratch) < len(indices):
+            self._scratch = np.empty((len(indices), self.size, self.size, 3), np.uint8)
+        return self.split.images(indices, out=self._scratch)
 
 
 def open_source(path: str | Path, split: str = "train", classes: list[str] | None = None,
@@ -154,8 +161,12 @@ class _EpochBatches(Dataset):
     def __getitem__(self, b: int):
         idx = self.batches[b]
         rng = np.random.default_rng([self.seed, self.epoch, b])  # independent of worker count
-        images = augment_batch(self.source.images(idx), self.source.mean, self.augment, rng,
-                               self.source.eigvals, self.source.eigvecs)
+        if getattr(self, "_mean_flipped", None) is None:
+            self._mean_flipped = np.ascontiguousarray(self.source.mean[:, ::-1])
+        fetch = self.source.images
+        batch = fetch(idx, reuse=True) if isinstance(self.source, _StoreSource) else fetch(idx)
+        images = augment_batch(batch, self.source.mean, self.augment, rng,
+                               self.source.eigvals, self.source.eigvecs, self._mean_flipped)
         return images, torch.from_numpy(self.source.labels[idx])
 
 

@@ -97,7 +97,8 @@ class Augment:
 
 
 def augment_batch(images: np.ndarray, mean: np.ndarray, aug: Augment, rng: np.random.Generator,
-                  eigvals: np.ndarray | None = None, eigvecs: np.ndarray | None = None) -> torch.Tensor:
+                  eigvals: np.ndarray | None = None, eigvecs: np.ndarray | None = None,
+                  mean_flipped: np.ndarray | None = None) -> torch.Tensor:
     """uint8 (B, S, S, 3) -> float32 (B, 3, crop, crop), mean subtracted.
 
     The mean image is cropped at the same place as each image, so the result is
@@ -118,7 +119,8 @@ def augment_batch(images: np.ndarray, mean: np.ndarray, aug: Augment, rng: np.ra
         # Reading pixels backwards is numpy's slow path, so flip the mean once
         # (its crops are then plain slices) and reverse each flipped crop as
         # whole 3-byte pixels.
-        mean_flipped = np.ascontiguousarray(mean[:, ::-1])
+        if mean_flipped is None:
+            mean_flipped = np.ascontiguousarray(mean[:, ::-1])
         pixels = images.view("V3")[..., 0]  # (B, S, S) of RGB triples
         flipped = np.empty((c, c, 3), dtype=np.uint8)
     for i in range(b):

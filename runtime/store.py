@@ -267,9 +267,12 @@ class StoreSplit:
         with Image.open(io.BytesIO(data[offsets[j]:offsets[j + 1]].tobytes())) as img:
             return np.asarray(img.convert("RGB"))
 
-    def images(self, indices) -> np.ndarray:
+    def images(self, indices, out: np.ndarray | None = None) -> np.ndarray:
+        """uint8 (B, S, S, 3); ``out`` is an optional scratch buffer to fill
+        (fresh memory costs page faults on every batch)."""
         indices = np.asarray(indices, dtype=np.int64)
-        out = np.empty((len(indices), self.size, self.size, 3), dtype=np.uint8)
+        shape = (len(indices), self.size, self.size, 3)
+        out = out[: len(indices)] if out is not None and len(out) >= len(indices) else np.empty(shape, np.uint8)
         shards = np.searchsorted(self._starts, indices, side="right") - 1
         for shard in np.unique(shards):
             picked = np.nonzero(shards == shard)[0]
