@@ -33,7 +33,8 @@ def _shape_option(ctx, param, value):
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:
     """Describe a convolutional net in cuda-convnet's layer-definition language,
-    then check, train and evaluate it with PyTorch.
+    check it and compile it to PyTorch, and prepare its data (training and
+    evaluation commands come next).
 
     A spec is a layer file (sections such as [conv1] with type=conv, filters=64,
     inputs=data, neuron=relu, gpu=0) and a params file beside it with the
@@ -67,7 +68,7 @@ def check(ctx, spec, params_path, input_shape, as_json):
     \b
     Examples:
       convspec check specs/alexnet.cfg
-      convspec check cuda-convnet-layers-80sec.cfg --input 3x32x32
+      convspec check ../shared/reference-specs/cuda-convnet-layers-80sec.cfg --input 3x32x32
       convspec check specs/alexnet.cfg --json | python -m json.tool
     """
     from .check import check_paths
@@ -106,6 +107,7 @@ def prepare(ctx, src, out, size, quality, raw, workers, synsets):
     Examples:
       convspec prepare ../shared/datasets/imagenet-samples data/inet --synsets ../shared/datasets/imagenet-synsets.txt
       convspec prepare data/cifar-10-batches-py data/cifar10 --raw
+      convspec prepare ../shared/datasets/cifar10-train data/c10 --size 32 --raw
     """
     from pathlib import Path
 
@@ -115,9 +117,10 @@ def prepare(ctx, src, out, size, quality, raw, workers, synsets):
         options = PrepareOptions(size=size, raw=raw, quality=quality, workers=workers)
         meta = run_prepare(Path(src), Path(out), options, Path(synsets) if synsets else None)
         counts = ", ".join(f"{split} {info['count']:,}" for split, info in meta["splits"].items())
+        done = " (already complete; nothing to do)" if meta.get("already_complete") else ""
         click.echo(f"{out}: {meta['kind']} store of {meta['size']}x{meta['size']} images, "
                    f"{len(meta['classes'])} classes ({counts}); skipped {meta['skipped']} unreadable "
-                   f"(see {Path(out) / 'report.txt'})")
+                   f"(see {Path(out) / 'report.txt'}){done}")
 
     _guard(ctx, run)
 

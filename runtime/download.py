@@ -76,7 +76,7 @@ def fetch(name: str, *, url: str | None = None, md5: str | None = None, cache: s
     """
     if name not in DATASETS:
         raise fail(f"no named dataset '{name}'{did_you_mean(name, DATASETS)}; "
-                   f"known: {', '.join(DATASETS)}, or pass --data PATH to a folder", Location(name))
+                   f"known: {', '.join(DATASETS)}, or give a folder's path", Location(name))
     spec = DATASETS[name]
     env = f"CONVSPEC_{name.upper()}"
     url = url or os.environ.get(f"{env}_URL") or spec.url
@@ -174,8 +174,8 @@ def _download(name, url, md5, part, archive, cache, spec, progress, retries, tim
         if final or failures > retries:
             kept = f"; {size:,} bytes kept in {part.name}, run again to resume" if size else ""
             raise fail(f"cannot download {name} from {url} ({reason}{kept}); download it elsewhere and put "
-                       f"{spec.filename} in {cache} (md5 {md5}), or pass --data PATH to an extracted "
-                       f"{spec.folder} folder", Location(str(archive)))
+                       f"{spec.filename} in {cache} (md5 {md5}), or give the path of an extracted "
+                       f"{spec.folder} folder instead of '{name}'", Location(str(archive)))
         time.sleep(min(0.5 * 2 ** max(failures - 1, 0), 8.0))
 
 

@@ -104,6 +104,7 @@ def prepare(source: Path, out: Path, options: PrepareOptions, synsets: Path | No
     """Write (or finish writing) a store; returns its store.json contents."""
     source, out = resolve(source), Path(out)
     splits = _splits(source, options)
+    _refuse_upscaling_everything(splits[0][1], options)
     fingerprint = options.fingerprint(source)
     out.mkdir(parents=True, exist_ok=True)
     if (out / "prepare.json").is_file():
@@ -113,7 +114,7 @@ def prepare(source: Path, out: Path, options: PrepareOptions, synsets: Path | No
                        f"{previous.get('kind')} {previous.get('size')}px); choose another OUT or delete it",
                        Location(str(out)))
         if (out / STORE_MARKER).is_file():
-            return json.loads((out / STORE_MARKER).read_text())
+            return {**json.loads((out / STORE_MARKER).read_text()), "already_complete": True}
     elif any(out.iterdir()):
         raise fail("is not empty and holds no convspec store; choose an empty or new folder", Location(str(out)))
     (out / "prepare.json").write_text(json.dumps(fingerprint, indent=1))
@@ -140,6 +141,25 @@ def prepare(source: Path, out: Path, options: PrepareOptions, synsets: Path | No
     _save_atomic(out / "pca.npz", lambda f: np.savez(f, eigvals=eigvals, eigvecs=eigvecs))
     _save_atomic(out / STORE_MARKER, lambda f: f.write(json.dumps(meta, indent=1).encode()))
     return meta
+
+
+def _refuse_upscaling_everything(data, options: PrepareOptions) -> None:
+    """CIFAR as JPEG folders at the default --size 256 would store 64x the
+    pixels of the originals: catch it from the first few images."""
+    if isinstance(data, cifar.CifarSplit):
+        return
+    sizes = []
+    for path, _ in data.items[:8]:
+        try:
+            with Image.open(path) as img:
+                sizes.append(img.size)
+        except Exception:  # unreadable files are reported later, with the rest
+            continue
+    if sizes and max(max(s) for s in sizes) < options.size:
+        raise fail(f"the images are at most {max(max(s) for s in sizes)} px but --size is {options.size}, which "
+                   f"would upscale every one; pass --size {min(min(s) for s in sizes)} "
+                   f"(e.g. --size 32 --raw for CIFAR)",
+                   Location(str(data.items[0][0].parent.parent)))
 
 
 class _Inline:

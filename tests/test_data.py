@@ -322,3 +322,13 @@ def test_random_crops_and_flips_equal_a_direct_reference():
         if flips[i]:
             expected = expected[:, ::-1]
         np.testing.assert_allclose(out[i], expected.transpose(2, 0, 1), rtol=1e-6)
+
+
+def test_prepare_refuses_to_upscale_every_image(tmp_path):
+    root = _image_folder(tmp_path, bad=False)  # 20-22 x 30 px images
+    with pytest.raises(SpecError) as err:
+        prepare(root, tmp_path / "out", PrepareOptions(size=256, raw=True, workers=1), progress=False)
+    assert err.value.message == ("the images are at most 30 px but --size is 256, which would upscale every one; "
+                                 "pass --size 20 (e.g. --size 32 --raw for CIFAR)")
+    assert prepare(root, tmp_path / "out", PrepareOptions(size=16, raw=True, workers=1),
+                   progress=False)["splits"]["train"]["count"] == 6

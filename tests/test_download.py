@@ -218,8 +218,8 @@ def test_unreachable_host_says_where_to_put_the_archive(tmp_path):
     assert text.startswith(f"{tmp_path / 'cifar-10-python.tar.gz'}: cannot download cifar10 from http://127.0.0.1:")
     assert re.search(r"\(\w[^;]*\); download it elsewhere", text)  # the reason, e.g. "(Connection refused)"
     assert (f"download it elsewhere and put cifar-10-python.tar.gz in {tmp_path} "
-            f"(md5 c58f30108f718f92721af3b95e74349a), or pass --data PATH to an extracted "
-            f"cifar-10-batches-py folder") in text
+            f"(md5 c58f30108f718f92721af3b95e74349a), or give the path of an extracted "
+            f"cifar-10-batches-py folder instead of 'cifar10'") in text
     assert _leftovers(tmp_path) == []
 
 
