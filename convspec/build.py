@@ -26,7 +26,7 @@ from torch import nn
 from . import ops
 from .check import CheckedNet
 from .fuse import Step, plan
-from .layers import LAYER_TYPES, Layer
+from .layers import LAYER_TYPES
 
 
 @dataclass(frozen=True)

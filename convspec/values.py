@@ -7,10 +7,10 @@ Part of the checking stage; no torch here.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import Location, did_you_mean, fail
-from .parse import Arg, Call, Number, Value, Word
+from .parse import Arg, Call, Number
 
 
 # --- neuron functions -------------------------------------------------------

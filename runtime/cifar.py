@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from convspec.errors import Location, SpecError, fail
+from convspec.errors import Location, fail
 
 CIFAR10_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
 CIFAR10_TEST = "test_batch"
@@ -110,4 +110,4 @@ def write_batch(path: Path, images: np.ndarray, labels, extra: dict | None = Non
     path.write_bytes(pickle.dumps(obj, protocol=2))
 
 
-__all__ = ["CifarSplit", "SafeUnpickler", "SpecError", "is_cifar_dir", "load_batch", "load_cifar", "write_batch"]
+__all__ = ["CifarSplit", "SafeUnpickler", "is_cifar_dir", "load_batch", "load_cifar", "write_batch"]

@@ -37,7 +37,7 @@ from convspec.errors import Location, fail
 from . import cifar
 from .preprocess import Stats, load_square
 from .progress import Progress
-from .sources import STORE_MARKER, ImageList, detect, list_class_folders, read_synsets, resolve
+from .sources import STORE_MARKER, detect, list_class_folders, read_synsets, resolve
 
 FORMAT = "convspec-store"
 VERSION = 1

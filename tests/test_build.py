@@ -11,7 +11,7 @@ from convspec.check import check, check_paths
 from convspec.parse import parse_text
 from convspec.values import Schedule
 
-from conftest import REFERENCE_SPECS, ROOT, needs_shared
+from conftest import REFERENCE_SPECS, ROOT
 from reference_nets import Cifar18Pct, Cifar80Sec, alexnet_from_built, copy_by_name
 
 SPECS = ROOT / "specs"

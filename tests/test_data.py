@@ -1,7 +1,6 @@
 """Data: CIFAR batches, the paper's preprocessing, the prepared store and the loader."""
 
 import io
-import json
 import os
 import pickle
 
