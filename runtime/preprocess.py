@@ -98,7 +98,7 @@ class Augment:
 
 def augment_batch(images: np.ndarray, mean: np.ndarray, aug: Augment, rng: np.random.Generator,
                   eigvals: np.ndarray | None = None, eigvecs: np.ndarray | None = None,
-                  mean_flipped: np.ndarray | None = None) -> torch.Tensor:
+                  mean_flipped: np.ndarray | None = None, out: np.ndarray | None = None) -> torch.Tensor:
     """uint8 (B, S, S, 3) -> float32 (B, 3, crop, crop), mean subtracted.
 
     The mean image is cropped at the same place as each image, so the result is
@@ -113,7 +113,8 @@ def augment_batch(images: np.ndarray, mean: np.ndarray, aug: Augment, rng: np.ra
     else:
         ys = xs = np.full(b, (s - c) // 2)
     flips = rng.random(b) < 0.5 if aug.flip else np.zeros(b, dtype=bool)
-    out = np.empty((b, c, c, 3), dtype=np.float32)
+    if out is None or out.shape != (b, c, c, 3):
+        out = np.empty((b, c, c, 3), dtype=np.float32)
     images = np.ascontiguousarray(images)
     if flips.any():
         # Reading pixels backwards is numpy's slow path, so flip the mean once

@@ -331,3 +331,18 @@ def test_prepare_refuses_to_upscale_every_image(tmp_path):
                                  "pass --size 20 (e.g. --size 32 --raw for CIFAR)")
     assert prepare(root, tmp_path / "out", PrepareOptions(size=16, raw=True, workers=1),
                    progress=False)["splits"]["train"]["count"] == 6
+
+
+def test_batches_kept_by_the_caller_are_never_overwritten():
+    source = _source(64)
+    make = lambda: Batches(source, np.arange(64), 8, Augment(6, flip=True, random_crop=True), seed=1)
+    kept = [x.clone() for x, _ in make().epoch(0)]  # reference copies
+    held = [x for x, _ in make().epoch(0)]          # the caller keeps every batch
+    assert len({x.data_ptr() for x in held}) == len(held)
+    assert all(torch.equal(a, b) for a, b in zip(kept, held))
+
+
+def test_dropped_batches_recycle_their_buffers():
+    source = _source(64)
+    pointers = [x.data_ptr() for x, _ in Batches(source, np.arange(64), 8, Augment(6), seed=1).epoch(0)]
+    assert len(set(pointers)) < len(pointers)  # a buffer came back once its batch was dropped
