@@ -43,7 +43,7 @@ class ImageSource(Protocol):
     size: int
     decodes: bool  # True when fetching a batch decodes images (workers help)
 
-    def images(self, indices) -> np.ndarray: ...
+    def images(self, indices, reuse: bool = False) -> np.ndarray: ...
 
 
 class _Sized:
@@ -66,7 +66,7 @@ class ArraySource(_Sized):
         self.mean = stats.mean_image()
         self.eigvals, self.eigvecs = stats.pca()
 
-    def images(self, indices) -> np.ndarray:
+    def images(self, indices, reuse: bool = False) -> np.ndarray:
         return self.array[np.asarray(indices)]
 
 
@@ -87,7 +87,7 @@ class FolderSource(_Sized):
         self.mean = stats.mean_image()
         self.eigvals, self.eigvecs = stats.pca()
 
-    def images(self, indices) -> np.ndarray:
+    def images(self, indices, reuse: bool = False) -> np.ndarray:
         out = np.empty((len(indices), self.size, self.size, 3), dtype=np.uint8)
         for k, i in enumerate(indices):
             try:
@@ -189,8 +189,7 @@ class _EpochBatches(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, b])  # independent of worker count
         if getattr(self, "_mean_flipped", None) is None:
             self._mean_flipped = np.ascontiguousarray(self.source.mean[:, ::-1])
-        fetch = self.source.images
-        batch = fetch(idx, reuse=True) if isinstance(self.source, _StoreSource) else fetch(idx)
+        batch = self.source.images(idx, reuse=True)  # consumed by augment_batch below
         c = self.augment.crop
         out = self.pool.get((len(idx), c, c, 3))
         images = augment_batch(batch, self.source.mean, self.augment, rng,

@@ -65,6 +65,12 @@ def _save_atomic(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+def _jpeg(pixels: np.ndarray, quality: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
 def _encode(job: tuple[str, int, int, bool]):
     """Worker: one file -> (pixels, jpeg bytes or None, error or None)."""
     path, size, quality, raw = job
@@ -73,11 +79,7 @@ def _encode(job: tuple[str, int, int, bool]):
     except Exception as err:  # PIL raises many types for broken files; each is reported
         reason = "zero-byte file" if os.path.getsize(path) == 0 else f"{type(err).__name__}: {err}"
         return None, None, reason
-    if raw:
-        return pixels, None, None
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "JPEG", quality=quality)
-    return pixels, buf.getvalue(), None
+    return pixels, None if raw else _jpeg(pixels, quality), None
 
 
 def _splits(source: Path, options: PrepareOptions):
@@ -194,7 +196,7 @@ def _write_split(split, data, out: Path, options: PrepareOptions, pool, bad: lis
         if is_cifar:
             pixels = [img for img in data.images[start:stop]]
             labels = list(data.labels[start:stop])
-            encoded = [_encode_array(p, options) for p in pixels]
+            encoded = [(p, None if options.raw else _jpeg(p, options.quality)) for p in pixels]
         else:
             jobs = [(str(p), options.size, options.quality, options.raw) for p, _ in data.items[start:stop]]
             encoded, labels = [], []
@@ -208,14 +210,6 @@ def _write_split(split, data, out: Path, options: PrepareOptions, pool, bad: lis
         bar.update(stop - start)
     bar.close()
     return shards, count
-
-
-def _encode_array(pixels: np.ndarray, options: PrepareOptions):
-    if options.raw:
-        return pixels, None
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, "JPEG", quality=options.quality)
-    return pixels, buf.getvalue()
 
 
 def _write_shard(out: Path, name: str, encoded, labels, options: PrepareOptions, stats: Stats | None) -> int:
@@ -281,11 +275,7 @@ class StoreSplit:
     def image(self, i: int) -> np.ndarray:
         shard = int(np.searchsorted(self._starts, i, side="right") - 1)
         j = i - self._starts[shard]
-        if self.kind == "raw":
-            return self._shards[shard][j]
-        data, offsets = self._shards[shard]
-        with Image.open(io.BytesIO(data[offsets[j]:offsets[j + 1]].tobytes())) as img:
-            return np.asarray(img.convert("RGB"))
+        return self._shards[shard][j] if self.kind == "raw" else self._decode(shard, j)
 
     def images(self, indices, out: np.ndarray | None = None) -> np.ndarray:
         """uint8 (B, S, S, 3); ``out`` is an optional scratch buffer to fill
