@@ -176,7 +176,7 @@ class Failure(Exception):
 def run_forward(net) -> None:
     import torch
 
-    from convspec.build import build
+    from convspec.builder import build
 
     model = build(net, devices=["cpu"]).eval()
     names = [l.name for l in net.layers.values() if l.type != "data" and not l.type.startswith("cost.")]

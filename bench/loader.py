@@ -36,7 +36,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from convspec.build import build  # noqa: E402
+from convspec.builder import build  # noqa: E402
 from convspec.check import check_paths  # noqa: E402
 from runtime.loader import Batches, holdout, open_source  # noqa: E402
 from runtime.preprocess import Augment  # noqa: E402
@@ -89,7 +89,7 @@ def part1(args, work: Path) -> dict:
 
     def store_batches(source):
         # The real loader, in this process (a raw store needs no workers).
-        batches = Batches(source, np.arange(n), args.batch, aug, seed=0, shuffle=False, workers=0)
+        batches = Batches(source, np.arange(n), args.batch, aug, seed=0, shuffle=True, workers=0)  # as training reads
         for images, _labels in batches.epoch(0):
             yield images
 

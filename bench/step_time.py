@@ -3,7 +3,7 @@
 One training step is forward + ``F.cross_entropy`` loss + backward + an SGD
 update with momentum (``torch.optim.SGD(lr=0.01, momentum=0.9, foreach=True)``),
 done identically for both sides.  The built side is
-``convspec.build.build(convspec.check.check_paths(spec))`` on one device, so a
+``convspec.builder.build(convspec.check.check_paths(spec))`` on one device, so a
 two-tower spec has its towers folded onto that device and fused
 (``convspec.fuse``); the hand-written peers live in ``tests/reference_nets.py``
 and get the built net's weights copied in, so both compute the same thing:
@@ -60,7 +60,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # reference_nets: the hand-written peer
 sys.path.insert(0, str(ROOT))  # convspec itself, without installing it
 
 import reference_nets  # noqa: E402
-from convspec.build import build  # noqa: E402
+from convspec.builder import build  # noqa: E402
 from convspec.check import check_paths  # noqa: E402
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from . import values as V
 from .errors import Location, SpecError, did_you_mean, fail
@@ -26,8 +26,9 @@ from .layers import (
     IGNORED_KEYS, LAYER_TYPES, LEGACY_SPELLINGS, REFUSED_KEYS, REQUIRED, UNSUPPORTED_TYPES,
     Key, Layer, LayerType, numel,
 )
+from .overrides import apply_overrides, parse_override
 from .parse import Entry, Section, SpecFile, parse_file
-from .recipe import DataRecipe, parse_train
+from .recipe import Recipe, parse_train
 
 TRAIN_SECTION = "train"  # convspec extension in the params file: the training recipe
 
@@ -47,8 +48,9 @@ class CheckedNet:
     spec_text: str = ""
     params_text: str = ""
     train: Section | None = None
-    recipe: DataRecipe = field(default_factory=DataRecipe)
+    recipe: Recipe = field(default_factory=Recipe)
     notes: list[str] = field(default_factory=list)
+    overrides: list[str] = field(default_factory=list)  # --set LAYER.KEY=VALUE, as given
     devices: dict[int, DeviceTotals] = field(default_factory=dict)
 
     @property
@@ -86,19 +88,21 @@ def find_params_file(spec_path: str | Path) -> Path | None:
 
 def check_paths(spec_path: str | Path, params_path: str | Path | None = None,
                 input_shape: tuple[int, int, int] | None = None,
-                find_params: bool = True) -> CheckedNet:
-    """Parse and check a spec (and its params file, given or found beside it)."""
+                find_params: bool = True, overrides: Sequence[str] = ()) -> CheckedNet:
+    """Parse and check a spec (and its params file, given or found beside it),
+    with ``--set LAYER.KEY=VALUE`` overrides applied."""
     spec = parse_file(spec_path)
     if params_path is None and find_params:
         params_path = find_params_file(spec_path)
     params = parse_file(params_path) if params_path is not None else None
-    return check(spec, params, input_shape)
+    return check(spec, params, input_shape, overrides)
 
 
 def check(spec: SpecFile, params: SpecFile | None = None,
-          input_shape: tuple[int, int, int] | None = None) -> CheckedNet:
+          input_shape: tuple[int, int, int] | None = None, overrides: Sequence[str] = ()) -> CheckedNet:
     net = CheckedNet(spec.path, {}, params.path if params else None, spec.text,
-                     params.text if params else "")
+                     params.text if params else "", overrides=list(overrides))
+    spec, params = apply_overrides(spec, params, [parse_override(o) for o in overrides])
     layers = _sections_to_layers(spec, net.notes)
     if params is not None:
         net.train = _merge_params(layers, params, net.notes)

@@ -33,8 +33,8 @@ def _shape_option(ctx, param, value):
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:
     """Describe a convolutional net in cuda-convnet's layer-definition language,
-    check it and compile it to PyTorch, and prepare its data (training and
-    evaluation commands come next).
+    check it and compile it to PyTorch, prepare its data, train it and
+    evaluate it.
 
     A spec is a layer file (sections such as [conv1] with type=conv, filters=64,
     inputs=data, neuron=relu, gpu=0) and a params file beside it with the
@@ -44,6 +44,8 @@ def main(ctx: click.Context, debug: bool) -> None:
     \b
     Start with:
       convspec check specs/alexnet.cfg
+      convspec train specs/cifar10-80sec.cfg --data cifar10
+      convspec eval --topk 5
     """
     ctx.obj = {"debug": debug}
 
@@ -123,6 +125,152 @@ def prepare(ctx, src, out, size, quality, raw, workers, synsets):
                    f"(see {Path(out) / 'report.txt'}){done}")
 
     _guard(ctx, run)
+
+
+@main.command()
+@click.argument("spec", required=False, type=click.Path(dir_okay=False))
+@click.option("--params", "params_path", type=click.Path(dir_okay=False),
+              help="Layer-params file.  Default: NAME.params.cfg beside SPEC.")
+@click.option("--data", envvar="CONVSPEC_DATA", show_envvar=True,
+              help="Training data: a prepared store, a CIFAR python folder, an image folder "
+                   "(DIR/train/<class>/*, or DIR/<class>/*), or cifar10 / cifar100 (downloaded once).")
+@click.option("--val-data", help="Validation data (same kinds).  Default: valFraction of the training "
+                                 "split, held out by splitSeed.")
+@click.option("--epochs", type=click.IntRange(1), help="Override [train] epochs.")
+@click.option("--batch-size", type=click.IntRange(1), help="Global minibatch, split across data-parallel "
+                                                           "ranks.  Override [train] batchSize (default 128).")
+@click.option("--out", help="Run folder.  Default: a new runs/<spec>-<date>-<time>.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out (default: the newest under runs/) "
+                                             "from its last checkpoint.")
+@click.option("--devices", help="Comma list, e.g. cpu, cuda:0 or cuda:0,cuda:1: the spec's gpu= groups "
+                                "fold onto them.  Default: every GPU, else the CPU.")
+@click.option("--seed", type=click.IntRange(0), help="Override [train] seed (weights, data order, augmentation).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="bf16 runs the layers under autocast (changes results slightly; the loss stays fp32).")
+@click.option("--channels-last", is_flag=True, help="NHWC memory layout (faster convolutions on most hardware; "
+                                                    "same results up to float rounding).")
+@click.option("--set", "overrides", multiple=True, metavar="LAYER.KEY=VALUE",
+              help="Override a spec or params value, e.g. --set conv1.epsW=0.002 or --set train.flip=1. "
+                   "Repeatable; recorded with the run.")
+@click.option("--train-limit", type=click.IntRange(1), help="Train on this many images of the training split "
+                                                            "(a fixed random subset), for quick trials.")
+@click.option("--synsets", type=click.Path(dir_okay=False, exists=True),
+              help="'wnid name' lines giving readable class names to record with the run.")
+@click.option("--keep", default=3, show_default=True, type=click.IntRange(1),
+              help="Epoch checkpoints to keep (best.pt is kept as well).")
+@click.option("--workers", type=click.IntRange(0), help="Decoding processes for JPEG stores and large image "
+                                                        "folders.  Default: 0 on a CPU, up to 8 with a GPU.")
+@click.option("--deterministic", is_flag=True, help="Deterministic kernels only (slower on a GPU).")
+@click.option("--quiet", is_flag=True, help="No progress bars; epoch lines only.")
+@click.pass_context
+def train(ctx, spec, params_path, data, val_data, epochs, batch_size, out, resume, devices, seed, precision,
+          channels_last, overrides, train_limit, synsets, keep, workers, deterministic, quiet):
+    """Train SPEC on --data and keep checkpoints and metrics in a run folder.
+
+    The recipe (epochs, batch size, learning-rate drops, validation split,
+    augmentation) comes from the [train] section of the params file; options
+    here override it.  Each epoch prints training loss and error and
+    validation top-1/top-5 error, appends one JSON line to RUN/metrics.jsonl,
+    and writes RUN/epoch-NNNN.pt (and best.pt when validation improves).
+    Ctrl-C or SIGTERM saves RUN/interrupted.pt; --resume continues exactly.
+    Under torchrun, each process trains one data-parallel rank.
+
+    \b
+    Examples:
+      convspec train specs/cifar10-80sec.cfg --data cifar10
+      convspec train specs/cifar10-80sec.cfg --data ../shared/datasets/cifar10-train --epochs 2
+      convspec train specs/alexnet.cfg --data data/imagenet --devices cuda:0,cuda:1
+      convspec train --resume --out runs/cifar10-80sec-20261128-101500
+      convspec train specs/cifar10-80sec.cfg --data cifar10 --set conv2.filters=64 --set train.flip=1
+      torchrun --nproc-per-node 4 -m convspec train specs/alexnet.cfg --data data/imagenet
+    """
+    from runtime.train import TrainingStopped, TrainOptions, parse_devices, train as run_train
+
+    def run():
+        options = TrainOptions(spec=spec, params=params_path, data=data, val_data=val_data, out=out,
+                               resume=resume, devices=parse_devices(devices), precision=precision,
+                               channels_last=channels_last, overrides=list(overrides), epochs=epochs,
+                               batch_size=batch_size, seed=seed, train_limit=train_limit, synsets=synsets,
+                               keep=keep, workers=workers, deterministic=deterministic, progress=not quiet,
+                               echo=click.echo)
+        try:
+            summary = run_train(options)
+        except TrainingStopped as stop:
+            click.echo(str(stop), err=True)
+            sys.exit(stop.exit_code)
+        last = summary.history[-1] if summary.history else None
+        if last is not None and last["val_top1_error"] is not None:
+            click.echo(f"done: {summary.run_dir}  val top-1 {100 * last['val_top1_error']:.2f}%  "
+                       f"top-5 {100 * last['val_top5_error']:.2f}%  training {summary.train_seconds:.1f} s")
+        else:
+            click.echo(f"done: {summary.run_dir}  training {summary.train_seconds:.1f} s")
+
+    _guard(ctx, run)
+
+
+@main.command(name="eval")
+@click.option("--checkpoint", "checkpoint", help="A run folder (its best.pt, else its newest checkpoint) or a "
+                                                 ".pt file.  Default: the newest run under runs/.")
+@click.option("--data", help="Score every image under PATH instead of the run's validation split "
+                             "(class folders are mapped through the run's class list).")
+@click.option("--labels", type=click.Path(dir_okay=False, exists=True),
+              help="For a flat folder of images: 'filename class' lines (ILSVRC's validation layout).")
+@click.option("--topk", default=5, show_default=True, type=click.IntRange(1), help="k of the top-k error.")
+@click.option("--views", type=click.Choice(["center", "10"]),
+              help="centre crop, or the paper's 10 views with their softmax averaged.  "
+                   "Default: the run's [train] testViews.")
+@click.option("--devices", help="Where to run, e.g. cpu or cuda:0.  Default: cuda:0 if present, else cpu.")
+@click.option("--batch-size", type=click.IntRange(1), help="Images per forward pass (default: the run's).")
+@click.option("--per-class", is_flag=True, help="Also print each class's error.")
+@click.option("--json", "as_json", is_flag=True,
+              help='Print {"top1_error", "topk_error", "k", "images", "views", "checkpoint"} (fractions).')
+@click.pass_context
+def eval_(ctx, checkpoint, data, labels, topk, views, devices, batch_size, per_class, as_json):
+    """Top-1 and top-k error of a trained net, in percent, as the paper reports them.
+
+    \b
+    Examples:
+      convspec eval --topk 5
+      convspec eval --checkpoint runs/cifar10-80sec-20261128-101500 --views 10
+      convspec eval --checkpoint runs/alexnet/best.pt --data ILSVRC2012_val --labels val.txt --json
+    """
+    from runtime.evaluate import evaluate_checkpoint
+    from runtime.train import parse_devices
+
+    def run():
+        done = evaluate_checkpoint(checkpoint, data, labels, topk, {"center": 1, "10": 10}.get(views),
+                                   parse_devices(devices), batch_size, progress=not as_json)
+        r = done.result
+        if as_json:
+            out = {"top1_error": r.top1_error, "topk_error": r.topk_error, "k": r.k, "images": r.images,
+                   "views": r.views, "checkpoint": done.checkpoint}
+            if per_class:
+                out["per_class"] = _per_class_rows(r, done.class_names)
+            click.echo(json.dumps(out))
+            return
+        click.echo(f"{done.checkpoint} on {done.data}: {r.images:,} images, "
+                   f"{'1 view (centre crop)' if r.views == 1 else f'{r.views} views'}")
+        click.echo(f"top-1 error {100 * r.top1_error:.2f}%   top-{r.k} error {100 * r.topk_error:.2f}%")
+        if per_class:
+            rows = _per_class_rows(r, done.class_names)
+            width = max(len(row["class"]) for row in rows)
+            click.echo(f"{'class':<{width}}  images  top-1 err  top-{r.k} err")
+            for row in rows:
+                if row["images"]:
+                    click.echo(f"{row['class']:<{width}}  {row['images']:>6}  {100 * row['top1_error']:>8.2f}%"
+                               f"  {100 * row['topk_error']:>8.2f}%")
+
+    _guard(ctx, run)
+
+
+def _per_class_rows(result, names: list[str]) -> list[dict]:
+    rows = []
+    for i, name in enumerate(names):
+        n = int(result.per_class_images[i])
+        rows.append({"class": name, "images": n,
+                     "top1_error": result.per_class_top1_wrong[i] / n if n else None,
+                     "topk_error": result.per_class_topk_wrong[i] / n if n else None})
+    return rows
 
 
 def _guard(ctx: click.Context, fn) -> None:

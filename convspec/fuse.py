@@ -12,7 +12,7 @@ sibling layers become one call on a tensor that holds both towers' channels:
   conv becomes a grouped conv.
 
 Parameters stay in their own sections' modules, so state-dict keys do not
-change.  This module only plans (no torch); ``convspec.build`` executes.
+change.  This module only plans (no torch); ``convspec.builder`` executes.
 """
 
 from __future__ import annotations

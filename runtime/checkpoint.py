@@ -23,6 +23,7 @@ import torch
 from convspec.errors import Location, fail
 
 EPOCH_PATTERN = "epoch-*.pt"
+FORMAT = "convspec-checkpoint"
 
 
 def epoch_name(epoch: int) -> str:

@@ -30,6 +30,7 @@ from convspec.errors import Location, fail
 
 from . import cifar
 from .preprocess import Augment, Stats, augment_batch, eval_views, load_square
+from .progress import Progress
 from .sources import ImageList, detect, list_class_folders, list_flat, resolve
 from .store import StoreSplit
 
@@ -56,9 +57,14 @@ class ArraySource(_Sized):
 
     decodes = False
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray, classes: list[str], stats: Stats | None = None):
+    def __init__(self, images: np.ndarray, labels: np.ndarray, classes: list[str], stats: Stats | None = None,
+                 paths: list[Path] | None = None):
         self.array, self.labels, self.classes = images, labels, classes
+        self.paths = paths  # where the images came from, when they were files
         self.size = images.shape[1]
+        self.mean = self.eigvals = self.eigvecs = None
+        if stats is False:  # evaluation: the run's own mean is used
+            return
         if stats is None:
             stats = Stats.empty(self.size)
             for start in range(0, len(images), 4096):
@@ -76,16 +82,17 @@ class FolderSource(_Sized):
 
     decodes = True
 
-    def __init__(self, listing: ImageList, size: int, stats: Stats | None = None):
+    def __init__(self, listing: ImageList, size: int, stats: bool = True):
         self.paths = [p for p, _ in listing.items]
         self.labels = np.asarray([label for _, label in listing.items], dtype=np.int64)
         self.classes, self.size = listing.classes, size
-        if stats is None:  # one pass over the images; the store keeps this instead
-            stats = Stats.empty(size)
+        self.mean = self.eigvals = self.eigvecs = None
+        if stats:  # one pass over the images; the store keeps this instead
+            sums = Stats.empty(size)
             for start in range(0, len(self.paths), 256):
-                stats.add(self.images(range(start, min(len(self.paths), start + 256))))
-        self.mean = stats.mean_image()
-        self.eigvals, self.eigvecs = stats.pca()
+                sums.add(self.images(range(start, min(len(self.paths), start + 256))))
+            self.mean = sums.mean_image()
+            self.eigvals, self.eigvecs = sums.pca()
 
     def images(self, indices, reuse: bool = False) -> np.ndarray:
         out = np.empty((len(indices), self.size, self.size, 3), dtype=np.uint8)
@@ -103,6 +110,7 @@ class _StoreSource(_Sized):
         self.split = split
         self.labels, self.classes, self.mean = split.labels, split.classes, split.mean
         self.eigvals, self.eigvecs, self.size = split.eigvals, split.eigvecs, split.size
+        self.class_names = split.class_names
         self.decodes = split.kind == "jpeg"
 
     def images(self, indices, reuse: bool = False) -> np.ndarray:
@@ -116,27 +124,64 @@ class _StoreSource(_Sized):
         return self.split.images(indices, out=self._scratch)
 
 
+# Image folders up to this many decoded bytes are read into memory once (CIFAR's
+# 50,000 JPEGs are 150 MB at 32x32), so epochs after the first cost no decoding.
+IN_MEMORY_BYTES = 2 << 30
+
+
 def open_source(path: str | Path, split: str = "train", classes: list[str] | None = None,
-                labels_file: Path | None = None, size: int = 256) -> ImageSource:
-    """Detect the kind of ``path`` and open one split ("train", "val" or "test")."""
+                labels_file: Path | None = None, size: int = 256, stats: bool = True,
+                progress: bool = False) -> ImageSource:
+    """Detect the kind of ``path`` and open one split ("train", "val" or "test").
+
+    ``classes`` (a trained run's list) maps class folder names to indices; an
+    unknown folder is an error naming it.  ``size`` is the side images from a
+    folder are rescaled and centre-cropped to.  ``stats=False`` skips the mean
+    and PCA pass (evaluation uses the run's own).
+    """
     path = resolve(path)
     kind = detect(path)
     if kind == "store":
         store = StoreSplit(path, split if split != "test" else "val")
+        if classes is not None and store.classes != classes:
+            raise fail(f"the store's {len(store.classes)} classes are not the run's {len(classes)} classes "
+                       "(the class lists differ); evaluate a store prepared from the same training classes",
+                       Location(str(path)))
         return _StoreSource(store)
     if kind == "cifar":
         data = cifar.load_cifar(path, "train" if split == "train" else "test")
-        return ArraySource(data.images, data.labels, data.classes)
+        if classes is not None and len(classes) != len(data.classes):
+            raise fail(f"holds {len(data.classes)} CIFAR classes but the run was trained on {len(classes)}",
+                       Location(str(path)))
+        return ArraySource(data.images, data.labels, data.classes, stats=None if stats else False)
     if kind == "imagefolder":
         sub = path / ("train" if split == "train" else "val")
         if not sub.is_dir():
             raise fail(f"has no {sub.name}/ folder", Location(str(path)))
-        return FolderSource(list_class_folders(sub, classes), size)
-    if kind == "classfolders":
-        return FolderSource(list_class_folders(path, classes), size)
-    if labels_file is None or classes is None:
-        raise fail("is a flat folder of images; give --labels FILE ('filename class' lines)", Location(str(path)))
-    return FolderSource(list_flat(path, labels_file, classes), size)
+        listing = list_class_folders(sub, classes)
+    elif kind == "classfolders":
+        listing = list_class_folders(path, classes)
+    else:
+        if labels_file is None or classes is None:
+            raise fail("is a flat folder of images; give --labels FILE ('filename class' lines)",
+                       Location(str(path)))
+        listing = list_flat(path, labels_file, classes)
+    if len(listing.items) * size * size * 3 <= IN_MEMORY_BYTES:
+        return _read_into_memory(listing, size, stats, progress)
+    return FolderSource(listing, size, stats)
+
+
+def _read_into_memory(listing: ImageList, size: int, stats: bool, progress: bool) -> "ArraySource":
+    folder = FolderSource(listing, size, stats=False)
+    images = np.empty((len(folder), size, size, 3), np.uint8)
+    bar = Progress(len(folder), f"reading {len(folder):,} images", enabled=progress)
+    for start in range(0, len(folder), 256):
+        stop = min(len(folder), start + 256)
+        images[start:stop] = folder.images(range(start, stop))
+        bar.update(stop - start)
+    bar.close()
+    return ArraySource(images, folder.labels, folder.classes, stats=None if stats else False,
+                       paths=folder.paths)
 
 
 def augment_for(recipe, crop: int) -> Augment:
@@ -176,10 +221,11 @@ class _BufferPool:
 
 
 class _EpochBatches(Dataset):
-    def __init__(self, source, batches: list[np.ndarray], augment: Augment, seed: int, epoch: int):
+    def __init__(self, source, batches: list[np.ndarray], augment: Augment, seed: int, epoch: int,
+                 pool: _BufferPool | None = None):
         self.source, self.batches, self.augment = source, batches, augment
         self.seed, self.epoch = seed, epoch
-        self.pool = _BufferPool()
+        self.pool = pool if pool is not None else _BufferPool()
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -230,18 +276,48 @@ class Batches:
     def __len__(self) -> int:
         return len(self._batches(0))
 
-    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        data = _EpochBatches(self.source, self._batches(epoch), self.augment, self.seed, epoch)
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's batches from batch ``start`` on (a resumed run skips
+        the ones it already trained on without reading them)."""
         workers = self.workers if self.source.decodes else 0
-        loader = DataLoader(data, batch_size=None, shuffle=False, num_workers=workers,
-                            pin_memory=self.pin_memory, persistent_workers=False,
-                            prefetch_factor=4 if workers else None)
+        if getattr(self, "_pool", None) is None:
+            self._pool = _BufferPool()
+        # In-process epochs share one pool: a fresh pool per epoch page-faults
+        # new buffers for the first batches of every epoch.  Workers get their
+        # own (the dataset is pickled to them, buffers and all).
+        data = _EpochBatches(self.source, self._batches(epoch), self.augment, self.seed, epoch,
+                             pool=None if workers else self._pool)
+        if workers == 0:
+            # No DataLoader: creating its iterator draws from torch's global
+            # RNG, which would shift dropout's random numbers on resume.
+            for b in range(start, len(data)):
+                yield data[b]
+            return
+        loader = DataLoader(_Skip(data, start), batch_size=None, shuffle=False, num_workers=workers,
+                            pin_memory=self.pin_memory, persistent_workers=False, prefetch_factor=4,
+                            generator=torch.Generator().manual_seed(self.seed))
         yield from loader
 
 
+class _Skip(Dataset):
+    def __init__(self, data: _EpochBatches, start: int):
+        self.data, self.start = data, start
+
+    def __len__(self) -> int:
+        return len(self.data) - self.start
+
+    def __getitem__(self, b: int):
+        return self.data[b + self.start]
+
+
 def eval_batches(source: ImageSource, indices: np.ndarray, batch_size: int, crop: int,
-                 ten_views: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(B, V, 3, crop, crop) views and labels, in order; V is 1 or 10."""
+                 ten_views: bool = False, mean: np.ndarray | None = None
+                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(B, V, 3, crop, crop) views and labels, in order; V is 1 or 10.
+    ``mean``: the training set's mean image (default: the source's own)."""
+    mean = source.mean if mean is None else mean
+    if crop > source.size:
+        raise fail(f"the net wants {crop}x{crop} crops but the images are {source.size}x{source.size}")
     for start in range(0, len(indices), batch_size):
         idx = indices[start:start + batch_size]
-        yield eval_views(source.images(idx), source.mean, crop, ten_views), torch.from_numpy(source.labels[idx])
+        yield eval_views(source.images(idx), mean, crop, ten_views), torch.from_numpy(source.labels[idx])

@@ -14,6 +14,11 @@ and the plateau rule apply.  A parameter whose schedule's base is 0 is frozen,
 as in cuda-convnet.  ``wball`` > 0 rescales each filter of a conv or fc layer
 to that L2 norm after the update (cuda-convnet2's weight constraint).
 
+A layer with ``updatePeriod=N`` accumulates its gradients over N minibatches
+and updates on every N-th call of :meth:`ConvnetSGD.step` with their mean;
+the optimizer clears exactly the gradients it used (call
+:meth:`ConvnetSGD.zero_grad` only to drop everything).
+
 Parameters sharing one (eps, mom, wc) rule are updated together with
 ``torch._foreach_*`` calls: one kernel per group, not per tensor.
 """
@@ -27,7 +32,7 @@ import torch
 
 class ConvnetSGD(torch.optim.Optimizer):
     def __init__(self, rules):
-        """``rules``: (name, parameter, convspec.build.Rule) triples, as
+        """``rules``: (name, parameter, convspec.builder.Rule) triples, as
         ``CompiledNet.learning_rules()`` yields them."""
         params, self.rules, self.names = [], {}, {}
         for name, param, rule in rules:
@@ -40,15 +45,24 @@ class ConvnetSGD(torch.optim.Optimizer):
         super().__init__(params, {})
         self.progress = 0.0
         self.lr_scale = 1.0
+        self.batches = 0  # step() calls so far: which layers' updatePeriod is due
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
+        self.batches += 1
         groups: dict[tuple, list[torch.Tensor]] = defaultdict(list)
+        due = []
         for group in self.param_groups:
             for p in group["params"]:
                 rule = self.rules[id(p)]
-                if p.grad is None or rule.eps.base <= 0:
+                period = max(1, rule.update_period)
+                if p.grad is None or self.batches % period:
+                    continue
+                due.append(p)
+                if period > 1:
+                    p.grad.div_(period)  # the summed gradients' mean
+                if rule.eps.base <= 0:
                     continue
                 eps = rule.eps.value(self.progress) * self.lr_scale
                 state = self.state[p]
@@ -63,11 +77,11 @@ class ConvnetSGD(torch.optim.Optimizer):
             torch._foreach_mul_(incs, mom)
             torch._foreach_add_(incs, grads, alpha=-eps)
             torch._foreach_add_(params, incs)
-        for group in self.param_groups:
-            for p in group["params"]:
-                rule = self.rules[id(p)]
-                if rule.wball > 0 and p.dim() >= 2 and p.grad is not None:
-                    self._constrain(p, rule)
+        for p in due:
+            rule = self.rules[id(p)]
+            if rule.wball > 0 and p.dim() >= 2 and rule.eps.base > 0:
+                self._constrain(p, rule)
+            p.grad = None  # used: the next minibatches accumulate afresh
         return loss
 
     @staticmethod
@@ -84,10 +98,11 @@ class ConvnetSGD(torch.optim.Optimizer):
 
     def state_dict(self):
         state = super().state_dict()
-        state["progress"], state["lr_scale"] = self.progress, self.lr_scale
+        state["progress"], state["lr_scale"], state["batches"] = self.progress, self.lr_scale, self.batches
         return state
 
     def load_state_dict(self, state_dict):
         self.progress = state_dict.pop("progress", 0.0)
         self.lr_scale = state_dict.pop("lr_scale", 1.0)
+        self.batches = state_dict.pop("batches", 0)
         super().load_state_dict(state_dict)

@@ -14,6 +14,7 @@ Pixels stay in 0..255 (minus the mean), as cuda-convnet and the paper trained.
 from __future__ import annotations
 
 import io
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,14 +97,21 @@ class Augment:
     pca_std: float = 0.0  # the paper's 0.1; 0 turns colour noise off
 
 
+# Crops with at least this many pixels flip through torch: torch.flip moves
+# pixels several times faster than numpy's reversed copy of 3-byte pixels, but
+# each torch call costs some microseconds more, which small crops (CIFAR) lose.
+_TORCH_FLIP_PIXELS = 96 * 96
+
+
 def augment_batch(images: np.ndarray, mean: np.ndarray, aug: Augment, rng: np.random.Generator,
                   eigvals: np.ndarray | None = None, eigvecs: np.ndarray | None = None,
                   mean_flipped: np.ndarray | None = None, out: np.ndarray | None = None) -> torch.Tensor:
     """uint8 (B, S, S, 3) -> float32 (B, 3, crop, crop), mean subtracted.
 
     The mean image is cropped at the same place as each image, so the result is
-    exactly ``crop(image - mean)``.  Work is per batch: one gather of crops, one
-    flip, one subtraction.
+    exactly ``crop(image - mean)``: every pixel is float32(uint8) - float32 mean
+    (plus the image's colour shift), whichever path below computes it.  Each
+    image is finished while it is still in cache.
     """
     b, s = images.shape[0], images.shape[1]
     c = aug.crop
@@ -113,34 +121,51 @@ def augment_batch(images: np.ndarray, mean: np.ndarray, aug: Augment, rng: np.ra
     else:
         ys = xs = np.full(b, (s - c) // 2)
     flips = rng.random(b) < 0.5 if aug.flip else np.zeros(b, dtype=bool)
-    if out is None or out.shape != (b, c, c, 3):
-        out = np.empty((b, c, c, 3), dtype=np.float32)
-    images = np.ascontiguousarray(images)
-    if flips.any():
-        # Reading pixels backwards is numpy's slow path, so flip the mean once
-        # (its crops are then plain slices) and reverse each flipped crop as
-        # whole 3-byte pixels.
-        if mean_flipped is None:
-            mean_flipped = np.ascontiguousarray(mean[:, ::-1])
-        pixels = images.view("V3")[..., 0]  # (B, S, S) of RGB triples
-        flipped = np.empty((c, c, 3), dtype=np.uint8)
-    for i in range(b):
-        y, x = ys[i], xs[i]
-        # Cast, then subtract in float32: two same-type passes beat one mixed-type ufunc.
-        o = out[i]
-        if flips[i]:
-            flipped.view("V3")[..., 0] = pixels[i, y:y + c, x:x + c][:, ::-1]
-            o[...] = flipped
-            o -= mean_flipped[y:y + c, s - x - c:s - x]
-        else:
-            o[...] = images[i, y:y + c, x:x + c]
-            o -= mean[y:y + c, x:x + c]
+    shifts = None
     if aug.pca_std > 0 and eigvals is not None:
         alphas = rng.normal(0.0, aug.pca_std, size=(b, 3)).astype(np.float32)
         # The paper adds sum_i alpha_i lambda_i p_i.  Eigenvalues scale with the
         # square of the pixel unit, so apply it in [0, 1] units (as common
         # reimplementations do) and convert back: lambda / 255 in 0..255 units.
-        out += ((alphas * eigvals / 255.0) @ eigvecs.T)[:, None, None, :]
+        # Tiled to a whole row of pixels so that the addition runs along rows
+        # rather than in numpy's slow steps of three.  Drawn before the loop but
+        # after the crops and flips, as before, so a seed gives the same batch.
+        shifts = np.tile((alphas * eigvals / 255.0) @ eigvecs.T, (1, c))
+    if out is None or out.shape != (b, c, c, 3) or not out.flags.c_contiguous:
+        out = np.empty((b, c, c, 3), dtype=np.float32)
+    images = np.ascontiguousarray(images)
+    by_torch = c * c >= _TORCH_FLIP_PIXELS
+    if flips.any():
+        # Reading pixels backwards is numpy's slow path, so flip the mean once
+        # (its crops are then plain slices).
+        if mean_flipped is None:
+            mean_flipped = np.ascontiguousarray(mean[:, ::-1])
+        if by_torch:
+            with warnings.catch_warnings():
+                # A memory-mapped batch is read-only; torch only reads it.
+                warnings.simplefilter("ignore", UserWarning)
+                pixels = torch.from_numpy(images)
+            flipped_mean, outs = torch.from_numpy(mean_flipped), torch.from_numpy(out)
+        else:
+            pixels = images.view("V3")[..., 0]  # (B, S, S) of RGB triples, reversed whole
+            flipped = np.empty((c, c, 3), dtype=np.uint8)
+    for i, (y, x, flip) in enumerate(zip(ys.tolist(), xs.tolist(), flips.tolist())):
+        o = out[i]
+        if not flip:
+            # Cast, then subtract in float32: two same-type passes beat one mixed-type ufunc.
+            o[...] = images[i, y:y + c, x:x + c]
+            o -= mean[y:y + c, x:x + c]
+        elif by_torch:
+            # torch's mixed uint8 - float32 subtraction casts and subtracts in one pass.
+            torch.sub(pixels[i, y:y + c, x:x + c].flip(1), flipped_mean[y:y + c, s - x - c:s - x],
+                      out=outs[i])
+        else:
+            flipped.view("V3")[..., 0] = pixels[i, y:y + c, x:x + c][:, ::-1]
+            o[...] = flipped
+            o -= mean_flipped[y:y + c, s - x - c:s - x]
+        if shifts is not None:
+            rows = o.reshape(c, 3 * c)
+            rows += shifts[i]
     return torch.from_numpy(out).permute(0, 3, 1, 2)
 
 

@@ -122,3 +122,27 @@ def read_synsets(path: Path) -> dict[str, str]:
         if parts:
             names[parts[0]] = parts[1] if len(parts) > 1 else parts[0]
     return names
+
+
+def fingerprint(path: Path) -> str:
+    """A short hash that changes when the dataset does: the store's
+    description, or the names and sizes of the files (cheap: no pixel is read).
+    A run records it, and resuming on different data is refused."""
+    import hashlib
+
+    path = Path(path)
+    digest = hashlib.sha256()
+    if (path / STORE_MARKER).is_file():
+        digest.update((path / STORE_MARKER).read_bytes())
+    else:
+        import os
+
+        entries = []
+        for folder, dirs, files in os.walk(path):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            rel = os.path.relpath(folder, path)
+            entries += [(os.path.join(rel, f), os.stat(os.path.join(folder, f)).st_size)
+                        for f in files if not f.startswith(".")]
+        for name, size in sorted(entries):
+            digest.update(f"{name}\0{size}\n".encode())
+    return digest.hexdigest()[:16]

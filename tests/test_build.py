@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from convspec.build import build as _build
+from convspec.builder import build as _build
 from convspec.check import check, check_paths
 from convspec.parse import parse_text
 from convspec.values import Schedule

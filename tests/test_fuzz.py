@@ -23,7 +23,7 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from convspec.build import build
+from convspec.builder import build
 from convspec.check import CheckedNet, check_paths, find_params_file
 from convspec.errors import SpecError
 from convspec.report import as_dict, as_text

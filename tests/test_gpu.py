@@ -4,7 +4,7 @@ without a GPU; bench/gpu.sh runs them on a lent GPU machine."""
 import pytest
 import torch
 
-from convspec.build import build
+from convspec.builder import build
 from convspec.check import check_paths
 
 from conftest import ROOT

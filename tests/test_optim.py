@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from convspec.build import Rule, build
+from convspec.builder import Rule, build
 from convspec.check import check
 from convspec.parse import parse_text
 from convspec.values import Schedule
@@ -86,3 +86,25 @@ def test_missing_rates_are_a_clear_error():
     net = build(check(parse_text(SPEC, "s.cfg")), devices=["cpu"])
     with pytest.raises(ValueError, match="parameter 'c.weight' has no learning rate or momentum"):
         ConvnetSGD(net.learning_rules())
+
+
+def test_update_period_accumulates_and_applies_the_mean():
+    """updatePeriod=2: no change after the first minibatch; after the second,
+    one update with the mean of the two minibatch gradients."""
+    net, ref = _net(), _net()
+    period2 = [(n, p, Rule(r.eps, r.mom, r.wc, 0.0, 2, r.layer_type)) for n, p, r in net.learning_rules()]
+    opt, ref_opt = ConvnetSGD(period2), ConvnetSGD(ref.learning_rules())
+    x = torch.randn(8, 3, 6, 6, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])
+    start = net.c.weight.detach().clone()
+    net.loss(net(x[:4]), y[:4]).backward()
+    opt.step()
+    assert torch.equal(net.c.weight, start) and net.c.weight.grad is not None  # still accumulating
+    net.loss(net(x[4:]), y[4:]).backward()
+    opt.step()
+    assert net.c.weight.grad is None  # used and cleared
+    (0.5 * (ref.loss(ref(x[:4]), y[:4]) + ref.loss(ref(x[4:]), y[4:]))).backward()
+    ref_opt.step()
+    for (_n, a, _r), (_m, b, _s) in zip(net.learning_rules(), ref.learning_rules()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert not torch.equal(net.c.weight, start)

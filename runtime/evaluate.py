@@ -1,0 +1,137 @@
+"""Top-1 and top-k error: one function for validation during training and for
+``convspec eval``, so the two give the same numbers on the same checkpoint.
+
+With 10 views (the paper's four corners and centre, each flipped), the
+softmax outputs of the views are averaged before ranking, as in section 4.1.
+Under ``torch.distributed`` every rank scores its own share and the counts
+are summed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .distributed import Cluster, all_reduce_sum
+from .progress import Progress
+
+
+@dataclass
+class EvalResult:
+    top1_error: float  # fractions
+    topk_error: float
+    k: int
+    images: int
+    views: int
+    per_class_images: np.ndarray = field(repr=False, default=None)  # (classes,)
+    per_class_top1_wrong: np.ndarray = field(repr=False, default=None)
+    per_class_topk_wrong: np.ndarray = field(repr=False, default=None)
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on the device the images go to; fp32 does nothing."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+             num_classes: int, k: int = 5, precision: str = "fp32", total: int | None = None,
+             progress: bool = False, channels_last: bool = False, cluster: Cluster | None = None) -> EvalResult:
+    """``batches``: (B, V, 3, H, W) views and (B,) labels, as ``loader.eval_batches`` gives."""
+    was_training = model.training
+    model.eval()
+    k = min(k, num_classes)
+    counts = torch.zeros(3, num_classes, dtype=torch.int64)  # images, top-1 wrong, top-k wrong
+    bar = Progress(total or 0, "evaluating", enabled=progress and bool(total))
+    views = 1
+    try:
+        for images, labels in batches:
+            b, views = images.shape[:2]
+            x = images.reshape(b * views, *images.shape[2:]).to(device, non_blocking=True)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device, precision):
+                logits = model(x)
+            probs = F.softmax(logits.float(), dim=1).reshape(b, views, -1).mean(1).cpu()
+            ranked = probs.topk(k, dim=1).indices
+            hit = ranked == labels[:, None]
+            counts[0].index_add_(0, labels, torch.ones_like(labels))
+            counts[1].index_add_(0, labels, (~hit[:, 0]).long())
+            counts[2].index_add_(0, labels, (~hit.any(1)).long())
+            bar.update(b)
+    finally:
+        bar.close()
+        model.train(was_training)
+    if cluster is not None:
+        all_reduce_sum(counts, cluster)
+    images, wrong1, wrongk = counts.sum(1).tolist()
+    return EvalResult(wrong1 / max(images, 1), wrongk / max(images, 1), k, images, views,
+                      *(c.numpy() for c in counts))
+
+
+@dataclass
+class CheckpointEval:
+    result: EvalResult
+    checkpoint: str
+    data: str
+    class_names: list[str]
+
+
+def evaluate_checkpoint(checkpoint: str | None = None, data: str | None = None, labels: str | None = None,
+                        k: int = 5, views: int | None = None, devices: list[str] | None = None,
+                        batch_size: int | None = None, runs_root: str = "runs",
+                        progress: bool = False) -> CheckpointEval:
+    """``convspec eval``: the run's own validation images by default, or every
+    image under ``data`` with its classes mapped through the run's class list."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from . import checkpoint as ckpt
+    from . import runs
+    from .loader import eval_batches, open_source
+
+    path = runs.eval_checkpoint(checkpoint, Path(runs_root))
+    state = ckpt.load(path)
+    if state.get("format") != ckpt.FORMAT:
+        from convspec.errors import Location, fail
+
+        raise fail("not a convspec training checkpoint", Location(str(path)))
+    recorded = state["data"]
+    device_list = devices or (["cuda:0"] if torch.cuda.is_available() else ["cpu"])
+    net = runs.net_from_checkpoint(state, device_list, str(path))
+    mean = recorded["mean"].numpy()
+    if data is not None:
+        source = open_source(data, "val", classes=recorded["classes"], size=recorded["size"],
+                             labels_file=Path(labels) if labels else None, stats=False)
+        indices, shown = np.arange(len(source)), str(data)
+    elif recorded["val_path"]:
+        source = open_source(recorded["val_path"], "val", classes=recorded["classes"], size=recorded["size"],
+                             stats=False)
+        indices, shown = recorded["val_indices"].numpy(), f"{recorded['val_path']} (the run's validation data)"
+    else:
+        indices = recorded["val_indices"].numpy()
+        if len(indices) == 0:
+            from convspec.errors import Location, fail
+
+            raise fail("the run held out no validation images (valFraction=0); give --data PATH to evaluate on",
+                       Location(str(path)))
+        source = open_source(recorded["path"], "train", size=recorded["size"], stats=False)
+        shown = f"{recorded['path']} ({len(indices):,} held-out validation images)"
+    views = views or state["recipe"]["test_views"]
+    batch = batch_size or recorded.get("eval_batch", 128)
+    batches = eval_batches(source, indices, batch, recorded["crop"], ten_views=views == 10, mean=mean)
+    options = state["options"]
+    if options["channels_last"]:
+        net = net.to(memory_format=torch.channels_last)
+    result = evaluate(net, batches, torch.device(device_list[0]), len(recorded["classes"]), k,
+                      options["precision"], total=len(indices), progress=progress,
+                      channels_last=options["channels_last"])
+    return CheckpointEval(result, str(path), shown, list(recorded["class_names"]))

@@ -1,0 +1,145 @@
+"""Run folders, and rebuilding a trained net from its checkpoint alone.
+
+A run folder (``runs/<spec>-<date>-<time>`` unless ``--out`` names one) holds::
+
+    run.json          the command's options and the recipe, for people
+    spec.cfg          the layer file and the params file as trained
+    spec.params.cfg   (overrides are in run.json and in every checkpoint)
+    metrics.jsonl     one JSON object per finished epoch
+    epoch-0007.pt     a checkpoint per epoch (the newest --keep are kept)
+    best.pt           the checkpoint with the lowest validation top-1 error
+    interrupted.pt    written on SIGINT/SIGTERM mid-epoch; --resume continues from it
+
+Every checkpoint holds the spec and params text with the overrides, the class
+list, the mean image and the crop, so it alone rebuilds the net
+(:func:`net_from_checkpoint`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from convspec.errors import Location, fail
+
+from . import checkpoint as ckpt
+
+RUNS_ROOT = Path("runs")
+BEST = "best.pt"
+INTERRUPTED = "interrupted.pt"
+METRICS = "metrics.jsonl"
+
+
+def new_run_dir(spec_path: str, root: Path = RUNS_ROOT) -> Path:
+    stem = Path(spec_path).name.split(".")[0]
+    base = root / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    return sorted(run_dir.glob(ckpt.EPOCH_PATTERN)) + [p for p in (run_dir / INTERRUPTED,) if p.is_file()]
+
+
+def newest_run(root: Path = RUNS_ROOT) -> Path:
+    runs = [d for d in root.glob("*") if d.is_dir() and _checkpoints(d)] if root.is_dir() else []
+    if not runs:
+        raise fail(f"no trained run under {root}/ (no folder with a checkpoint); train one with "
+                   "convspec train SPEC --data PATH, or name one with --checkpoint", Location(str(root)))
+    return max(runs, key=lambda d: max(p.stat().st_mtime for p in _checkpoints(d)))
+
+
+def resume_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint furthest into training: the newest epoch file, or
+    interrupted.pt when it was written after it."""
+    if not run_dir.is_dir():
+        raise fail("no such run folder to resume; give the --out folder of an earlier run", Location(str(run_dir)))
+    epochs = sorted(run_dir.glob(ckpt.EPOCH_PATTERN))
+    interrupted = run_dir / INTERRUPTED
+    if interrupted.is_file() and (not epochs or interrupted.stat().st_mtime >= epochs[-1].stat().st_mtime):
+        return interrupted
+    if not epochs:
+        raise fail("has no checkpoint to resume from (training stopped before its first epoch ended); "
+                   "start it again without --resume", Location(str(run_dir)))
+    return epochs[-1]
+
+
+def eval_checkpoint(path: str | Path | None, root: Path = RUNS_ROOT) -> Path:
+    """A file as given; a run folder's best.pt, else its newest checkpoint;
+    with no path, that of the newest run under ``root``."""
+    path = Path(path) if path is not None else newest_run(root)
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise fail("no such checkpoint or run folder", Location(str(path)))
+    if (path / BEST).is_file():
+        return path / BEST
+    found = sorted(path.glob(ckpt.EPOCH_PATTERN))
+    if found:
+        return found[-1]
+    if (path / INTERRUPTED).is_file():
+        return path / INTERRUPTED
+    raise fail("holds no checkpoint (best.pt or epoch-*.pt)", Location(str(path)))
+
+
+def checked_net_from(state: dict):
+    """The checked spec as trained: the recorded texts with the recorded overrides."""
+    from convspec.check import check
+    from convspec.parse import parse_text
+
+    spec = state["spec"]
+    params = parse_text(spec["params_text"], spec["params_path"]) if spec.get("params_text") else None
+    return check(parse_text(spec["text"], spec["path"]), params, None, spec.get("overrides", []))
+
+
+def net_from_checkpoint(state: dict, devices=None, path: str = "checkpoint"):
+    """The trained CompiledNet, in eval mode, with ``classes``, ``class_names``,
+    ``mean``, ``crop`` and ``preprocess`` attached for inference."""
+    from convspec.builder import build
+
+    if state.get("format") != ckpt.FORMAT:
+        raise fail("not a convspec training checkpoint (no 'format' entry)", Location(path))
+    net = build(checked_net_from(state), devices)
+    try:
+        net.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise fail(f"weights do not fit the recorded spec ({str(err).splitlines()[0][:150]})",
+                   Location(path)) from None
+    data = state["data"]
+    net.classes, net.class_names = list(data["classes"]), list(data["class_names"])
+    net.mean, net.crop, net.image_size = data["mean"].numpy(), int(data["crop"]), int(data["size"])
+    net.preprocess = Preprocess(net.mean, net.image_size, net.crop)
+    return net.eval()
+
+
+class Preprocess:
+    """What the run did to a test image: short side to ``size``, centre crop
+    ``size``, subtract the training mean, centre ``crop``.  Takes a path, a
+    PIL image or a uint8 (H, W, 3) array; gives a float32 (1, 3, crop, crop) batch."""
+
+    def __init__(self, mean: np.ndarray, size: int, crop: int):
+        self.mean, self.size, self.crop = mean, size, crop
+
+    def __call__(self, image) -> torch.Tensor:
+        import io
+
+        from PIL import Image
+
+        from .preprocess import eval_views, load_square
+
+        if isinstance(image, Image.Image):
+            buf = io.BytesIO()
+            image.convert("RGB").save(buf, "PNG")
+            image = buf.getvalue()
+        if isinstance(image, np.ndarray):
+            buf = io.BytesIO()
+            Image.fromarray(image).save(buf, "PNG")
+            image = buf.getvalue()
+        square = load_square(image if isinstance(image, bytes) else str(image), self.size)
+        return eval_views(square[None], self.mean, self.crop, ten=False)[:, 0]

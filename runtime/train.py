@@ -1,0 +1,626 @@
+"""The training loop behind ``convspec train``.
+
+    summary = train(TrainOptions(spec="specs/cifar10-80sec.cfg", data="cifar10"))
+
+One epoch: minibatches from ``loader.Batches`` (order fixed by the seed and
+the epoch), cuda-convnet's learning rule (``optim.ConvnetSGD``), then the
+validation split through ``evaluate.evaluate`` -- the function
+``convspec eval`` calls too.  After each epoch a checkpoint is written
+atomically, then the epoch's record is appended to ``metrics.jsonl``.
+
+Exact resume: the data order and the augmentation are functions of (seed,
+epoch, batch), and a checkpoint keeps torch's RNG state, the optimizer's
+momentum, progress and learning-rate scale, the plateau rule's state and the
+metrics so far.  A run resumed from a checkpoint therefore replays exactly
+what the uninterrupted run did from that point (on the CPU, bitwise).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import convspec
+from convspec.errors import Location, SpecError, fail
+
+from . import checkpoint as ckpt
+from . import distributed as D
+from . import runs
+from .evaluate import EvalResult, autocast, evaluate
+from .loader import Batches, augment_for, eval_batches, holdout, open_source
+from .optim import ConvnetSGD
+from .progress import Progress
+from .sources import fingerprint, read_synsets, resolve
+
+DATA_ENV = "CONVSPEC_DATA"
+TOPK = 5
+
+
+class TrainingStopped(Exception):
+    """The run stopped on purpose (a signal): state is saved, ``message`` says how to go on."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class TrainOptions:
+    spec: str | None = None
+    params: str | None = None
+    data: str | None = None
+    val_data: str | None = None
+    synsets: str | None = None
+    out: str | None = None
+    resume: bool = False
+    devices: list[str] | None = None
+    precision: str = "fp32"
+    channels_last: bool = False
+    overrides: list[str] = field(default_factory=list)
+    epochs: int | None = None
+    batch_size: int | None = None
+    seed: int | None = None
+    train_limit: int | None = None  # train on this many images of the training split
+    keep: int = 3
+    workers: int | None = None
+    deterministic: bool = False
+    progress: bool = True
+    runs_root: str = "runs"
+    echo: object = print  # where epoch lines go (main process only)
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    epochs: int
+    steps: int
+    train_seconds: float
+    history: list[dict]
+    last_checkpoint: Path | None
+    best_checkpoint: Path | None
+
+
+# --- devices -------------------------------------------------------------------------
+
+
+def parse_devices(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    devices = [d.strip() for d in text.split(",") if d.strip()]
+    for d in devices:
+        try:
+            dev = torch.device(d)
+        except RuntimeError:
+            raise fail(f"--devices: '{d}' is not a device; write e.g. cpu, cuda:0 or cuda:0,cuda:1") from None
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise fail(f"--devices: {d} is not available (this torch {torch.__version__} sees no CUDA GPU); "
+                           "use --devices cpu or install a CUDA build of torch")
+            if (dev.index or 0) >= torch.cuda.device_count():
+                raise fail(f"--devices: {d} does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
+        elif dev.type != "cpu":
+            raise fail(f"--devices: '{d}' is not supported; use cpu or cuda:N")
+    return devices
+
+
+def data_parallel_replicas(net) -> int:
+    """1, or N when every layer lists the same N replicas (cuda-convnet2's
+    data-parallel files).  Mixing replicas with towers is refused for now."""
+    placements = {tuple(l.gpu) for l in net.layers.values() if l.type != "data"}
+    widest = max(placements, key=len)
+    if len(widest) <= 1:
+        return 1
+    if len(placements) == 1:
+        return len(widest)
+    replicated = next(l for l in net.layers.values() if l.type != "data" and len(l.gpu) > 1)
+    single = next((l for l in net.layers.values() if l.type != "data" and tuple(l.gpu) != tuple(replicated.gpu)))
+    raise fail(f"this spec mixes data-parallel replicas (layer '{replicated.name}': gpu="
+               f"{','.join(map(str, replicated.gpu))}) with model-parallel placement (layer '{single.name}': gpu="
+               f"{','.join(map(str, single.gpu))}); convspec trains one or the other: give every layer the same "
+               "gpu= list, or one gpu each", Location(net.path))
+
+
+# --- the trainer ---------------------------------------------------------------------
+
+
+class Trainer:
+    def __init__(self, options: TrainOptions):
+        self.o = options
+        self.cluster = D.setup()
+        self.main = self.cluster.main
+        self.stop_signal: int | None = None
+        self.state: dict | None = None  # the checkpoint resumed from
+
+    def say(self, text: str) -> None:
+        if self.main:
+            self.o.echo(text)
+
+    # --- set-up -------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        o = self.o
+        if o.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        elif torch.cuda.is_available():
+            torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
+        if o.resume:
+            self.run_dir = Path(o.out) if o.out else runs.newest_run(Path(o.runs_root))
+            self.resumed_from = runs.resume_checkpoint(self.run_dir)
+            self.state = ckpt.load(self.resumed_from)
+            if self.state.get("format") != ckpt.FORMAT:
+                raise fail("not a convspec training checkpoint", Location(str(self.resumed_from)))
+            self._from_checkpoint()
+        else:
+            if o.spec is None:
+                raise fail("give the spec to train (convspec train SPEC --data PATH), "
+                           "or --resume to continue a run")
+            from convspec.check import check_paths
+
+            self.net_spec = check_paths(o.spec, o.params, overrides=o.overrides)
+            self.recipe = self.net_spec.recipe.with_options(epochs=o.epochs, batch_size=o.batch_size, seed=o.seed)
+            self.run_dir = Path(o.out) if o.out else runs.new_run_dir(o.spec, Path(o.runs_root))
+            if self.run_dir.exists() and (list(self.run_dir.glob("*.pt")) or (self.run_dir / runs.METRICS).exists()):
+                raise fail("already holds a run; continue it with --resume, or choose another --out",
+                           Location(str(self.run_dir)))
+            self.data_path = o.data or os.environ.get(DATA_ENV)
+            self.val_path = o.val_data
+            self.train_limit = o.train_limit
+            self.precision, self.channels_last = o.precision, o.channels_last
+        if not self.data_path:
+            raise fail(f"no training data: pass --data PATH (a prepared store, a CIFAR python folder, an image "
+                       f"folder with one sub-folder per class, or cifar10/cifar100 to download it) or set {DATA_ENV}")
+        self.replicas = data_parallel_replicas(self.net_spec)
+        self._open_data()
+        self._build()
+
+    def _from_checkpoint(self) -> None:
+        from convspec.recipe import Recipe
+
+        s, o = self.state, self.o
+        self.net_spec = runs.checked_net_from(s)
+        recorded = dict(s["recipe"])
+        recorded["lr_drops"] = tuple(recorded["lr_drops"])
+        self.recipe = Recipe(**recorded).with_options(epochs=o.epochs)  # more epochs may be asked for
+        d = s["data"]
+        if o.data and str(Path(o.data).resolve()) != d["resolved"]:
+            self.say(f"note: training data is {o.data}, the run started on {d['path']}")
+        self.data_path = o.data or d["path"]
+        self.val_path = d["val_path"]
+        self.train_limit = d["train_limit"]
+        self.precision = s["options"]["precision"]
+        self.channels_last = s["options"]["channels_last"]
+        ignored = [name for name in ("spec", "params", "val_data", "batch_size", "seed", "train_limit")
+                   if getattr(o, name)] + (["--set"] if o.overrides else [])
+        if ignored:
+            self.say(f"note: resuming {self.run_dir} as recorded; ignoring {', '.join(ignored)}")
+
+    def _open_data(self) -> None:
+        r, c = self.recipe, self.cluster
+        image_shape = self.net_spec.image_shape
+        if image_shape is None or image_shape[0] != 3:
+            raise fail("the data layer must take 3-channel images (inputSize=3xHxW) to train on RGB data",
+                       Location(self.net_spec.path))
+        self.crop = image_shape[1]
+        size = r.image_size or (round(self.crop * 256 / 224) if r.random_crop else self.crop)
+        self.train_source = open_source(self.data_path, "train", size=size, progress=self.main and self.o.progress)
+        self.classes = list(self.train_source.classes)
+        names = getattr(self.train_source, "class_names", None) or self.classes
+        if self.o.synsets:
+            synsets = read_synsets(Path(self.o.synsets))
+            names = [synsets.get(c, c) for c in self.classes]
+        self.class_names = list(names)
+        self.fingerprint = fingerprint(resolve(self.data_path))
+        if self.state is not None and self.state["data"]["fingerprint"] != self.fingerprint:
+            raise fail(f"this data differs from the data the run was trained on (fingerprint {self.fingerprint}, "
+                       f"recorded {self.state['data']['fingerprint']}); resume on the same data",
+                       Location(str(self.data_path)))
+        outputs = self._output_count()
+        if outputs != len(self.classes):
+            out_layer = self._output_layer()
+            raise fail(f"the net ends in {outputs} outputs (layer '{out_layer}') but the data has "
+                       f"{len(self.classes)} classes; set outputs={len(self.classes)} on '{out_layer}' "
+                       f"(e.g. --set {out_layer}.outputs={len(self.classes)})", Location(self.net_spec.path))
+        n = len(self.train_source)
+        if self.state is not None:
+            self.train_idx = self.state["data"]["train_indices"].numpy()
+            self.val_idx = self.state["data"]["val_indices"].numpy()
+        elif self.val_path:
+            self.train_idx, self.val_idx = np.arange(n), None
+        else:
+            self.train_idx, self.val_idx = holdout(n, r.val_fraction, r.split_seed)
+        if self.state is None and self.train_limit and self.train_limit < len(self.train_idx):
+            pick = np.random.default_rng([r.split_seed, 1]).choice(len(self.train_idx), self.train_limit, replace=False)
+            self.train_idx = np.sort(self.train_idx[pick])
+        if self.val_path:
+            self.val_source = open_source(self.val_path, "val", classes=self.classes, size=self.train_source.size,
+                                          stats=False)
+            if self.val_idx is None:
+                self.val_idx = np.arange(len(self.val_source))
+        else:
+            self.val_source = self.train_source
+        if r.batch_size % c.world:
+            raise fail(f"the batch of {r.batch_size} does not split over {c.world} ranks; "
+                       f"use a multiple of {c.world} (--batch-size)")
+        self.rank_batch = r.batch_size // c.world
+        workers = self.o.workers
+        if workers is None:  # decoding sources only; measured ~2% of a CPU step, more on a GPU
+            workers = 0 if not torch.cuda.is_available() else min(8, max(1, (os.cpu_count() or 2) // c.world - 1))
+        self.batches = Batches(self.train_source, self.train_idx, self.rank_batch,
+                               augment_for(r, self.crop), seed=r.seed, rank=c.rank, world=c.world,
+                               workers=workers, pin_memory=torch.cuda.is_available())
+        if len(self.batches) == 0:
+            raise fail(f"{len(self.train_idx)} training images make no full batch of {r.batch_size}; "
+                       "use a smaller --batch-size or more data", Location(str(self.data_path)))
+
+    def _output_layer(self) -> str:
+        cost = next((l for l in self.net_spec.layers.values() if l.type == "cost.logreg"), None)
+        if cost is None:
+            raise fail("the spec has no cost.logreg layer to train against; add one "
+                       "(type=cost.logreg, inputs=labels,probs)", Location(self.net_spec.path))
+        return self.net_spec.layers[cost.inputs[1]].inputs[0]
+
+    def _output_count(self) -> int:
+        return self.net_spec.layers[self._output_layer()].shape[0]
+
+    def _build(self) -> None:
+        from convspec.builder import build, default_devices
+
+        o, c, r = self.o, self.cluster, self.recipe
+        devices = parse_devices(",".join(o.devices)) if o.devices else None
+        if c.distributed:
+            if devices is None:
+                devices = [str(D.rank_device(c))]
+            if self.replicas not in (1, c.world):
+                self.say(f"note: the spec lists {self.replicas} replicas; training with {c.world} ranks")
+        elif self.replicas > 1:
+            self.say(f"note: the spec lists {self.replicas} data-parallel replicas; this single process trains "
+                     f"on the whole batch (same update). For {self.replicas} processes: "
+                     f"torchrun --nproc-per-node {self.replicas} -m convspec train ...")
+        self.devices = [torch.device(d) for d in (devices or default_devices())]
+        self.device = self.devices[0]  # where images enter
+        if self.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise fail(f"--precision bf16: {torch.cuda.get_device_name(self.device)} has no bf16 support; use fp32")
+        torch.manual_seed(r.seed)  # the same initial weights on every rank
+        self.net = build(self.net_spec, self.devices)
+        if self.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        if self.state is not None:
+            self.net.load_state_dict(self.state["model"])
+        self.model = self.net
+        if c.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            single = len({d for d in self.devices}) == 1 and self.device.type == "cuda"
+            self.model = DistributedDataParallel(self.net, device_ids=[self.device] if single else None)
+        try:
+            self.optimizer = ConvnetSGD(self.net.learning_rules())
+        except ValueError as err:
+            raise fail(f"{err}", Location(self.net_spec.params_path or self.net_spec.path)) from None
+        if self.state is not None:
+            self.optimizer.load_state_dict(self.state["optimizer"])
+            torch.set_rng_state(self.state["rng"]["torch"])
+            if torch.cuda.is_available() and self.state["rng"]["cuda"]:
+                torch.cuda.set_rng_state_all(self.state["rng"]["cuda"])
+        elif c.rank:
+            torch.manual_seed(r.seed + 1000003 * c.rank)  # dropout differs per rank; weights came from rank 0
+
+    # --- the loop -----------------------------------------------------------------------
+
+    def run(self) -> RunSummary:
+        self.prepare()
+        r, o = self.recipe, self.o
+        s = self.state or {}
+        epoch0 = s.get("epoch", 0)
+        batch0 = s.get("batch", 0)
+        self.step = s.get("step", 0)
+        self.history: list[dict] = list(s.get("history", []))
+        sched = s.get("schedule", {"plateau_drops": 0, "plateau_wait": 0, "best_val": None, "best_epoch": None})
+        self.sched = dict(sched)
+        self.train_seconds = s.get("train_seconds", 0.0)
+        partial = s.get("partial", {"loss": 0.0, "wrong": 0, "images": 0, "seconds": 0.0})
+        if epoch0 >= r.epochs:
+            raise fail(f"the run has finished its {r.epochs} epochs; pass --epochs N (more than {epoch0}) "
+                       "to train further", Location(str(self.run_dir)))
+        if self.main:
+            self._write_run_files()
+        self.say(self._banner(epoch0, batch0))
+        steps_per_epoch = len(self.batches)
+        self.total_steps = steps_per_epoch * r.epochs
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        for sig in previous:
+            signal.signal(sig, self._on_signal)
+        last = best = None
+        try:
+            for epoch in range(epoch0, r.epochs):
+                record = self._train_epoch(epoch, batch0 if epoch == epoch0 else 0,
+                                           partial if epoch == epoch0 else None)
+                last, best = self._end_epoch(epoch, record)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        D.barrier(self.cluster)
+        return RunSummary(self.run_dir, r.epochs, self.step, self.train_seconds, self.history, last,
+                          best or (self.run_dir / runs.BEST if (self.run_dir / runs.BEST).exists() else None))
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.stop_signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
+        self.stop_signal = signum
+
+    def _lr_scale(self, epoch: int) -> float:
+        r = self.recipe
+        drops = sum(1 for d in r.lr_drops if d <= epoch) + self.sched["plateau_drops"]
+        return r.lr_factor ** drops
+
+    def _train_epoch(self, epoch: int, start: int, partial: dict | None) -> dict:
+        r, c = self.recipe, self.cluster
+        self.net.train()
+        opt = self.optimizer
+        opt.lr_scale = self._lr_scale(epoch)
+        sums = dict(partial or {"loss": 0.0, "wrong": 0, "images": 0, "seconds": 0.0})
+        n_batches = len(self.batches)
+        bar = Progress((n_batches - start) * r.batch_size, f"epoch {epoch + 1}/{r.epochs}",
+                       enabled=self.main and self.o.progress)
+        sync_every = 1 if self.device.type == "cpu" else 20  # .item() stalls a GPU; look every few steps
+        window: list[torch.Tensor] = []
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        wrong_sum = torch.zeros((), dtype=torch.int64, device=self.device)
+        seen = 0
+        t0 = time.perf_counter()
+        for b, (images, labels) in enumerate(self.batches.epoch(epoch, start), start):
+            x = images.to(self.device, non_blocking=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = labels.to(self.device, non_blocking=True)
+            opt.progress = self.step / self.total_steps
+            with autocast(self.device, self.precision):
+                logits = self.model(x)
+            loss = self.net.loss(logits, y)
+            loss.backward()
+            opt.step()
+            self.step += 1
+            detached = loss.detach()
+            window.append(detached)
+            loss_sum += detached.double() * len(y)
+            wrong_sum += (logits.detach().argmax(1) != y).sum()
+            seen += len(y)
+            if len(window) >= sync_every or b == n_batches - 1:
+                values = torch.stack(window).tolist()
+                bad = next((i for i, v in enumerate(values) if not np.isfinite(v)), None)
+                if D.broadcast_flag(bad is not None, c):
+                    failed_step = self.step - len(values) + (bad if bad is not None else 0) + 1
+                    raise self._nan_error(failed_step, epoch, x, values[bad] if bad is not None else float("nan"))
+                window.clear()
+                bar.update(len(values) * r.batch_size, f"loss {values[-1]:.4f}")
+            if D.broadcast_flag(self.stop_signal is not None, c):
+                self._save_interrupted(epoch, b + 1, sums, loss_sum, wrong_sum, seen, time.perf_counter() - t0)
+        bar.close()
+        seconds = time.perf_counter() - t0
+        totals = torch.tensor([loss_sum.item(), float(wrong_sum.item()), float(seen)], dtype=torch.float64)
+        D.all_reduce_sum(totals, c)
+        loss_total = sums["loss"] + totals[0].item()
+        wrong_total = sums["wrong"] + int(totals[1].item())
+        images_total = sums["images"] + int(totals[2].item())
+        train_seconds = sums["seconds"] + seconds
+        self.train_seconds += seconds
+        return {"epoch": epoch + 1, "step": self.step, "train_loss": loss_total / images_total,
+                "train_error": wrong_total / images_total, "lr_scale": opt.lr_scale,
+                "train_images": images_total, "train_time": train_seconds}
+
+    def validate(self) -> EvalResult | None:
+        if self.val_idx is None or len(self.val_idx) == 0:
+            return None
+        c = self.cluster
+        shard = self.val_idx[c.rank::c.world]
+        batches = eval_batches(self.val_source, shard, self.rank_batch, self.crop,
+                               ten_views=self.recipe.test_views == 10, mean=self.train_source.mean)
+        return evaluate(self.net, batches, self.device, len(self.classes), TOPK, self.precision,
+                        total=len(shard), progress=self.main and self.o.progress,
+                        channels_last=self.channels_last, cluster=c)
+
+    def _end_epoch(self, epoch: int, record: dict):
+        t0 = time.perf_counter()
+        result = self.validate()
+        val_seconds = time.perf_counter() - t0
+        r = self.recipe
+        full = {"epoch": record["epoch"], "step": record["step"], "train_loss": record["train_loss"],
+                "train_error": record["train_error"],
+                "val_top1_error": result.top1_error if result else None,
+                f"val_top{TOPK}_error": result.topk_error if result else None,
+                "k": result.k if result else TOPK, "lr_scale": record["lr_scale"], "seconds": record["train_time"] + val_seconds,
+                "images_per_s": record["train_images"] / max(record["train_time"], 1e-9),
+                "train_seconds": self.train_seconds, "val_images": result.images if result else 0}
+        self.history.append(full)
+        improved = False
+        if result is not None:
+            best = self.sched["best_val"]
+            improved = best is None or result.top1_error < best
+            if improved:
+                self.sched.update(best_val=result.top1_error, best_epoch=epoch + 1, plateau_wait=0)
+            else:
+                self.sched["plateau_wait"] += 1
+                if r.plateau and self.sched["plateau_wait"] >= r.plateau:
+                    self.sched["plateau_drops"] += 1
+                    self.sched["plateau_wait"] = 0
+                    self.say(f"validation error has not improved for {r.plateau} epoch(s): "
+                             f"learning rate x{r.lr_factor:g} from epoch {epoch + 2}")
+        last = self.run_dir / ckpt.epoch_name(epoch + 1)
+        if self.main:
+            ckpt.save(last, self._state(epoch + 1, 0))
+            if improved:
+                _link_or_copy(last, self.run_dir / runs.BEST)
+            (self.run_dir / runs.INTERRUPTED).unlink(missing_ok=True)
+            ckpt.prune(self.run_dir, self.o.keep)
+            self._write_metrics()
+        self.say(_epoch_line(full, r.epochs))
+        return last, (self.run_dir / runs.BEST if improved else None)
+
+    # --- failures and signals ---------------------------------------------------------------
+
+    def _nan_error(self, step: int, epoch: int, x: torch.Tensor, value: float) -> SpecError:
+        layer, what = diagnose(self.net, x)
+        good = sorted(self.run_dir.glob(ckpt.EPOCH_PATTERN))
+        kept = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written yet"
+        return fail(f"loss became {value} at step {step} (epoch {epoch + 1}); the first layer to go bad is "
+                    f"'{layer}' ({what}). Training stopped and {kept}. Lower the learning rate "
+                    f"(e.g. --set {layer}.epsW=...) or check the data")
+
+    def _save_interrupted(self, epoch, batch, sums, loss_sum, wrong_sum, seen, seconds) -> None:
+        totals = torch.tensor([loss_sum.item(), float(wrong_sum.item()), float(seen)], dtype=torch.float64)
+        D.all_reduce_sum(totals, self.cluster)
+        partial = {"loss": sums["loss"] + totals[0].item(), "wrong": sums["wrong"] + int(totals[1].item()),
+                   "images": sums["images"] + int(totals[2].item()), "seconds": sums["seconds"] + seconds}
+        self.train_seconds += seconds
+        path = self.run_dir / runs.INTERRUPTED
+        if self.main:
+            ckpt.save(path, self._state(epoch, batch, partial))
+        D.barrier(self.cluster)
+        name = signal.Signals(self.stop_signal).name if self.stop_signal else "signal"
+        raise TrainingStopped(f"{name}: stopped in epoch {epoch + 1} after batch {batch}; saved {path}. "
+                              f"Continue with: convspec train --resume --out {self.run_dir}",
+                              128 + (self.stop_signal or 2))
+
+    # --- state -------------------------------------------------------------------------------
+
+    def _state(self, epoch: int, batch: int, partial: dict | None = None) -> dict:
+        spec = self.net_spec
+        src = self.train_source
+        data = {"path": str(self.data_path), "resolved": str(resolve(self.data_path).resolve()),
+                "val_path": self.val_path, "fingerprint": self.fingerprint, "images": len(src),
+                "classes": self.classes, "class_names": self.class_names,
+                "size": int(src.size), "crop": int(self.crop), "pixel_scale": 1.0,
+                "mean": torch.from_numpy(np.asarray(src.mean, dtype=np.float32)),
+                "eigvals": torch.from_numpy(np.asarray(src.eigvals, dtype=np.float64)),
+                "eigvecs": torch.from_numpy(np.asarray(src.eigvecs, dtype=np.float64)),
+                "train_indices": torch.from_numpy(np.asarray(self.train_idx, dtype=np.int64)),
+                "val_indices": torch.from_numpy(np.asarray(self.val_idx if self.val_idx is not None else [],
+                                                           dtype=np.int64)),
+                "train_limit": self.train_limit, "eval_batch": self.rank_batch}
+        return {
+            "format": ckpt.FORMAT, "version": 1,
+            "epoch": epoch, "batch": batch, "step": self.step, "partial": partial,
+            "model": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": dict(self.sched),
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "spec": {"path": spec.path, "text": spec.spec_text, "params_path": spec.params_path,
+                     "params_text": spec.params_text, "overrides": list(spec.overrides)},
+            "recipe": self.recipe.as_dict(),
+            "options": {"precision": self.precision, "channels_last": self.channels_last,
+                        "devices": [str(d) for d in self.devices], "world": self.cluster.world,
+                        "argv": list(sys.argv)},
+            "data": data,
+            "history": list(self.history),
+            "train_seconds": self.train_seconds,
+            "provenance": provenance(),
+        }
+
+    def _write_metrics(self) -> None:
+        # Rewritten whole from the history the checkpoint holds, so a resumed
+        # run never repeats (or loses) an epoch's record.
+        text = "".join(json.dumps(rec) + "\n" for rec in self.history)
+        ckpt_path = self.run_dir / runs.METRICS
+        tmp = ckpt_path.with_name(f".{ckpt_path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, ckpt_path)
+
+    def _write_run_files(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        spec = self.net_spec
+        (self.run_dir / "spec.cfg").write_text(spec.spec_text)
+        if spec.params_text:
+            (self.run_dir / "spec.params.cfg").write_text(spec.params_text)
+        info = {"spec": spec.path, "params": spec.params_path, "overrides": spec.overrides,
+                "data": str(self.data_path), "val_data": self.val_path, "train_limit": self.train_limit,
+                "recipe": self.recipe.as_dict(), "precision": self.precision,
+                "channels_last": self.channels_last, "devices": [str(d) for d in self.devices],
+                "world": self.cluster.world, "classes": len(self.classes), "argv": list(sys.argv),
+                "provenance": provenance()}
+        (self.run_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+        if self.state is not None:
+            self._write_metrics()  # drop records of epochs the checkpoint does not hold
+
+    def _banner(self, epoch0: int, batch0: int) -> str:
+        r = self.recipe
+        val = (f"{len(self.val_idx):,} validation images" if self.val_idx is not None and len(self.val_idx)
+               else "no validation")
+        where = f"resuming at epoch {epoch0 + 1}, batch {batch0 + 1}" if self.state is not None else "new run"
+        devices = ",".join(str(d) for d in dict.fromkeys(self.devices))
+        ranks = f" x {self.cluster.world} ranks" if self.cluster.distributed else ""
+        return (f"{self.run_dir}: {where}; {len(self.train_idx):,} training images, {val}, "
+                f"{len(self.classes)} classes; {r.epochs} epochs of {len(self.batches)} batches of {r.batch_size}; "
+                f"{self.crop}x{self.crop} crops; {devices}{ranks}, {self.precision}")
+
+
+def diagnose(net, x: torch.Tensor) -> tuple[str, str]:
+    """Which layer went bad first: the first (in order) with non-finite
+    weights, else the first whose output is not finite on this batch."""
+    from convspec.layers import LAYER_TYPES
+
+    for layer in net.spec.layers.values():
+        if LAYER_TYPES[layer.type].has_weights:
+            module = net.layer_module(layer.name)
+            if not all(torch.isfinite(p).all() for p in module.parameters()):
+                return layer.name, "weights are not finite"
+    names = [l.name for l in net.spec.layers.values() if l.type not in ("data",) and not l.type.startswith("cost.")]
+    with torch.no_grad():
+        outputs = net(x, outputs=names)
+    for name in names:
+        if not torch.isfinite(outputs[name]).all():
+            return name, "outputs are not finite"
+    return names[-1], "the loss is not finite"
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)  # same bytes, no second write of a large file
+    except OSError:
+        import shutil
+
+        shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(convspec.__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def provenance() -> dict:
+    return {"convspec": convspec.__version__, "git_commit": _git_commit(), "torch": str(torch.__version__),
+            "numpy": np.__version__, "python": platform.python_version(), "host": platform.node(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _epoch_line(rec: dict, epochs: int) -> str:
+    val = (f"val top-1 {100 * rec['val_top1_error']:.2f}% top-{rec['k']} {100 * rec[f'val_top{TOPK}_error']:.2f}%"
+           if rec["val_top1_error"] is not None else "no validation")
+    return (f"epoch {rec['epoch']}/{epochs}  train loss {rec['train_loss']:.4f} error "
+            f"{100 * rec['train_error']:.2f}%  {val}  lr x{rec['lr_scale']:g}  "
+            f"{rec['seconds']:.1f} s ({rec['images_per_s']:,.0f} img/s)")
+
+
+def train(options: TrainOptions) -> RunSummary:
+    trainer = Trainer(options)
+    try:
+        return trainer.run()
+    finally:
+        D.teardown(trainer.cluster)

@@ -1,0 +1,350 @@
+"""`convspec train` and `convspec eval` on small CIFAR-format data the tests
+write themselves: metrics, checkpoints, exact resume after SIGKILL and
+SIGINT, NaN stops, learning-rate drops, eval consistency, the Python API."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import convspec
+from convspec.cli import main
+from runtime import checkpoint as ckpt
+from runtime import cifar
+from runtime.evaluate import evaluate_checkpoint
+from runtime.train import TrainOptions, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A small net with every kind of state that resume must restore: momentum,
+# dropout's random numbers, a schedule over progress.
+SPEC = """\
+[data]
+type=data
+inputSize=3x32x32
+[labels]
+type=data
+dataIdx=1
+[conv1]
+type=conv
+inputs=data
+filters=8
+filterSize=5
+stride=2
+neuron=relu
+initW=0.01
+[pool1]
+type=pool
+inputs=conv1
+pool=max
+sizeX=3
+stride=2
+[fc1]
+type=fc
+inputs=pool1
+outputs=16
+neuron=relu
+initW=0.01
+[drop]
+type=dropout2
+inputs=fc1
+[fc2]
+type=fc
+inputs=drop
+outputs=4
+initW=0.01
+[probs]
+type=softmax
+inputs=fc2
+[cost]
+type=cost.logreg
+inputs=labels,probs
+"""
+
+PARAMS = """\
+[conv1]
+epsW=exp[base=0.001;tgtFactor=10]
+epsB=0.02
+momW=0.9
+momB=0.9
+wc=0.004
+[fc1]
+epsW=0.01
+epsB=0.02
+momW=0.9
+momB=0.9
+wc=0.004
+[fc2]
+epsW=0.01
+epsB=0.02
+momW=0.9
+momB=0.9
+wc=0.004
+[train]
+epochs=3
+batchSize=16
+lrDrops=2
+valFraction=0.25
+flip=1
+"""
+
+
+def make_data(root: Path, n: int = 192, classes: int = 4, seed: int = 0) -> Path:
+    """CIFAR-format batches whose classes differ in colour, so a net can learn them."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    base = np.array([[200, 40, 40], [40, 200, 40], [40, 40, 200], [200, 200, 40]])[:classes]
+    images = np.clip(base[labels][:, None, None, :] + rng.normal(0, 40, (n, 32, 32, 3)), 0, 255).astype(np.uint8)
+    root.mkdir(parents=True, exist_ok=True)
+    for i, part in enumerate(np.array_split(np.arange(n), 5)):  # CIFAR-10's five training batches
+        cifar.write_batch(root / f"data_batch_{i + 1}", images[part], labels[part])
+    cifar.write_batch(root / "test_batch", images[:32], labels[:32])
+    (root / "batches.meta").write_bytes(__import__("pickle").dumps(
+        {b"label_names": [f"class{i}".encode() for i in range(classes)]}, protocol=2))
+    return root
+
+
+@pytest.fixture()
+def setup(tmp_path):
+    spec = tmp_path / "tiny.cfg"
+    spec.write_text(SPEC)
+    (tmp_path / "tiny.params.cfg").write_text(PARAMS)
+    return spec, make_data(tmp_path / "data")
+
+
+def _weights(path: Path) -> dict:
+    return ckpt.load(path)["model"]
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _quiet(**kw) -> TrainOptions:
+    return TrainOptions(progress=False, echo=lambda s: None, **kw)
+
+
+def test_train_writes_metrics_checkpoints_and_eval_agrees(setup, tmp_path):
+    spec, data = setup
+    out = tmp_path / "run"
+    summary = train(_quiet(spec=str(spec), data=str(data), out=str(out), keep=2))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    for r in records:
+        assert set(r) >= {"epoch", "step", "train_loss", "train_error", "val_top1_error", "val_top5_error",
+                          "lr_scale", "seconds", "images_per_s"}
+        assert 0 <= r["train_error"] <= 1 and 0 <= r["val_top1_error"] <= 1
+    assert [r["step"] for r in records] == [9, 18, 27]  # 144 training images, batches of 16
+    assert [r["lr_scale"] for r in records] == [1.0, 1.0, pytest.approx(0.1)]  # lrDrops=2
+    assert sorted(p.name for p in out.glob("epoch-*.pt")) == ["epoch-0002.pt", "epoch-0003.pt"]  # --keep 2
+    assert (out / "best.pt").is_file() and (out / "run.json").is_file() and (out / "spec.cfg").read_text() == SPEC
+    assert records[-1]["val_top1_error"] < 0.25  # colours are easy: it learned (chance: 0.75)
+
+    state = ckpt.load(out / "epoch-0003.pt")
+    assert state["data"]["classes"] == ["class0", "class1", "class2", "class3"]
+    assert state["data"]["mean"].shape == (32, 32, 3) and state["data"]["crop"] == 32
+    assert state["spec"]["text"] == SPEC and state["spec"]["params_text"] == PARAMS
+    assert state["provenance"]["torch"] == torch.__version__ and len(state["data"]["fingerprint"]) == 16
+    assert len(state["data"]["val_indices"]) == 48
+
+    # One code path: standalone eval on the last checkpoint gives the training numbers exactly.
+    done = evaluate_checkpoint(str(out / "epoch-0003.pt"), k=5)
+    assert done.result.images == 48 and done.result.k == 4  # 4 classes cap k
+    assert done.result.top1_error == records[-1]["val_top1_error"]
+    assert done.result.topk_error == records[-1]["val_top5_error"]
+    assert summary.steps == 27
+
+
+def test_eval_cli_json_views_and_per_class(setup, tmp_path):
+    spec, data = setup
+    out = tmp_path / "run"
+    train(_quiet(spec=str(spec), data=str(data), out=str(out), epochs=1))
+    runner = CliRunner()
+    res = runner.invoke(main, ["eval", "--checkpoint", str(out), "--topk", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.output)
+    assert set(got) == {"top1_error", "topk_error", "k", "images", "views", "checkpoint"}
+    assert got["k"] == 2 and got["images"] == 48 and got["views"] == 1 and got["checkpoint"].endswith("best.pt")
+    assert got["topk_error"] <= got["top1_error"]
+    res = runner.invoke(main, ["eval", "--checkpoint", str(out), "--views", "10", "--data", str(data), "--per-class"])
+    assert res.exit_code == 0, res.output
+    assert "32 images, 10 views" in res.output and "class3" in res.output and "top-1 error" in res.output
+
+
+def _run_cli(args, **kw):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "convspec", *args], env=env, cwd=kw.get("cwd", ROOT),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path: Path, proc, timeout=120):
+    start = time.time()
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(proc.stderr.read())
+        if time.time() - start > timeout:
+            raise AssertionError(f"{path} never appeared")
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
+def test_resume_after_a_kill_is_bitwise_exact(setup, tmp_path, how):
+    """Killed mid-epoch 2 (SIGKILL: back to the epoch-1 checkpoint; SIGINT:
+    interrupted.pt mid-epoch), resumed: the same weights, bit for bit, as
+    the run that was never interrupted, and no repeated metrics record."""
+    spec, _ = setup
+    data = make_data(tmp_path / "more", n=1000)  # about a second per epoch: time to land mid-epoch
+    common = [str(spec), "--data", str(data), "--deterministic", "--quiet", "--batch-size", "2", "--epochs", "3",
+              "--set", "train.lrDrops=1"]
+    whole = _run_cli(["train", *common, "--out", str(tmp_path / "whole")])
+    assert whole.wait() == 0, whole.stderr.read()
+    epoch_seconds = json.loads((tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()[1])["seconds"]
+
+    run = tmp_path / "cut"
+    proc = _run_cli(["train", *common, "--out", str(run)])
+    _wait_for(run / "epoch-0001.pt", proc)
+    time.sleep(0.3 * epoch_seconds)
+    proc.send_signal(signal.SIGKILL if how == "SIGKILL" else signal.SIGINT)
+    code = proc.wait()
+    err = proc.stderr.read()
+    if how == "SIGINT":
+        assert code == 130, err
+        assert "SIGINT: stopped in epoch 2 after batch" in err and "convspec train --resume --out" in err
+        state = ckpt.load(run / "interrupted.pt")
+        assert state["epoch"] == 1 and 0 < state["batch"] < 375
+    else:
+        assert code == -signal.SIGKILL
+        assert not (run / "epoch-0002.pt").exists()
+    resumed = _run_cli(["train", "--resume", "--out", str(run), "--quiet", "--deterministic"])
+    out, err = resumed.communicate()
+    assert resumed.returncode == 0, err
+    assert "resuming at epoch 2" in out
+    assert _same(_weights(tmp_path / "whole" / "epoch-0003.pt"), _weights(run / "epoch-0003.pt"))
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2, 3]
+    whole_records = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train_loss"] for r in records] == [r["train_loss"] for r in whole_records]
+    assert not (run / "interrupted.pt").exists()
+
+
+def test_nan_loss_stops_naming_step_and_layer_and_keeps_checkpoints(setup, tmp_path):
+    spec, data = setup
+    out = tmp_path / "run"
+    # A learning rate that grows a billionfold over training: fine at first, then it blows up.
+    res = CliRunner().invoke(main, ["train", str(spec), "--data", str(data), "--out", str(out), "--quiet",
+                                    "--epochs", "6", "--set", "fc1.epsW=exp[base=0.01;tgtFactor=1e-12]",
+                                    "--set", "conv1.epsW=exp[base=0.01;tgtFactor=1e-12]"])
+    assert res.exit_code == 1, res.output
+    message = res.output.strip().splitlines()[-1]
+    assert message.startswith("error: loss became nan at step ") or message.startswith("error: loss became inf")
+    assert "the first layer to go bad is '" in message and "the last good checkpoint is" in message
+    good = sorted(out.glob("epoch-*.pt"))
+    assert good and ckpt.load(good[-1])["epoch"] == len(good) or ckpt.load(good[-1])["epoch"] >= 1
+    assert all(torch.isfinite(v).all() for v in _weights(good[-1]).values())
+
+
+def test_plateau_rule_divides_the_rate(setup, tmp_path):
+    spec, data = setup
+    out = tmp_path / "run"
+    # A frozen net never improves after epoch 1, so plateau=1 drops the rate after every later epoch.
+    frozen = [f"{layer}.{key}=0" for layer in ("conv1", "fc1", "fc2") for key in ("epsW", "epsB")]
+    train(_quiet(spec=str(spec), data=str(data), out=str(out), epochs=4,
+                 overrides=frozen + ["train.plateau=1", "train.lrDrops=10"]))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr_scale"] for r in records] == pytest.approx([1.0, 1.0, 0.1, 0.01])
+    assert len({r["val_top1_error"] for r in records}) == 1
+
+
+def test_overrides_are_recorded_and_rebuild_the_trained_net(setup, tmp_path):
+    spec, data = setup
+    out = tmp_path / "run"
+    train(_quiet(spec=str(spec), data=str(data), out=str(out), epochs=1, overrides=["fc1.outputs=24"]))
+    net = convspec.load(out)
+    assert net.fc1.weight.shape[0] == 24 and net.classes == ["class0", "class1", "class2", "class3"]
+    state = ckpt.load(out / "best.pt")
+    assert state["spec"]["overrides"] == ["fc1.outputs=24"]
+    assert json.loads((out / "run.json").read_text())["overrides"] == ["fc1.outputs=24"]
+    # The loaded net predicts what the checkpoint's evaluation scored.
+    image = cifar.load_cifar(data, "train").images[0]
+    x = net.preprocess(image)
+    assert x.shape == (1, 3, 32, 32)
+    expected = torch.from_numpy(image.astype(np.float32) - state["data"]["mean"].numpy()).permute(2, 0, 1)
+    torch.testing.assert_close(x[0], expected)
+    with torch.no_grad():
+        assert net(x).shape == (1, 4)
+
+
+def test_build_api_gives_an_untrained_net(setup):
+    spec, _ = setup
+    net = convspec.build(str(spec), overrides=["fc1.outputs=12"])
+    assert net.fc1.weight.shape[0] == 12 and net(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
+
+
+ERRORS = [
+    # (arguments after "train SPEC", expected one-line error)
+    (["--devices", "cuda:0"], "error: --devices: cuda:0 is not available (this torch"),
+    (["--devices", "gpu0"], "error: --devices: 'gpu0' is not a device; write e.g. cpu, cuda:0 or cuda:0,cuda:1"),
+    (["--set", "fc2.outputs=3"], "the net ends in 3 outputs (layer 'fc2') but the data has 4 classes; set "
+                                 "outputs=4 on 'fc2' (e.g. --set fc2.outputs=4)"),
+    (["--set", "convv1.epsW=1"], "error: --set convv1.epsW=1: no layer 'convv1' in"),
+    (["--batch-size", "1000"], "training images make no full batch of 1000; use a smaller --batch-size"),
+]
+
+
+@pytest.mark.parametrize("args, expected", ERRORS)
+def test_train_errors_are_one_line(setup, tmp_path, args, expected):
+    if "cuda:0" in args and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    spec, data = setup
+    res = CliRunner().invoke(main, ["train", str(spec), "--data", str(data), "--out", str(tmp_path / "r"),
+                                    "--quiet", *args])
+    assert res.exit_code == 1
+    assert expected in res.output and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1
+
+
+def test_missing_data_and_runs_say_what_to_pass(setup, tmp_path, monkeypatch):
+    spec, data = setup
+    monkeypatch.delenv("CONVSPEC_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    res = runner.invoke(main, ["train", str(spec)])
+    assert res.exit_code == 1 and res.output.startswith("error: no training data: pass --data PATH")
+    res = runner.invoke(main, ["eval"])
+    assert res.exit_code == 1 and "no trained run under runs/" in res.output
+    res = runner.invoke(main, ["train", "--resume"])
+    assert res.exit_code == 1 and "no trained run under runs/" in res.output
+    # CONVSPEC_DATA supplies --data; a finished run refuses to resume without more epochs.
+    monkeypatch.setenv("CONVSPEC_DATA", str(data))
+    res = runner.invoke(main, ["train", str(spec), "--epochs", "1", "--quiet", "--out", "runs/a"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(main, ["train", "--resume"])
+    assert res.exit_code == 1 and "the run has finished its 1 epochs; pass --epochs N" in res.output
+    res = runner.invoke(main, ["train", str(spec), "--out", "runs/a"])
+    assert res.exit_code == 1 and "already holds a run; continue it with --resume" in res.output
+    res = runner.invoke(main, ["train", "--resume", "--epochs", "2", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert [json.loads(x)["epoch"] for x in Path("runs/a/metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_corrupt_checkpoint_is_named_and_older_ones_work(setup, tmp_path):
+    spec, data = setup
+    out = tmp_path / "run"
+    train(_quiet(spec=str(spec), data=str(data), out=str(out), epochs=2, overrides=["train.valFraction=0"]))
+    assert not (out / "best.pt").exists()  # no validation, no best
+    last = out / "epoch-0002.pt"
+    last.write_bytes(last.read_bytes()[:1000])
+    res = CliRunner().invoke(main, ["eval", "--checkpoint", str(out), "--data", str(data)])
+    assert res.exit_code == 1 and f"{last}: checkpoint is truncated or corrupted" in res.output
+    res = CliRunner().invoke(main, ["eval", "--checkpoint", str(out / "epoch-0001.pt"), "--data", str(data)])
+    assert res.exit_code == 0 and "32 images" in res.output
