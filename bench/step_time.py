@@ -10,7 +10,8 @@ and get the built net's weights copied in, so both compute the same thing:
 
 * ``alexnet``:          specs/alexnet.cfg vs ``AlexNetGrouped`` (``alexnet_from_built``);
 * ``alexnet-unfused``:  the same, built with ``fuse=False``, to show what tower fusion buys;
-* ``cifar10-80sec``:    specs/cifar10-80sec.cfg vs ``Cifar80Sec`` (``copy_by_name``).
+* ``cifar10-80sec``:    specs/cifar10-80sec.cfg vs ``Cifar80Sec`` (``copy_by_name``);
+* ``cifar10-18pct``:    specs/cifar10-18pct.cfg vs ``Cifar18PctPooled``.
 
 Both models train (dropout active) on the same random batch (fixed seed), in
 one process with the same threads.  Steps are interleaved: step i times the
@@ -36,7 +37,11 @@ both), 2 warm-up steps, then 10 timed steps for the AlexNets and 30 for CIFAR
 (``--steps`` overrides both); ``--threads`` defaults to PyTorch's own choice.
 ``--channels-last`` converts both models and the batch to channels_last;
 ``--precision bf16`` runs forward + loss of both sides under
-``torch.autocast(device, dtype=torch.bfloat16)``.
+``torch.autocast(device, dtype=torch.bfloat16)``; ``--compile`` wraps both in
+``torch.compile``.  With ``--plain-peer`` the options apply to the built side
+only (which then trains with ``runtime.optim.ConvnetSGD``, as ``convspec
+train`` does) and the hand-written side stays fp32 eager: ``speedup`` =
+median(hand-written) / median(built) is what the options buy.
 """
 
 from __future__ import annotations
@@ -78,6 +83,8 @@ NETS = {
     "cifar10-80sec": Bench("specs/cifar10-80sec.cfg", True,
                            lambda net: reference_nets.copy_by_name(net, reference_nets.Cifar80Sec()), 128, 30),
     "alexnet-unfused": Bench("specs/alexnet.cfg", False, reference_nets.alexnet_from_built, 64, 10),
+    "cifar10-18pct": Bench("specs/cifar10-18pct.cfg", True,
+                           lambda net: reference_nets.copy_by_name(net, reference_nets.Cifar18PctPooled()), 128, 30),
 }
 
 
@@ -100,6 +107,14 @@ def max_abs_diff(net: nn.Module, ref: nn.Module, images: torch.Tensor) -> float:
     for model in (net, ref):
         model.train()
     return diff
+
+
+def convspec_step(net, forward, opt, images, labels, precision) -> None:
+    """What runtime/train.py does per batch: ConvnetSGD clears the gradients it used."""
+    with precision():
+        loss = net.loss(forward(images), labels)
+    loss.backward()
+    opt.step()
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, images: torch.Tensor,
@@ -147,6 +162,23 @@ def run(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     for side, model in (("built", net), ("handwritten", ref)):
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, foreach=True)
         sides[side] = lambda model=model, opt=opt: train_step(model, opt, images, labels, precision)
+    if args.plain_peer:
+        # The peer is what a user writes first: fp32, eager, contiguous, torch's SGD.
+        # The built side is what `convspec train` runs: its options and ConvnetSGD.
+        from runtime.optim import ConvnetSGD
+
+        ref = ref.to(memory_format=torch.contiguous_format)
+        plain = images.contiguous()
+        opt = torch.optim.SGD(ref.parameters(), lr=0.01, momentum=0.9, foreach=True)
+        sides["handwritten"] = lambda: train_step(ref, opt, plain, labels, contextlib.nullcontext)
+        convnet_opt = ConvnetSGD(net.learning_rules())
+        forward = torch.compile(net) if args.compile else net
+        sides["built"] = lambda: convspec_step(net, forward, convnet_opt, images, labels, precision)
+    elif args.compile:
+        compiled = {"built": torch.compile(net), "handwritten": torch.compile(ref)}
+        for side in compiled:
+            opt = torch.optim.SGD(compiled[side].parameters(), lr=0.01, momentum=0.9, foreach=True)
+            sides[side] = lambda m=compiled[side], opt=opt: train_step(m, opt, images, labels, precision)
 
     times: dict[str, list[float]] = {"built": [], "handwritten": []}
     for i in range(args.warmup + steps):
@@ -159,7 +191,8 @@ def run(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     built_s, hand_s = statistics.median(times["built"]), statistics.median(times["handwritten"])
     result = {
         "net": name, "batch": batch, "threads": torch.get_num_threads(), "device": str(device),
-        "precision": args.precision, "channels_last": args.channels_last, "steps": steps,
+        "precision": args.precision, "channels_last": args.channels_last, "compile": args.compile,
+        "plain_peer": args.plain_peer, "steps": steps, "speedup": round(hand_s / built_s, 3),
         "built_ms": round(built_s * 1e3, 3), "handwritten_ms": round(hand_s * 1e3, 3),
         "ratio": round(built_s / hand_s, 4),
         "built_min_ms": round(min(times["built"]) * 1e3, 3),
@@ -185,6 +218,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                         help="bf16: autocast forward + loss on both sides")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model(s)")
+    parser.add_argument("--plain-peer", action="store_true",
+                        help="options (--channels-last, --precision, --compile) on the built side only, which "
+                             "also uses convspec's ConvnetSGD; the hand-written side stays fp32 eager with "
+                             "torch.optim.SGD: 'speedup' is then what the options buy over a plain script")
     parser.add_argument("--cpu-time", action="store_true",
                         help="time steps by this process's CPU time (all its threads) instead of the wall "
                              "clock: on a shared CPU machine, other work then cannot stretch a step")

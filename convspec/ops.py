@@ -273,6 +273,8 @@ class _Norm(LayerModule):
         """Sum over a size x size window starting size/2 before each pixel,
         clipped to the image (zeros outside)."""
         before, after = self.size // 2, self.size - 1 - self.size // 2
+        if before == after:  # odd sizes: the pool pads itself, saving a padded copy of x
+            return F.avg_pool2d(x, self.size, 1, before, count_include_pad=True) * (self.size * self.size)
         padded = F.pad(x, (before, after, before, after))
         return F.avg_pool2d(padded, self.size, 1, divisor_override=1)
 

@@ -123,6 +123,21 @@ class Cifar18Pct(nn.Module):
         return self.fc10(x.flatten(1))
 
 
+class Cifar18PctPooled(Cifar18Pct):
+    """The same net as a user would write it for speed: the rnorm window sum
+    as a zero-padded average pool of the squares (bench/step_time.py's peer)."""
+
+    def forward(self, x):
+        def norm(t):
+            window = F.avg_pool2d(t * t, 3, 1, 1, count_include_pad=True) * 9  # clipped 3x3 sum
+            return t * (1.0 + self.scale / 9 * window) ** -self.power
+
+        x = norm(F.relu(F.max_pool2d(self.conv1(x), 3, 2, ceil_mode=True)))
+        x = norm(F.avg_pool2d(F.relu(self.conv2(x)), 3, 2, ceil_mode=True))
+        x = F.avg_pool2d(F.relu(self.conv3(x)), 3, 2, ceil_mode=True)
+        return self.fc10(x.flatten(1))
+
+
 def copy_by_name(net, ref: nn.Module) -> nn.Module:
     """Copy weights whose state-dict names match (the CIFAR nets use the spec's names)."""
     ref = ref.to(next(net.parameters()).dtype)

@@ -12,7 +12,7 @@ from convspec.parse import parse_text
 from convspec.values import Schedule
 
 from conftest import REFERENCE_SPECS, ROOT
-from reference_nets import Cifar18Pct, Cifar80Sec, alexnet_from_built, copy_by_name
+from reference_nets import Cifar18Pct, Cifar18PctPooled, Cifar80Sec, alexnet_from_built, copy_by_name
 
 SPECS = ROOT / "specs"
 
@@ -86,7 +86,8 @@ def test_towers_on_two_devices_match_one_device():
     torch.testing.assert_close(two(x), one(x), rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("spec, reference", [("cifar10-80sec.cfg", Cifar80Sec), ("cifar10-18pct.cfg", Cifar18Pct)])
+@pytest.mark.parametrize("spec, reference", [("cifar10-80sec.cfg", Cifar80Sec), ("cifar10-18pct.cfg", Cifar18Pct),
+                                             ("cifar10-18pct.cfg", Cifar18PctPooled)])
 def test_cifar_nets_equal_hand_written(spec, reference):
     net = randomize(build(check_paths(SPECS / spec)).double())
     ref = copy_by_name(net, reference()).eval()

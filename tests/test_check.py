@@ -296,6 +296,47 @@ def test_check_is_fast():
 
 # --- the [train] section (convspec extension) ------------------------------------------------------
 
+def test_train_section_recipe_keys():
+    net = checked(CONV + FC + TAIL, "[train]\nepochs=140\nbatchSize=64\nlrDrops=120,130\nlrFactor=0.5\n"
+                                    "plateau=2\nvalFraction=0.2\nsplitSeed=7\nseed=3\nimageSize=32\n")
+    r = net.recipe
+    assert (r.epochs, r.batch_size, r.lr_drops, r.lr_factor, r.plateau) == (140, 64, (120, 130), 0.5, 2)
+    assert (r.val_fraction, r.split_seed, r.seed, r.image_size) == (0.2, 7, 3, 32)
+    assert r.with_options(epochs=5, seed=None).epochs == 5 and r.with_options(seed=None).seed == 3
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["conv1.epsW"], "--set takes LAYER.KEY=VALUE (e.g. --set conv1.epsW=0.002 or --set train.epochs=5), "
+                     "not 'conv1.epsW'"),
+    (["epsW=1"], "--set takes LAYER.KEY=VALUE (e.g. --set conv1.epsW=0.002 or --set train.epochs=5), not 'epsW=1'"),
+    (["c.filters=many"], "--set:1:11: layer 'c': filters must be a whole number, not 'many'"),
+    (["c.filters=3]"], "--set:1:12: unexpected ']'; expected ',', a comment or end of line"),
+    (["conv1.filters=3"], "--set conv1.filters=3: no layer 'conv1' in s.cfg; use a section name from the spec, "
+                          "or train for the recipe"),
+    (["train.epochs=0"], "--set:1:14: [train]: epochs=0 must be at least 1"),
+    (["train.epoch=3"], "--set:1:7: [train]: unknown key 'epoch'; did you mean 'epochs'?"),
+])
+def test_override_errors_point_into_the_option(overrides, message):
+    from convspec.check import check as check_files
+    from convspec.parse import parse_text
+
+    with pytest.raises(SpecError) as err:
+        check_files(parse_text(HEAD + CONV + FC + TAIL, "s.cfg"), None, None, overrides)
+    assert str(err.value).split("\n")[0] == message
+
+
+def test_overrides_replace_values_in_either_file_and_add_new_keys():
+    from convspec.check import check as check_files
+    from convspec.parse import parse_text
+
+    spec, params = parse_text(HEAD + CONV + FC + TAIL, "s.cfg"), parse_text("[c]\nepsW=0.1\n", "p.cfg")
+    net = check_files(spec, params, None, ["c.epsW=0.5", "c.filters=8", "c.epsB=0.25", "train.flip=1"])
+    assert net.layers["c"]["epsW"][0].base == 0.5 and net.layers["c"]["epsB"].base == 0.25
+    assert net.layers["c"].shape[0] == 8 and net.recipe.flip
+    assert net.overrides == ["c.epsW=0.5", "c.filters=8", "c.epsB=0.25", "train.flip=1"]
+    assert check_files(spec, params).layers["c"].shape[0] != 8  # the parsed files are not changed
+
+
 def test_train_section_data_keys_and_crop_override():
     net = checked(CONV + FC + TAIL, "[train]\ncrop=24\nrandomCrop=1\nflip=true\npcaNoise=0.1\ntestViews=10\n")
     r = net.recipe
@@ -309,6 +350,12 @@ def test_train_section_data_keys_and_crop_override():
     ("[train]\ntestViews=5\n", "p.cfg:2:11: [train]: testViews must be 1 (centre crop) or 10 (the paper's 10 views), not 5"),
     ("[train]\nflip=maybe\n", "p.cfg:2:6: [train]: flip must be 1, 0, true or false, not 'maybe'"),
     ("[train]\npcaNoise=-1\n", "p.cfg:2:10: [train]: pcaNoise=-1 must be at least 0"),
+    ("[train]\nepochs=0\n", "p.cfg:2:8: [train]: epochs=0 must be at least 1"),
+    ("[train]\nepochs=2.5\n", "p.cfg:2:8: [train]: epochs must be a whole number, not '2.5'"),
+    ("[train]\nlrDrops=130,120\n", "p.cfg:2:9: [train]: lrDrops must list increasing epochs, e.g. lrDrops=120,130"),
+    ("[train]\nvalFraction=1\n", "p.cfg:2:13: [train]: valFraction=1 must be below 1 (a share of the training split)"),
+    ("[train]\nbatchSize=128,256\n", "p.cfg:2:11: [train]: batchSize takes one value"),
+    ("[train]\nepochs=2\nEPOCHS=3\n", "p.cfg:3:1: [train]: epochs is set twice (first at line 2); keep one"),
 ])
 def test_train_section_errors(params, message):
     with pytest.raises(SpecError) as err:

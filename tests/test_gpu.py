@@ -41,3 +41,60 @@ def test_training_step_on_gpu_reaches_every_parameter():
     labels = torch.randint(0, 1000, (8,), device="cuda:0")
     net.loss(net(x), labels).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+
+
+@pytest.mark.parametrize("devices", [["cuda:0"], ["cuda:0", "cpu"]])
+def test_alexnet_training_steps_on_gpu_match_a_cpu_run(devices):
+    """A few AlexNet steps with cuda-convnet's rule: the towers on one GPU, and
+    split across GPU and CPU, give the CPU run's losses (dropout off, so the
+    devices' different random streams do not matter)."""
+    from runtime.optim import ConvnetSGD
+
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.manual_seed(0)
+    start = build(check_paths(SPEC), devices=["cpu"]).state_dict()
+    x = torch.randn(8, 3, 224, 224) * 50
+    y = torch.randint(0, 1000, (8,))
+
+    def losses(devs):
+        net = build(check_paths(SPEC), devices=devs)
+        net.load_state_dict(start)
+        net.eval()  # no dropout; gradients still flow
+        opt = ConvnetSGD(net.learning_rules())
+        opt.lr_scale = 0.1
+        out = []
+        for _ in range(3):
+            loss = net.loss(net(x.to(devs[0])), y)
+            loss.backward()
+            opt.step()
+            out.append(loss.item())
+        return out
+
+    cpu, gpu = losses(["cpu"]), losses(devices)
+    assert gpu == pytest.approx(cpu, rel=2e-3), (cpu, gpu)
+    assert cpu[-1] < cpu[0]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_train_and_eval_commands_on_gpu(tmp_path, precision):
+    import json
+
+    from click.testing import CliRunner
+
+    from convspec.cli import main
+    from test_train import PARAMS, SPEC as TINY, make_data
+
+    spec = tmp_path / "tiny.cfg"
+    spec.write_text(TINY)
+    (tmp_path / "tiny.params.cfg").write_text(PARAMS)
+    data = make_data(tmp_path / "data")
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, ["train", str(spec), "--data", str(data), "--out", str(out), "--quiet",
+                                    "--devices", "cuda:0", "--precision", precision, "--channels-last"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["eval", "--checkpoint", str(out / "epoch-0003.pt"), "--json"])
+    assert res.exit_code == 0, res.output
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert json.loads(res.output)["top1_error"] == pytest.approx(last["val_top1_error"], abs=1 / 48)
+    assert last["val_top1_error"] < 0.5

@@ -348,3 +348,30 @@ def test_corrupt_checkpoint_is_named_and_older_ones_work(setup, tmp_path):
     assert res.exit_code == 1 and f"{last}: checkpoint is truncated or corrupted" in res.output
     res = CliRunner().invoke(main, ["eval", "--checkpoint", str(out / "epoch-0001.pt"), "--data", str(data)])
     assert res.exit_code == 0 and "32 images" in res.output
+
+
+def _with_gpus(spec_text: str, gpus: dict[str, str]) -> str:
+    for layer, gpu in gpus.items():
+        spec_text = spec_text.replace(f"[{layer}]\n", f"[{layer}]\ngpu={gpu}\n")
+    return spec_text
+
+
+def test_replicas_mean_data_parallel_and_mixing_with_towers_is_refused(setup, tmp_path):
+    spec, data = setup
+    layers = ("conv1", "pool1", "fc1", "drop", "fc2", "probs", "cost")
+    replicated = tmp_path / "dp.cfg"
+    replicated.write_text(_with_gpus(SPEC, {name: "0,1" for name in layers}))
+    (tmp_path / "dp.params.cfg").write_text(PARAMS)
+    lines = []
+    train(TrainOptions(spec=str(replicated), data=str(data), out=str(tmp_path / "dp"), epochs=1, progress=False,
+                       echo=lines.append))
+    assert any("the spec lists 2 data-parallel replicas; this single process trains on the whole batch" in line
+               and "torchrun --nproc-per-node 2 -m convspec train" in line for line in lines)
+
+    mixed = tmp_path / "mixed.cfg"
+    mixed.write_text(_with_gpus(SPEC, {"conv1": "0,1", "fc1": "0", "cost": "0"}))
+    (tmp_path / "mixed.params.cfg").write_text(PARAMS)
+    res = CliRunner().invoke(main, ["train", str(mixed), "--data", str(data), "--out", str(tmp_path / "m"), "--quiet"])
+    assert res.exit_code == 1
+    assert ("mixes data-parallel replicas (layer 'conv1': gpu=0,1) with model-parallel placement "
+            "(layer 'fc1': gpu=0)") in res.output
