@@ -375,3 +375,27 @@ def test_replicas_mean_data_parallel_and_mixing_with_towers_is_refused(setup, tm
     assert res.exit_code == 1
     assert ("mixes data-parallel replicas (layer 'conv1': gpu=0,1) with model-parallel placement "
             "(layer 'fc1': gpu=0)") in res.output
+
+
+def test_eval_data_maps_class_folders_through_the_runs_classes(setup, tmp_path):
+    from PIL import Image
+
+    spec, data = setup
+    out = tmp_path / "run"
+    train(_quiet(spec=str(spec), data=str(data), out=str(out), epochs=1))
+    images = cifar.load_cifar(data, "test")
+    folder = tmp_path / "folder"
+    for k, (image, label) in enumerate(zip(images.images[:12], images.labels[:12])):
+        (folder / images.classes[label]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / images.classes[label] / f"{k}.png")
+    res = CliRunner().invoke(main, ["eval", "--checkpoint", str(out), "--data", str(folder), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["images"] == 12
+    # Same images, same answers as through the CIFAR batches (PNG is lossless).
+    direct = evaluate_checkpoint(str(out), str(data), k=2)
+    assert direct.result.images == 32
+    (folder / "class9").mkdir()
+    Image.fromarray(images.images[0]).save(folder / "class9" / "x.png")
+    res = CliRunner().invoke(main, ["eval", "--checkpoint", str(out), "--data", str(folder)])
+    assert res.exit_code == 1
+    assert f"{folder / 'class9'}: class folder 'class9' is not one of the 4 classes the run was trained on" in res.output
