@@ -33,8 +33,8 @@ def _shape_option(ctx, param, value):
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:
     """Describe a convolutional net in cuda-convnet's layer-definition language,
-    check it and compile it to PyTorch, prepare its data, train it and
-    evaluate it.
+    check it and compile it to PyTorch, prepare its data, train it, evaluate
+    it and draw what it learned.
 
     A spec is a layer file (sections such as [conv1] with type=conv, filters=64,
     inputs=data, neuron=relu, gpu=0) and a params file beside it with the
@@ -46,6 +46,7 @@ def main(ctx: click.Context, debug: bool) -> None:
       convspec check specs/alexnet.cfg
       convspec train specs/cifar10-80sec.cfg --data cifar10
       convspec eval --topk 5
+      convspec show
     """
     ctx.obj = {"debug": debug}
 
@@ -283,6 +284,10 @@ def _guard(ctx: click.Context, fn) -> None:
         click.echo(f"error: {err}" if err.location is None else str(err), err=True)
         sys.exit(1)
 
+
+from .show_command import show  # noqa: E402
+
+main.add_command(show)
 
 if __name__ == "__main__":
     main()

@@ -319,7 +319,7 @@ class Trainer:
 
     def run(self) -> RunSummary:
         self.prepare()
-        r, o = self.recipe, self.o
+        r = self.recipe
         s = self.state or {}
         epoch0 = s.get("epoch", 0)
         batch0 = s.get("batch", 0)

@@ -4,7 +4,6 @@ falls on a repeated batch of real ImageNet photos at 224x224."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -1,0 +1,81 @@
+"""``convspec show``: options in, :func:`runtime.show.show` called, files listed."""
+
+from __future__ import annotations
+
+import click
+
+from .cli import _guard
+from .errors import did_you_mean
+
+PICTURES = ("curves", "filters", "preds", "neighbours", "net")
+
+
+def _picture_list(ctx, param, value):
+    if value is None:
+        return None
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    for name in names:
+        if name not in PICTURES:
+            raise click.BadParameter(f"no picture '{name}'{did_you_mean(name, PICTURES)} "
+                                     f"(choose from {', '.join(PICTURES)})")
+    return names
+
+
+@click.command()
+@click.argument("run_dir", required=False, type=click.Path())
+@click.option("--out", type=click.Path(file_okay=False), help="Folder for the PNGs and index.html.  "
+                                                             "Default: RUN_DIR/show.")
+@click.option("--only", callback=_picture_list, metavar="LIST",
+              help=f"Comma list of pictures: {','.join(PICTURES)}.  Default: all of them, skipping "
+                   "(with a note) any the run cannot give.")
+@click.option("--compare", multiple=True, type=click.Path(), metavar="RUN",
+              help="Another run folder whose curves go on the same plot.  Repeatable.")
+@click.option("--layer", "layers", multiple=True, metavar="NAME",
+              help="Conv layer whose filters to draw.  Repeatable.  Default: every conv layer fed by the data "
+                   "layer (colour tiles); deeper layers are drawn as grey tiles, one per input channel.")
+@click.option("--data", metavar="PATH",
+              help="Test images for preds and neighbours (class folders, CIFAR batches or a prepared store, "
+                   "mapped through the run's classes).  Default: the run's validation images.")
+@click.option("--synsets", type=click.Path(dir_okay=False, exists=True),
+              help="'wnid name' lines giving readable class names (ImageNet's synsets file).")
+@click.option("--count", type=click.IntRange(1), help="preds: how many test images (default 16); "
+                                                       "neighbours: how many neighbours per image (default 6).")
+@click.option("--queries", default=5, show_default=True, type=click.IntRange(1),
+              help="neighbours: how many test images (rows).")
+@click.option("--errors-only", is_flag=True, help="preds and neighbours: only images the net gets wrong (top-1).")
+@click.option("--search-limit", default=10_000, show_default=True, type=click.IntRange(0),
+              help="neighbours: search this many training images (a fixed random subset); 0 searches all.")
+@click.option("--devices", help="Where to run the net, e.g. cpu or cuda:0.  Default: cuda:0 if present, else cpu.")
+@click.pass_context
+def show(ctx, run_dir, out, only, compare, layers, data, synsets, count, queries, errors_only, search_limit,
+         devices):
+    """Draw a trained run as PNG pictures and one static index.html.
+
+    RUN_DIR is a folder convspec train wrote (default: the newest under
+    runs/).  The pictures: curves (error and loss per epoch, learning-rate
+    changes marked), filters (learned kernels as tiles, like the AlexNet
+    paper's Figure 3), preds (test images with their top-5 classes, Figure 4
+    left), neighbours (training images nearest in the last hidden layer,
+    Figure 4 right) and net (the layer graph, coloured by gpu= group).  Open
+    RUN_DIR/show/index.html in a browser: no server needed.
+
+    \b
+    Examples:
+      convspec show
+      convspec show runs/cifar10-80sec-20261128-101500 --only curves --compare runs/cifar10-lrn-20261129-090000
+      convspec show runs/alexnet --only filters --layer conv1a --layer conv1b
+      convspec show runs/alexnet --only preds --errors-only --synsets ../shared/datasets/imagenet-synsets.txt
+      convspec show runs/alexnet --only neighbours --count 6 --queries 5 --out /tmp/alexnet-pictures
+    """
+    from runtime.show import ShowOptions, show as run_show
+    from runtime.train import parse_devices
+
+    def run():
+        options = ShowOptions(run=run_dir, out=out, only=only, compare=list(compare), layers=list(layers),
+                              data=data, synsets=synsets, count=count, queries=queries, errors_only=errors_only,
+                              search_limit=search_limit, devices=parse_devices(devices), progress=True,
+                              echo=click.echo)
+        result = run_show(options)
+        click.echo(f"open {result.index}")
+
+    _guard(ctx, run)

@@ -1,0 +1,217 @@
+"""`convspec show` on a tiny run the tests train themselves: every picture is a
+real PNG of the size index.html states, filter tiles are the stored weights
+(recomputed here from the formula, and changed by changing a weight), and
+the documented failures are one located line."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+from test_train import PARAMS, SPEC, make_data
+
+from convspec.check import check_paths
+from convspec.cli import main
+from runtime import checkpoint as ckpt
+from runtime import draw
+from runtime.show import PICTURES, Run, ShowOptions, class_names, hidden_layers, scored_sample
+from runtime.train import TrainOptions, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The tiny net without its conv layer: a checkpoint with no filters to draw.
+FC_ONLY_SPEC = re.sub(r"\[conv1\].*?\n(?=\[pool1\])", "", SPEC, flags=re.S).replace("inputs=conv1", "inputs=data")
+FC_ONLY_PARAMS = re.sub(r"\[conv1\].*?\n(?=\[fc1\])", "", PARAMS, flags=re.S)
+
+
+def _train(root: Path, spec: str, params: str, epochs: int) -> Path:
+    (root / "tiny.cfg").write_text(spec)
+    (root / "tiny.params.cfg").write_text(params)
+    out = root / "run"
+    train(TrainOptions(spec=str(root / "tiny.cfg"), data=str(make_data(root / "data")), out=str(out),
+                       epochs=epochs, progress=False, echo=lambda s: None))
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return _train(tmp_path_factory.mktemp("show"), SPEC, PARAMS, epochs=3)
+
+
+@pytest.fixture(scope="module")
+def fc_run_dir(tmp_path_factory) -> Path:
+    return _train(tmp_path_factory.mktemp("fc"), FC_ONLY_SPEC, FC_ONLY_PARAMS, epochs=1)
+
+
+def _show(*args):
+    return CliRunner().invoke(main, ["show", *map(str, args)])
+
+
+def _stated_images(index: Path) -> dict[str, tuple[int, int]]:
+    found = re.findall(r"<img src='([^']+)' width='(\d+)' height='(\d+)'", index.read_text())
+    return {name: (int(w), int(h)) for name, w, h in found}
+
+
+def test_every_picture_is_a_png_of_the_stated_size(run_dir, tmp_path):
+    out = tmp_path / "pictures"
+    res = _show(run_dir, "--out", out, "--count", "4", "--queries", "2")
+    assert res.exit_code == 0, res.output
+    stated = _stated_images(out / "index.html")
+    assert set(stated) == {"curves.png", "filters-conv1.png", "preds.png", "neighbours.png", "net.png"}
+    for name, size in stated.items():
+        assert f"{out / name} ({size[0]}x{size[1]})" in res.output
+        with Image.open(out / name) as image:
+            assert image.format == "PNG" and image.size == size
+            image.verify()
+    page = (out / "index.html").read_text()
+    assert not re.search(r"(src|href)=['\"]?(https?:)?//", page)  # static: nothing fetched from a network
+    assert "[conv1]" in page and "epsW=exp[base=0.001;tgtFactor=10]" in page  # the spec and params as trained
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert f"{100 * last['val_top1_error']:.2f}%" in page and "training time" in page
+
+
+def test_default_out_is_run_show(run_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    res = _show(copy, "--only", "curves,net")
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (copy / "show").iterdir()) == ["curves.png", "index.html", "net.png"]
+
+
+def _reference_tile(kernel: np.ndarray, scale: int) -> np.ndarray:
+    """The stated normalisation, written out per weight: w / max|w| onto 0..255, 0 at mid-grey."""
+    peak = max(abs(float(v)) for v in kernel.flat)
+    tile = np.zeros(kernel.shape[1:] + (3,), np.uint8)
+    for c in range(3):
+        for y in range(kernel.shape[1]):
+            for x in range(kernel.shape[2]):
+                tile[y, x, c] = min(255, max(0, round(127.5 + 127.5 * float(kernel[c, y, x]) / peak)))
+    return tile.repeat(scale, 0).repeat(scale, 1)
+
+
+def test_filter_tiles_are_computed_from_the_stored_weights(run_dir):
+    state = ckpt.load(run_dir / "best.pt")
+    run = Run(str(run_dir / "best.pt"))
+    layer = run.checked.layers["conv1"]
+    weight = state["model"]["conv1.weight"].double().numpy()
+    grid = draw.filter_picture(layer, weight, state["epoch"])
+    assert len(grid.boxes) == 8 and "largest |weight|" in grid.note
+    pixels = np.asarray(grid.image)
+    for kernel, (left, top, right, bottom) in zip(weight, grid.boxes):
+        scale = (right - left) // kernel.shape[-1]
+        assert (pixels[top:bottom, left:right] == _reference_tile(kernel, scale)).all()
+
+
+def test_changing_a_weight_changes_its_tile_only(run_dir, tmp_path):
+    state = ckpt.load(run_dir / "best.pt")
+    before = _filters_png(run_dir / "best.pt", tmp_path / "before")
+    state["model"]["conv1.weight"][5, 1, 2, 3] += 1.0  # far past the kernel's other weights
+    ckpt.save(run_dir / "edited.pt", state)
+    try:
+        after = _filters_png(run_dir / "edited.pt", tmp_path / "after")
+    finally:
+        (run_dir / "edited.pt").unlink()
+    grid = draw.filter_picture(Run(str(run_dir / "best.pt")).checked.layers["conv1"],
+                               state["model"]["conv1.weight"].double().numpy(), state["epoch"])
+    changed = [i for i, (l, t, r, b) in enumerate(grid.boxes) if (before[t:b, l:r] != after[t:b, l:r]).any()]
+    assert changed == [5]
+    left, top, right, _ = grid.boxes[5]
+    scale = (right - left) // 5
+    assert after[top + 2 * scale, left + 3 * scale, 1] == 255  # the edited green weight is now the kernel's peak
+
+
+def _filters_png(checkpoint: Path, out: Path) -> np.ndarray:
+    res = _show(checkpoint, "--only", "filters", "--out", out)
+    assert res.exit_code == 0, res.output
+    return np.asarray(Image.open(out / "filters-conv1.png").convert("RGB"))
+
+
+@pytest.mark.parametrize("case", ["no metrics", "unknown layer", "not a conv layer", "no conv layer"])
+def test_failures_are_one_located_line(case, run_dir, fc_run_dir, tmp_path):
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    args, message = {
+        "no metrics": ([empty], f"{empty}/metrics.jsonl: no metrics yet (metrics.jsonl is missing or empty): no "
+                                "epoch has finished; run convspec show again after the first epoch"),
+        "unknown layer": ([run_dir, "--layer", "conv2"], f"{run_dir}/best.pt: --layer conv2: no layer 'conv2' in the "
+                                                         "run's spec; did you mean 'conv1'? (conv layers: conv1)"),
+        "not a conv layer": ([run_dir, "--layer", "fc1"], f"{run_dir}/best.pt: --layer fc1: 'fc1' has type=fc; "
+                                                          "filters are drawn for conv layers (conv1)"),
+        "no conv layer": ([fc_run_dir, "--only", "filters"],
+                          f"{fc_run_dir}/best.pt: the net has no conv layer, so there are no filters to draw"),
+    }[case]
+    res = _show(*args, "--out", tmp_path / "out")
+    assert res.exit_code == 1
+    assert res.stderr == message + "\n"
+
+
+def test_every_picture_skips_what_the_run_cannot_give(fc_run_dir, tmp_path):
+    res = _show(fc_run_dir, "--out", tmp_path, "--count", "2", "--queries", "1")
+    assert res.exit_code == 0, res.output
+    assert "skipped filters: the net has no conv layer" in res.output
+    assert set(_stated_images(tmp_path / "index.html")) == {"curves.png", "preds.png", "neighbours.png", "net.png"}
+    assert "Not drawn" in (tmp_path / "index.html").read_text()
+
+
+def test_unknown_picture_name_suggests_the_nearest():
+    res = _show("--only", "filtres")
+    assert res.exit_code == 2 and "no picture 'filtres'; did you mean 'filters'?" in res.output
+
+
+def test_cli_and_library_list_the_same_pictures():
+    from convspec.show_command import PICTURES as CLI_PICTURES
+
+    assert CLI_PICTURES == PICTURES
+
+
+def test_errors_only_shows_misclassified_images(run_dir):
+    run = Run(str(run_dir / "epoch-0001.pt"))  # after one epoch, about half the validation images are wrong
+    scored = scored_sample(run, ShowOptions(errors_only=True), 5)
+    labels = scored.images.source.labels[scored.indices]
+    assert len(scored.indices) == 5 and (scored.probs.argmax(1) != labels).all()
+    assert set(scored.indices) <= set(run.state["data"]["val_indices"].tolist())
+
+
+def test_neighbours_use_the_last_hidden_layer_past_dropout(run_dir):
+    assert hidden_layers(Run(str(run_dir))) == ["fc1"]  # fc2 reads drop, an identity when testing
+
+
+def test_synsets_give_readable_class_names(run_dir, tmp_path):
+    synsets = tmp_path / "synsets.txt"
+    synsets.write_text("class0 great_white_shark, white shark\nclass2 tench\n")
+    assert class_names(Run(str(run_dir)), str(synsets)) == ["great white shark", "class1", "tench", "class3"]
+
+
+def test_lr_changes_are_marked_where_the_new_rate_began():
+    records = [{"epoch": e, "lr_scale": s} for e, s in [(1, 1.0), (2, 1.0), (3, 0.1), (4, 0.1), (5, 0.01)]]
+    assert draw.lr_changes(records) == [(2.0, 0.1), (4.0, 0.01)]
+
+
+def test_compare_puts_several_runs_on_one_plot(run_dir, tmp_path):
+    other = tmp_path / "other-run"
+    other.mkdir()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    (other / "metrics.jsonl").write_text("".join(json.dumps({**r, "val_top1_error": r["val_top1_error"] / 2}) + "\n"
+                                                 for r in records))
+    res = _show(run_dir, "--only", "curves", "--compare", other, "--out", tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    assert f"Error per epoch ({run_dir.name}, other-run)" in (tmp_path / "out" / "index.html").read_text()
+
+
+def test_two_towers_sit_side_by_side_in_their_device_colours():
+    net = check_paths(ROOT / "specs" / "alexnet.cfg")
+    rows = [[layer.name for layer in row] for row in draw.layer_rows(net)]
+    assert rows[0] == ["data"] and rows[1] == ["conv1a", "conv1b"] and rows[-1] == ["logprob"]
+    assert ["probs", "labels"] in rows  # the labels sit just above the cost that reads them
+    image = np.asarray(draw.net_picture(net, ["cuda:0", "cuda:1"]))
+    for gpu in (0, 1):
+        tint = draw._tint(draw.PALETTE[gpu])
+        rgb = tuple(int(tint[i:i + 2], 16) for i in (1, 3, 5))
+        assert (image == rgb).all(-1).sum() > 1000  # box fills of that device's colour
+
