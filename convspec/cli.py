@@ -9,6 +9,7 @@ traceback).
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -182,7 +183,7 @@ def train(ctx, spec, params_path, data, val_data, epochs, batch_size, out, resum
       convspec train specs/cifar10-80sec.cfg --data ../shared/datasets/cifar10-train --epochs 2
       convspec train specs/alexnet.cfg --data data/imagenet --devices cuda:0,cuda:1
       convspec train --resume --out runs/cifar10-80sec-20261128-101500
-      convspec train specs/cifar10-80sec.cfg --data cifar10 --set conv2.filters=64 --set train.flip=1
+      convspec train specs/cifar10-80sec.cfg --data cifar10 --set fc64.outputs=128 --set train.flip=1
       torchrun --nproc-per-node 4 -m convspec train specs/alexnet.cfg --data data/imagenet
     """
     from runtime.train import TrainingStopped, TrainOptions, parse_devices, train as run_train
@@ -199,6 +200,12 @@ def train(ctx, spec, params_path, data, val_data, epochs, batch_size, out, resum
         except TrainingStopped as stop:
             click.echo(str(stop), err=True)
             sys.exit(stop.exit_code)
+        except KeyboardInterrupt:
+            click.echo("interrupted before training started (or by a second Ctrl-C); nothing new was saved",
+                       err=True)
+            sys.exit(130)
+        if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+            return
         last = summary.history[-1] if summary.history else None
         if last is not None and last["val_top1_error"] is not None:
             click.echo(f"done: {summary.run_dir}  val top-1 {100 * last['val_top1_error']:.2f}%  "

@@ -65,6 +65,15 @@ def load(path: str | Path, map_location="cpu") -> dict:
         raise fail("checkpoint is truncated or corrupted (not a complete torch zip file); "
                    "use an older one from the same run", Location(str(path)))
     try:
+        # torch.load does not check the zip's CRCs: flipped bytes would load as wrong weights.
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        damaged = "its directory"
+    if damaged is not None:
+        raise fail(f"checkpoint is corrupted ({damaged} fails its checksum); use an older one from the same run",
+                   Location(str(path)))
+    try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (zipfile.BadZipFile, RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

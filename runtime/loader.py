@@ -142,7 +142,10 @@ def open_source(path: str | Path, split: str = "train", classes: list[str] | Non
     path = resolve(path)
     kind = detect(path)
     if kind == "store":
-        store = StoreSplit(path, split if split != "test" else "val")
+        wanted = split if split != "test" else "val"
+        if wanted == "val" and not StoreSplit.has_split(path, "val"):
+            wanted = "train"  # a store of one split, given for evaluation: all of its images
+        store = StoreSplit(path, wanted)
         if classes is not None and store.classes != classes:
             raise fail(f"the store's {len(store.classes)} classes are not the run's {len(classes)} classes "
                        "(the class lists differ); evaluate a store prepared from the same training classes",
@@ -162,7 +165,10 @@ def open_source(path: str | Path, split: str = "train", classes: list[str] | Non
     elif kind == "classfolders":
         listing = list_class_folders(path, classes)
     else:
-        if labels_file is None or classes is None:
+        if classes is None:
+            raise fail("is a flat folder of images; training needs one sub-folder per class (or a store "
+                       "from convspec prepare)", Location(str(path)))
+        if labels_file is None:
             raise fail("is a flat folder of images; give --labels FILE ('filename class' lines)",
                        Location(str(path)))
         listing = list_flat(path, labels_file, classes)

@@ -47,11 +47,11 @@ def _checkpoints(run_dir: Path) -> list[Path]:
     return sorted(run_dir.glob(ckpt.EPOCH_PATTERN)) + [p for p in (run_dir / INTERRUPTED,) if p.is_file()]
 
 
-def newest_run(root: Path = RUNS_ROOT) -> Path:
+def newest_run(root: Path = RUNS_ROOT, name_it: str = "--checkpoint") -> Path:
     runs = [d for d in root.glob("*") if d.is_dir() and _checkpoints(d)] if root.is_dir() else []
     if not runs:
         raise fail(f"no trained run under {root}/ (no folder with a checkpoint); train one with "
-                   "convspec train SPEC --data PATH, or name one with --checkpoint", Location(str(root)))
+                   f"convspec train SPEC --data PATH, or name one with {name_it}", Location(str(root)))
     return max(runs, key=lambda d: max(p.stat().st_mtime for p in _checkpoints(d)))
 
 

@@ -272,6 +272,11 @@ class StoreSplit:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @staticmethod
+    def has_split(root: Path, split: str) -> bool:
+        meta = Path(root) / STORE_MARKER
+        return meta.is_file() and split in json.loads(meta.read_text()).get("splits", {})
+
     def image(self, i: int) -> np.ndarray:
         shard = int(np.searchsorted(self._starts, i, side="right") - 1)
         j = i - self._starts[shard]

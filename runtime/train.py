@@ -155,7 +155,7 @@ class Trainer:
         elif torch.cuda.is_available():
             torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
         if o.resume:
-            self.run_dir = Path(o.out) if o.out else runs.newest_run(Path(o.runs_root))
+            self.run_dir = Path(o.out) if o.out else runs.newest_run(Path(o.runs_root), "--out")
             self.resumed_from = runs.resume_checkpoint(self.run_dir)
             self.state = ckpt.load(self.resumed_from)
             if self.state.get("format") != ckpt.FORMAT:
@@ -438,7 +438,8 @@ class Trainer:
                 "train_error": record["train_error"],
                 "val_top1_error": result.top1_error if result else None,
                 f"val_top{TOPK}_error": result.topk_error if result else None,
-                "k": result.k if result else TOPK, "lr_scale": record["lr_scale"], "seconds": record["train_time"] + val_seconds,
+                "k": result.k if result else TOPK, "lr_scale": record["lr_scale"],
+                "seconds": record["train_time"] + val_seconds, "val_seconds": val_seconds,
                 "images_per_s": record["train_images"] / max(record["train_time"], 1e-9),
                 "train_seconds": self.train_seconds, "val_images": result.images if result else 0}
         self.history.append(full)
@@ -560,7 +561,8 @@ class Trainer:
         devices = ",".join(str(d) for d in dict.fromkeys(self.devices))
         ranks = f" x {self.cluster.world} ranks" if self.cluster.distributed else ""
         return (f"{self.run_dir}: {where}; {len(self.train_idx):,} training images, {val}, "
-                f"{len(self.classes)} classes; {r.epochs} epochs of {len(self.batches)} batches of {r.batch_size}; "
+                f"{len(self.classes)} classes; {r.epochs} epoch{'s' if r.epochs != 1 else ''} of {len(self.batches)} "
+                f"batches of {r.batch_size}; "
                 f"{self.crop}x{self.crop} crops; {devices}{ranks}, {self.precision}")
 
 
@@ -615,7 +617,8 @@ def _epoch_line(rec: dict, epochs: int) -> str:
            if rec["val_top1_error"] is not None else "no validation")
     return (f"epoch {rec['epoch']}/{epochs}  train loss {rec['train_loss']:.4f} error "
             f"{100 * rec['train_error']:.2f}%  {val}  lr x{rec['lr_scale']:g}  "
-            f"{rec['seconds']:.1f} s ({rec['images_per_s']:,.0f} img/s)")
+            f"{rec['seconds'] - rec['val_seconds']:.1f} s training ({rec['images_per_s']:,.0f} img/s) "
+            f"+ {rec['val_seconds']:.1f} s validation")
 
 
 def train(options: TrainOptions) -> RunSummary:

@@ -68,3 +68,20 @@ def test_prune_keeps_the_newest(tmp_path):
     save(tmp_path / "best.pt", {"epoch": 2})
     prune(tmp_path, keep=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "epoch-0004.pt", "epoch-0005.pt"]
+
+
+def test_flipped_bytes_inside_the_weights_are_caught(tmp_path):
+    """torch.load would read them as wrong weights; the zip's CRCs catch them."""
+    state = {"model": {"w": torch.arange(4096, dtype=torch.float32)}}
+    save(tmp_path / "good.pt", state)
+    data = bytearray((tmp_path / "good.pt").read_bytes())
+    start = data.index(torch.arange(4096, dtype=torch.float32).numpy().tobytes()[:64])  # the tensor's bytes
+    for i in range(start + 100, start + 164):
+        data[i] ^= 0xFF
+    bad = tmp_path / "flipped.pt"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(SpecError) as err:
+        load(bad)
+    assert str(err.value).startswith(f"{bad}: checkpoint is corrupted (")
+    assert str(err.value).endswith("fails its checksum); use an older one from the same run")
+    assert torch.equal(load(tmp_path / "good.pt")["model"]["w"], state["model"]["w"])

@@ -399,3 +399,36 @@ def test_eval_data_maps_class_folders_through_the_runs_classes(setup, tmp_path):
     res = CliRunner().invoke(main, ["eval", "--checkpoint", str(out), "--data", str(folder)])
     assert res.exit_code == 1
     assert f"{folder / 'class9'}: class folder 'class9' is not one of the 4 classes the run was trained on" in res.output
+
+
+def test_a_store_of_one_split_is_evaluated_whole(setup, tmp_path):
+    from runtime.store import PrepareOptions, prepare
+
+    spec, data = setup
+    out = tmp_path / "run"
+    train(_quiet(spec=str(spec), data=str(data), out=str(out), epochs=1))
+    folder = tmp_path / "folder"
+    images = cifar.load_cifar(data, "test")
+    from PIL import Image
+
+    for k, (image, label) in enumerate(zip(images.images[:10], images.labels[:10])):
+        (folder / images.classes[label]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / images.classes[label] / f"{k}.png")
+    store = tmp_path / "store"
+    prepare(folder, store, PrepareOptions(size=32, raw=True, workers=1), progress=False)
+    res = CliRunner().invoke(main, ["eval", "--checkpoint", str(out), "--data", str(store), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["images"] == 10
+
+
+def test_training_on_a_flat_folder_says_what_training_needs(setup, tmp_path):
+    from PIL import Image
+
+    spec, _ = setup
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.new("RGB", (32, 32)).save(flat / "a.png")
+    res = CliRunner().invoke(main, ["train", str(spec), "--data", str(flat), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 1
+    assert res.output.strip() == (f"{flat}: is a flat folder of images; training needs one sub-folder per "
+                                  "class (or a store from convspec prepare)")
