@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from convspec.errors import Location, fail
+
 from .distributed import Cluster, all_reduce_sum
 from .progress import Progress
 
@@ -101,8 +103,6 @@ def evaluate_checkpoint(checkpoint: str | None = None, data: str | None = None, 
     path = runs.eval_checkpoint(checkpoint, Path(runs_root))
     state = ckpt.load(path)
     if state.get("format") != ckpt.FORMAT:
-        from convspec.errors import Location, fail
-
         raise fail("not a convspec training checkpoint", Location(str(path)))
     recorded = state["data"]
     device_list = devices or (["cuda:0"] if torch.cuda.is_available() else ["cpu"])
@@ -119,8 +119,6 @@ def evaluate_checkpoint(checkpoint: str | None = None, data: str | None = None, 
     else:
         indices = recorded["val_indices"].numpy()
         if len(indices) == 0:
-            from convspec.errors import Location, fail
-
             raise fail("the run held out no validation images (valFraction=0); give --data PATH to evaluate on",
                        Location(str(path)))
         source = open_source(recorded["path"], "train", size=recorded["size"], stats=False)
