@@ -32,7 +32,8 @@ def test_short_cifar_run_learns_and_eval_shows_it(tmp_path):
     out = tmp_path / "run"
     runner = CliRunner()
     res = runner.invoke(main, ["train", str(ROOT / "specs" / "cifar10-80sec.cfg"), "--data", str(subset),
-                               "--out", str(out), "--epochs", "3", "--quiet", "--set", "train.valFraction=0.2"])
+                               "--out", str(out), "--epochs", "3", "--quiet", "--set", "train.valFraction=0.2",
+                               "--set", "train.flip=0", "--set", "train.lrDrops=8"])
     assert res.exit_code == 0, res.output
     res = runner.invoke(main, ["eval", "--checkpoint", str(out), "--topk", "5", "--json"])
     assert res.exit_code == 0, res.output
