@@ -78,6 +78,34 @@ def evaluate(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device
                       *(c.numpy() for c in counts))
 
 
+def evaluation_images(recorded: dict, data: str | None = None, labels: str | None = None,
+                      in_memory: bool = True, where: str = "checkpoint"):
+    """(source, indices, description) of the images a run is scored on: every
+    image under ``data``, else the run's validation data or held-out images.
+    ``recorded`` is a checkpoint's ``data`` entry."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from .loader import open_source
+
+    classes, size = recorded["classes"], recorded["size"]
+    if data is not None:
+        source = open_source(data, "val", classes=classes, size=size, labels_file=Path(labels) if labels else None,
+                             stats=False, in_memory=in_memory)
+        return source, np.arange(len(source)), str(data)
+    indices = recorded["val_indices"].numpy()
+    if recorded["val_path"]:
+        source = open_source(recorded["val_path"], "val", classes=classes, size=size, stats=False,
+                             in_memory=in_memory)
+        return source, indices, f"{recorded['val_path']} (the run's validation data)"
+    if len(indices) == 0:
+        raise fail("the run held out no validation images (valFraction=0); give --data PATH to evaluate on",
+                   Location(where))
+    source = open_source(recorded["path"], "train", size=size, stats=False, in_memory=in_memory)
+    return source, indices, f"{recorded['path']} ({len(indices):,} held-out validation images)"
+
+
 @dataclass
 class CheckpointEval:
     result: EvalResult
@@ -94,11 +122,9 @@ def evaluate_checkpoint(checkpoint: str | None = None, data: str | None = None, 
     image under ``data`` with its classes mapped through the run's class list."""
     from pathlib import Path
 
-    import numpy as np
-
     from . import checkpoint as ckpt
     from . import runs
-    from .loader import eval_batches, open_source
+    from .loader import eval_batches
 
     path = runs.eval_checkpoint(checkpoint, Path(runs_root))
     state = ckpt.load(path)
@@ -108,21 +134,7 @@ def evaluate_checkpoint(checkpoint: str | None = None, data: str | None = None, 
     device_list = devices or (["cuda:0"] if torch.cuda.is_available() else ["cpu"])
     net = runs.net_from_checkpoint(state, device_list, str(path))
     mean = recorded["mean"].numpy()
-    if data is not None:
-        source = open_source(data, "val", classes=recorded["classes"], size=recorded["size"],
-                             labels_file=Path(labels) if labels else None, stats=False)
-        indices, shown = np.arange(len(source)), str(data)
-    elif recorded["val_path"]:
-        source = open_source(recorded["val_path"], "val", classes=recorded["classes"], size=recorded["size"],
-                             stats=False)
-        indices, shown = recorded["val_indices"].numpy(), f"{recorded['val_path']} (the run's validation data)"
-    else:
-        indices = recorded["val_indices"].numpy()
-        if len(indices) == 0:
-            raise fail("the run held out no validation images (valFraction=0); give --data PATH to evaluate on",
-                       Location(str(path)))
-        source = open_source(recorded["path"], "train", size=recorded["size"], stats=False)
-        shown = f"{recorded['path']} ({len(indices):,} held-out validation images)"
+    source, indices, shown = evaluation_images(recorded, data, labels, where=str(path))
     views = views or state["recipe"]["test_views"]
     batch = batch_size or recorded.get("eval_batch", 128)
     batches = eval_batches(source, indices, batch, recorded["crop"], ten_views=views == 10, mean=mean)

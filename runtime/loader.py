@@ -131,13 +131,14 @@ IN_MEMORY_BYTES = 2 << 30
 
 def open_source(path: str | Path, split: str = "train", classes: list[str] | None = None,
                 labels_file: Path | None = None, size: int = 256, stats: bool = True,
-                progress: bool = False) -> ImageSource:
+                progress: bool = False, in_memory: bool = True) -> ImageSource:
     """Detect the kind of ``path`` and open one split ("train", "val" or "test").
 
     ``classes`` (a trained run's list) maps class folder names to indices; an
     unknown folder is an error naming it.  ``size`` is the side images from a
     folder are rescaled and centre-cropped to.  ``stats=False`` skips the mean
-    and PCA pass (evaluation uses the run's own).
+    and PCA pass (evaluation uses the run's own).  ``in_memory=False`` keeps
+    an image folder on disk even when it would fit (for reading a few images).
     """
     path = resolve(path)
     kind = detect(path)
@@ -172,7 +173,7 @@ def open_source(path: str | Path, split: str = "train", classes: list[str] | Non
             raise fail("is a flat folder of images; give --labels FILE ('filename class' lines)",
                        Location(str(path)))
         listing = list_flat(path, labels_file, classes)
-    if len(listing.items) * size * size * 3 <= IN_MEMORY_BYTES:
+    if in_memory and len(listing.items) * size * size * 3 <= IN_MEMORY_BYTES:
         return _read_into_memory(listing, size, stats, progress)
     return FolderSource(listing, size, stats)
 

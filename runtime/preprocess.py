@@ -28,14 +28,19 @@ def load_square(data: bytes | str, size: int) -> np.ndarray:
     """(size, size, 3) uint8: short side rescaled to ``size``, centre crop."""
     with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
         img.draft("RGB", (size, size))  # JPEG: let libjpeg decode at a smaller scale when it can
-        img = img.convert("RGB")
-        w, h = img.size
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        if (nw, nh) != (w, h):
-            img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
+        return square(img, size)
+
+
+def square(img: Image.Image, size: int) -> np.ndarray:
+    """An open image as RGB, short side rescaled to ``size``, centre crop."""
+    img = img.convert("RGB")
+    w, h = img.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.BILINEAR, reducing_gap=3.0)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return np.asarray(img.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
 @dataclass

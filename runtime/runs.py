@@ -127,19 +127,11 @@ class Preprocess:
         self.mean, self.size, self.crop = mean, size, crop
 
     def __call__(self, image) -> torch.Tensor:
-        import io
-
         from PIL import Image
 
-        from .preprocess import eval_views, load_square
+        from .preprocess import eval_views, load_square, square
 
-        if isinstance(image, Image.Image):
-            buf = io.BytesIO()
-            image.convert("RGB").save(buf, "PNG")
-            image = buf.getvalue()
         if isinstance(image, np.ndarray):
-            buf = io.BytesIO()
-            Image.fromarray(image).save(buf, "PNG")
-            image = buf.getvalue()
-        square = load_square(image if isinstance(image, bytes) else str(image), self.size)
-        return eval_views(square[None], self.mean, self.crop, ten=False)[:, 0]
+            image = Image.fromarray(image)
+        pixels = square(image, self.size) if isinstance(image, Image.Image) else load_square(str(image), self.size)
+        return eval_views(pixels[None], self.mean, self.crop, ten=False)[:, 0]

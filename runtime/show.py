@@ -234,33 +234,16 @@ class ImageSet:
     description: str
 
 
-def _open(path: str, split: str, classes: list[str], size: int):
-    """A source for a few images: image folders are listed, not read whole."""
-    from .loader import FolderSource, open_source
-    from .sources import detect, list_class_folders, resolve
-
-    resolved = resolve(path)
-    kind = detect(resolved)
-    folder = resolved / ("train" if split == "train" else "val") if kind == "imagefolder" else resolved
-    if kind in ("imagefolder", "classfolders") and folder.is_dir():
-        return FolderSource(list_class_folders(folder, classes), size, stats=False)
-    return open_source(path, split, classes=classes, size=size, stats=False)
-
-
 def images_to_show(run: Run, data: str | None) -> ImageSet:
+    """The images `convspec eval` would score; image folders stay on disk,
+    since only a few of them are drawn."""
+    from .evaluate import evaluation_images
+
     d = run.state["data"]
-    classes, size = list(d["classes"]), int(d["size"])
-    if data:
-        source = _open(data, "val", classes, size)
-        return ImageSet(source, np.arange(len(source)), str(data))
-    indices = d["val_indices"].numpy()
-    if len(indices) == 0:
+    if not data and not d["val_path"] and len(d["val_indices"]) == 0:
         raise Unavailable("the run held out no validation images (valFraction=0); give --data PATH "
                           "to show predictions on", run.where())
-    if d["val_path"]:
-        return ImageSet(_open(d["val_path"], "val", classes, size), indices, f"{d['val_path']} (validation data)")
-    return ImageSet(_open(d["path"], "train", classes, size), indices,
-                    f"the {len(indices):,} validation images held out of {d['path']}")
+    return ImageSet(*evaluation_images(d, data, in_memory=False))
 
 
 @torch.no_grad()
@@ -370,7 +353,10 @@ def _neighbours(run: Run, o: ShowOptions):
     scored = scored_sample(run, o, o.queries)
     queries = scored.images.source
     d = run.state["data"]
-    pool_source = _open(d["path"], "train", list(d["classes"]), int(d["size"]))
+    from .loader import open_source
+
+    pool_source = open_source(d["path"], "train", classes=list(d["classes"]), size=int(d["size"]), stats=False,
+                              in_memory=False)  # only the searched subset is decoded
     pool = d["train_indices"].numpy()
     searched_all = not o.search_limit or len(pool) <= o.search_limit
     if not searched_all:

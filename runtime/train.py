@@ -220,7 +220,8 @@ class Trainer:
             synsets = read_synsets(Path(self.o.synsets))
             names = [synsets.get(c, c) for c in self.classes]
         self.class_names = list(names)
-        self.fingerprint = fingerprint(resolve(self.data_path))
+        self.resolved_data = resolve(self.data_path).resolve()
+        self.fingerprint = fingerprint(self.resolved_data)
         if self.state is not None and self.state["data"]["fingerprint"] != self.fingerprint:
             raise fail(f"this data differs from the data the run was trained on (fingerprint {self.fingerprint}, "
                        f"recorded {self.state['data']['fingerprint']}); resume on the same data",
@@ -407,16 +408,18 @@ class Trainer:
                 self._save_interrupted(epoch, b + 1, sums, loss_sum, wrong_sum, seen, time.perf_counter() - t0)
         bar.close()
         seconds = time.perf_counter() - t0
+        total = self._epoch_sums(sums, loss_sum, wrong_sum, seen, seconds)
+        return {"epoch": epoch + 1, "step": self.step, "train_loss": total["loss"] / total["images"],
+                "train_error": total["wrong"] / total["images"], "lr_scale": opt.lr_scale,
+                "train_images": total["images"], "train_time": total["seconds"]}
+
+    def _epoch_sums(self, sums: dict, loss_sum, wrong_sum, seen: int, seconds: float) -> dict:
+        """The epoch so far, over all ranks: what earlier (resumed) parts summed plus this part."""
         totals = torch.tensor([loss_sum.item(), float(wrong_sum.item()), float(seen)], dtype=torch.float64)
-        D.all_reduce_sum(totals, c)
-        loss_total = sums["loss"] + totals[0].item()
-        wrong_total = sums["wrong"] + int(totals[1].item())
-        images_total = sums["images"] + int(totals[2].item())
-        train_seconds = sums["seconds"] + seconds
+        D.all_reduce_sum(totals, self.cluster)
         self.train_seconds += seconds
-        return {"epoch": epoch + 1, "step": self.step, "train_loss": loss_total / images_total,
-                "train_error": wrong_total / images_total, "lr_scale": opt.lr_scale,
-                "train_images": images_total, "train_time": train_seconds}
+        return {"loss": sums["loss"] + totals[0].item(), "wrong": sums["wrong"] + int(totals[1].item()),
+                "images": sums["images"] + int(totals[2].item()), "seconds": sums["seconds"] + seconds}
 
     def validate(self) -> EvalResult | None:
         if self.val_idx is None or len(self.val_idx) == 0:
@@ -478,11 +481,7 @@ class Trainer:
                     f"(e.g. --set {layer}.epsW=...) or check the data")
 
     def _save_interrupted(self, epoch, batch, sums, loss_sum, wrong_sum, seen, seconds) -> None:
-        totals = torch.tensor([loss_sum.item(), float(wrong_sum.item()), float(seen)], dtype=torch.float64)
-        D.all_reduce_sum(totals, self.cluster)
-        partial = {"loss": sums["loss"] + totals[0].item(), "wrong": sums["wrong"] + int(totals[1].item()),
-                   "images": sums["images"] + int(totals[2].item()), "seconds": sums["seconds"] + seconds}
-        self.train_seconds += seconds
+        partial = self._epoch_sums(sums, loss_sum, wrong_sum, seen, seconds)
         path = self.run_dir / runs.INTERRUPTED
         if self.main:
             ckpt.save(path, self._state(epoch, batch, partial))
@@ -497,7 +496,7 @@ class Trainer:
     def _state(self, epoch: int, batch: int, partial: dict | None = None) -> dict:
         spec = self.net_spec
         src = self.train_source
-        data = {"path": str(self.data_path), "resolved": str(resolve(self.data_path).resolve()),
+        data = {"path": str(self.data_path), "resolved": str(self.resolved_data),
                 "val_path": self.val_path, "fingerprint": self.fingerprint, "images": len(src),
                 "classes": self.classes, "class_names": self.class_names,
                 "size": int(src.size), "crop": int(self.crop), "pixel_scale": 1.0,
