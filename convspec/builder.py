@@ -128,7 +128,7 @@ class CompiledNet(nn.Module):
             if step.kind == "single":
                 name = step.members[0]
                 layer = self.spec.layers[name]
-                values[name] = self.layer_module(name)([fetch(s, device) for s in layer.inputs])
+                values[name] = self.run_step(step, [fetch(s, device) for s in layer.inputs])
                 continue
             x = gather(step.sources, device)
             y = self._run_fused(step, x)
@@ -142,6 +142,15 @@ class CompiledNet(nn.Module):
         if outputs:
             return {name: values[name] for name in outputs}
         return values[self.output_name]
+
+    def run_step(self, step: Step, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """One planned step alone, on inputs already on its device: a single
+        layer's inputs in spec order, or a fused step's sources (the channel
+        concatenation is done here, as :meth:`forward` does).  For timing
+        layers one by one (``runtime.layer_times``)."""
+        if step.kind == "single":
+            return self.layer_module(step.members[0])(list(inputs))
+        return self._run_fused(step, inputs[0] if len(inputs) == 1 else torch.cat(list(inputs), dim=1))
 
     def _run_fused(self, step: Step, x: torch.Tensor) -> torch.Tensor:
         mods = [self.layer_module(n) for n in step.members]

@@ -48,6 +48,7 @@ def main(ctx: click.Context, debug: bool) -> None:
       convspec train specs/cifar10-80sec.cfg --data cifar10
       convspec eval --topk 5
       convspec show
+      convspec bench specs/cifar10-80sec.cfg
     """
     ctx.obj = {"debug": debug}
 
@@ -267,6 +268,69 @@ def eval_(ctx, checkpoint, data, labels, topk, views, devices, batch_size, per_c
                 if row["images"]:
                     click.echo(f"{row['class']:<{width}}  {row['images']:>6}  {100 * row['top1_error']:>8.2f}%"
                                f"  {100 * row['topk_error']:>8.2f}%")
+
+    _guard(ctx, run)
+
+
+@main.command()
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("--params", "params_path", type=click.Path(dir_okay=False),
+              help="Layer-params file.  Default: NAME.params.cfg beside SPEC.")
+@click.option("--input", "input_shape", metavar="CxHxW", callback=_shape_option,
+              help="Image size fed to the data layer, e.g. 3x224x224 (needed for original cuda-convnet files).")
+@click.option("--batch-size", type=click.IntRange(1), help="Images per step.  Default: [train] batchSize (128).")
+@click.option("--iterations", default=10, show_default=True, type=click.IntRange(1),
+              help="Timed iterations; the report gives medians.")
+@click.option("--warmup", default=2, show_default=True, type=click.IntRange(0),
+              help="Untimed iterations first (allocator, kernel choice, caches).")
+@click.option("--devices", help="As for train: cpu, cuda:0 or cuda:0,cuda:1.  Default: every GPU, else the CPU.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+              help="bf16: layers under autocast, as train --precision bf16.")
+@click.option("--channels-last", is_flag=True, help="NHWC memory layout, as train --channels-last.")
+@click.option("--threads", type=click.IntRange(1), help="CPU threads.  Default: PyTorch's choice.")
+@click.option("--set", "overrides", multiple=True, metavar="LAYER.KEY=VALUE",
+              help="Override a spec or params value before timing, e.g. --set conv2.filters=64.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+def bench(ctx, spec, params_path, input_shape, batch_size, iterations, warmup, devices, precision, channels_last,
+          threads, overrides, as_json):
+    """Time SPEC's training step, layer by layer, on a random batch (like caffe time).
+
+    Each row is one layer (or towers fused into one call, e.g. conv1a+conv1b)
+    run alone on the inputs it saw in a real forward pass, then back-propagated;
+    the loss row is the cost layer.  Below the rows: the whole training step as
+    convspec train runs it (forward + loss, backward, update) and its
+    images/s.  Times are medians in milliseconds; share is a row's part of the
+    sum of the rows.
+
+    \b
+    Examples:
+      convspec bench specs/cifar10-80sec.cfg
+      convspec bench specs/alexnet.cfg --batch-size 32 --iterations 3
+      convspec bench specs/alexnet.cfg --devices cuda:0 --precision bf16 --channels-last --json
+      convspec bench ../shared/reference-specs/cuda-convnet-layers-80sec.cfg --input 3x32x32
+    """
+    import torch
+
+    from runtime.layer_times import as_text, bench as run_bench
+    from runtime.train import parse_devices
+
+    from .builder import build as build_net
+    from .check import check_paths
+
+    def run():
+        device_list = parse_devices(devices)
+        if threads:
+            torch.set_num_threads(threads)
+        net_spec = check_paths(spec, params_path, input_shape, overrides=overrides)
+        torch.manual_seed(0)
+        net = build_net(net_spec, device_list)
+        if precision == "bf16" and net.devices[0].type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise SpecError(f"--precision bf16: {torch.cuda.get_device_name(net.devices[0])} has no bf16 "
+                            "support; use fp32")
+        result = run_bench(net, batch_size or net_spec.recipe.batch_size, iterations, warmup, precision,
+                           channels_last, progress=not as_json)
+        click.echo(json.dumps(result.as_dict(), indent=2) if as_json else as_text(result))
 
     _guard(ctx, run)
 

@@ -1,0 +1,203 @@
+"""`convspec bench`: per-layer forward/backward times (runtime/layer_times.py).
+
+Times themselves are not asserted (no timed tests); what is checked is that
+the rows are the executor's steps, that time is attributed to the right row
+(a layer slowed by a known sleep, forward and backward separately, carries it
+and no other row does), and the command's output and errors."""
+
+import json
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from convspec.builder import build
+from convspec.check import check, check_paths
+from convspec.cli import main
+from convspec.parse import parse_text
+from runtime.layer_times import as_text, bench
+
+from conftest import REFERENCE_SPECS, ROOT
+
+CIFAR = str(ROOT / "specs" / "cifar10-80sec.cfg")
+SLEEP_S = 0.05
+
+TWO_TOWERS = """[data]
+type=data
+inputSize=3x16x16
+[labels]
+type=data
+dataIdx=1
+[conv1a]
+type=conv
+inputs=data
+filters=8
+filterSize=3
+padding=1
+neuron=relu
+gpu=0
+[conv1b]
+type=conv
+inputs=data
+filters=8
+filterSize=3
+padding=1
+neuron=relu
+gpu=1
+[pool1a]
+type=pool
+pool=max
+inputs=conv1a
+sizeX=3
+stride=2
+gpu=0
+[pool1b]
+type=pool
+pool=max
+inputs=conv1b
+sizeX=3
+stride=2
+gpu=1
+[fc10]
+type=fc
+inputs=pool1a,pool1b
+outputs=10
+gpu=0
+[probs]
+type=softmax
+inputs=fc10
+[logprob]
+type=cost.logreg
+inputs=labels,probs
+"""
+
+
+def cifar_net():
+    torch.manual_seed(0)
+    return build(check_paths(CIFAR), devices=["cpu"])
+
+
+class _SleepInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        time.sleep(SLEEP_S)
+        return grad
+
+
+def slow_down(module):
+    """Make ``module`` take at least SLEEP_S longer in forward and in backward."""
+    original = module.forward
+
+    def forward(inputs):
+        time.sleep(SLEEP_S)
+        return _SleepInBackward.apply(original(inputs))
+
+    module.forward = forward
+
+
+def test_rows_are_the_executors_steps_then_the_loss():
+    net = cifar_net()
+    result = bench(net, batch=4, iterations=2, warmup=0, progress=False)
+    names = [row.name for row in result.layers]
+    assert names == ["conv1", "pool1", "conv2", "pool2", "conv3", "pool3", "fc64", "fc10", "loss"]
+    assert [row.shape for row in result.layers[:3]] == [(32, 32, 32), (32, 16, 16), (32, 16, 16)]
+    assert all(row.forward_ms > 0 and row.backward_ms > 0 for row in result.layers)
+    assert result.update_ms is not None and result.update_ms > 0  # the params file gives every rule
+    report = result.as_dict()
+    assert sum(row["share"] for row in report["layers"]) == pytest.approx(1.0)
+    assert report["step_ms"] == pytest.approx(result.forward_ms + result.backward_ms + result.update_ms)
+    assert report["images_per_second"] == pytest.approx(4000 / report["step_ms"])
+
+
+def test_a_slow_layer_carries_its_time_and_no_other_row_does():
+    net = cifar_net()
+    slow_down(net.conv2)
+    result = bench(net, batch=2, iterations=2, warmup=0, progress=False)
+    rows = {row.name: row for row in result.layers}
+    assert rows["conv2"].forward_ms >= 1000 * SLEEP_S
+    assert rows["conv2"].backward_ms >= 1000 * SLEEP_S
+    for name, row in rows.items():
+        if name != "conv2":
+            assert row.forward_ms < 1000 * SLEEP_S and row.backward_ms < 1000 * SLEEP_S, name
+    # The whole step sees the sleep once in each direction.
+    assert result.forward_ms >= 1000 * SLEEP_S and result.backward_ms >= 1000 * SLEEP_S
+
+
+def test_fused_towers_are_one_row_and_towers_on_two_devices_are_two():
+    spec = check(parse_text(TWO_TOWERS, "towers.cfg"))
+    fused = bench(build(spec, devices=["cpu"]), batch=2, iterations=1, warmup=0, progress=False)
+    assert [r.name for r in fused.layers] == ["conv1a+conv1b", "pool1a+pool1b", "fc10", "loss"]
+    assert fused.layers[0].shape == (16, 16, 16)
+    # No params file: no learning rules, so the update is not timed, and the report says why.
+    assert fused.update_ms is None
+    assert any("update not timed" in note for note in fused.notes)
+    unfused = bench(build(spec, devices=["cpu"], fuse=False), batch=2, iterations=1, warmup=0, progress=False)
+    assert [r.name for r in unfused.layers] == ["conv1a", "conv1b", "pool1a", "pool1b", "fc10", "loss"]
+    text = as_text(unfused)
+    assert "update" not in text.splitlines()[-2]  # the whole-step line has no update part
+    assert "note: update not timed" in text
+
+
+def test_channels_last_and_bf16_run():
+    net = cifar_net()
+    result = bench(net, batch=2, iterations=1, warmup=0, precision="bf16", channels_last=True, progress=False)
+    assert result.channels_last and result.precision == "bf16"
+    assert "fp32" not in as_text(result).splitlines()[0] and "channels_last" in as_text(result)
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_bench_command_text_and_json():
+    result = invoke("bench", CIFAR, "--batch-size", "2", "--iterations", "1", "--warmup", "0")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"{CIFAR}: batch 2 of 3x32x32, cpu, fp32")
+    assert lines[1].split() == ["layer", "type", "device", "output", "forward", "ms", "backward", "ms",
+                                "total", "ms", "share"]
+    assert lines[-1].startswith("whole training step: forward + loss ")
+    assert lines[-1].endswith(" images/s")
+    report = json.loads(invoke("bench", CIFAR, "--batch-size", "2", "--iterations", "1", "--warmup", "0",
+                               "--json", "--set", "fc64.outputs=32").stdout)
+    assert report["batch"] == 2 and report["iterations"] == 1
+    assert [l["name"] for l in report["layers"]][-3:] == ["fc64", "fc10", "loss"]
+    assert report["layers"][-3]["shape"] == [32]  # the override was applied
+
+
+def test_bench_default_batch_is_the_recipes():
+    spec = check_paths(CIFAR)
+    assert spec.recipe.batch_size == 128
+
+
+@pytest.mark.parametrize("args, message", [
+    (["specs/nope.cfg"], "specs/nope.cfg"),
+    ([CIFAR, "--devices", "mps"], "--devices: 'mps' is not supported; use cpu or cuda:N"),
+    ([CIFAR, "--set", "conv9.filters=3"], "conv9"),
+])
+def test_bench_errors_are_one_line(args, message):
+    result = invoke("bench", *args, "--iterations", "1", "--warmup", "0", "--batch-size", "1")
+    assert result.exit_code == 1
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_bench_on_missing_cuda_is_one_line():
+    result = invoke("bench", CIFAR, "--devices", "cuda:0")
+    assert result.exit_code == 1
+    assert "--devices: cuda:0 is not available" in result.output
+
+
+@pytest.mark.skipif(not REFERENCE_SPECS.exists(), reason="needs ../shared/reference-specs")
+def test_bench_reads_an_original_cuda_convnet_file_with_input():
+    spec = REFERENCE_SPECS / "cuda-convnet-layers-80sec.cfg"
+    result = invoke("bench", str(spec), "--input", "3x32x32", "--batch-size", "2", "--iterations", "1",
+                    "--warmup", "0", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["input"] == [3, 32, 32]
