@@ -1,30 +1,72 @@
 #!/usr/bin/env bash
 # The GPU check: one prepared script for a lent GPU machine (see README, "GPU").
-# It runs the CUDA tests (placement; AlexNet training steps on cuda:0 and on
-# cuda:0+cpu against a CPU run; convspec train/eval on cuda:0 in fp32 and bf16)
-# and times the training step on the GPU: the built net against the
-# hand-written one with the same options, then with convspec's options against
-# a plain fp32 eager script (--plain-peer).  Results go to $OUT (or ./out) as
-# gpu.log and step_time.jsonl.  About 5 minutes on an H100.
+# It checks the CUDA path (the CUDA tests: placement; AlexNet training steps on
+# cuda:0 and on cuda:0+cpu against a CPU run; convspec train/eval on cuda:0 in
+# fp32 and bf16), then measures:
+#   * AlexNet's training step, built against the hand-written grouped AlexNet,
+#     fp32 / channels_last / bf16 / bf16 + channels_last, at batch 128 and 256;
+#   * the CIFAR nets the same way at batch 128;
+#   * convspec's options against a plain fp32 NCHW eager script (--plain-peer);
+#   * `convspec bench` of AlexNet (per-layer times) at batch 128.
+# Everything lands in $OUT (default ./out): gpu.log, step_time.jsonl, bench-alexnet.json,
+# and gpu.json (the card, torch, the date and every measurement).  About 5 minutes on
+# an H100.
 #
-#   bash bench/gpu.sh            # from the repo root; needs lark (carried as .whl/)
+#   bash bench/gpu.sh                  # from the repo root; lark carried as .whl/ if not installed
+#   DEVICE=cpu BATCHES=4 STEPS=1 bash bench/gpu.sh   # a dry run of the plumbing on a CPU
 set -uo pipefail
 OUT=${OUT:-out}; mkdir -p "$OUT"
+DEVICE=${DEVICE:-cuda}
+BATCHES=${BATCHES:-"128 256"}
+STEPS=${STEPS:-20}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+: > "$OUT/step_time.jsonl"
+step_time() { python3 bench/step_time.py --device "$DEVICE" --steps "$STEPS" "$@" | tee -a "$OUT/step_time.jsonl"; }
 {
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
-  python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_build.py -k "gpu or alexnet" 2>&1
-  for args in "" "--precision bf16" "--precision bf16 --channels-last"; do
-    python3 bench/step_time.py --device cuda --nets alexnet,alexnet-unfused,cifar10-80sec --steps 30 $args \
-      | tee -a "$OUT/step_time.jsonl"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true
+  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name(0))"
+  if [ "$DEVICE" != cpu ]; then
+    python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_build.py -k "gpu or alexnet" 2>&1
+  fi
+  for batch in $BATCHES; do
+    for args in "" "--channels-last" "--precision bf16" "--precision bf16 --channels-last"; do
+      step_time --nets alexnet --batch "$batch" $args
+    done
   done
-  for args in "--plain-peer --precision bf16 --channels-last" "--plain-peer --precision bf16 --channels-last --compile"; do
-    timeout 240 python3 bench/step_time.py --device cuda --nets alexnet,cifar10-80sec --steps 30 $args \
-      | tee -a "$OUT/step_time.jsonl"
+  for args in "" "--channels-last" "--precision bf16 --channels-last"; do
+    step_time --nets cifar10-80sec,cifar10-18pct --batch "${BATCHES%% *}" $args
   done
+  for args in "--channels-last" "--precision bf16 --channels-last"; do
+    step_time --nets alexnet,cifar10-80sec --batch "${BATCHES%% *}" --plain-peer $args
+  done
+  timeout 240 python3 bench/step_time.py --device "$DEVICE" --steps "$STEPS" --nets alexnet,cifar10-80sec \
+    --batch "${BATCHES%% *}" --plain-peer --precision bf16 --channels-last --compile | tee -a "$OUT/step_time.jsonl"
+  bench_device=$DEVICE; [ "$DEVICE" = cuda ] && bench_device=cuda:0
+  python3 -m convspec bench specs/alexnet.cfg --devices "$bench_device" --batch-size "${BATCHES%% *}" \
+    --iterations "$STEPS" --json > "$OUT/bench-alexnet.json" && python3 - "$OUT/bench-alexnet.json" <<'EOF'
+import json, sys
+from runtime.layer_times import BenchResult, as_text
+print(as_text(BenchResult.from_dict(json.load(open(sys.argv[1])))))
+EOF
+  python3 - "$OUT" <<'EOF'
+import datetime, json, subprocess, sys
+from pathlib import Path
+import torch
+out = Path(sys.argv[1])
+card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
+bench = out / "bench-alexnet.json"
+result = {"card": card, "torch": torch.__version__, "cuda": torch.version.cuda,
+          "date": datetime.date.today().isoformat(),
+          "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                   text=True).stdout.strip() or None,
+          "step_time": [json.loads(line) for line in (out / "step_time.jsonl").read_text().splitlines()
+                        if line.startswith("{")],
+          "bench_alexnet": json.loads(bench.read_text()) if bench.exists() and bench.stat().st_size else None}
+(out / "gpu.json").write_text(json.dumps(result, indent=1))
+print(f"wrote {out / 'gpu.json'}: {len(result['step_time'])} step-time results on {card}")
+EOF
 } 2>&1 | tee "$OUT/gpu.log"

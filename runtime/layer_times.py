@@ -77,6 +77,15 @@ class BenchResult:
     def images_per_second(self) -> float:
         return 1000.0 * self.batch / self.step_ms
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "BenchResult":
+        """The inverse of :meth:`as_dict` (``convspec bench --json`` output back to a result)."""
+        rows = [LayerTime(l["name"], l["type"], l["device"], tuple(l["shape"]), l["forward_ms"], l["backward_ms"])
+                for l in d["layers"]]
+        return cls(d["spec"], d["batch"], tuple(d["input"]), d["devices"], d["precision"], d["channels_last"],
+                   d["threads"], d["iterations"], d["warmup"], rows, d["forward_ms"], d["backward_ms"],
+                   d["update_ms"], d["notes"])
+
     def as_dict(self) -> dict:
         layer_sum = sum(l.total_ms for l in self.layers)
         return {

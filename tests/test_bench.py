@@ -16,7 +16,7 @@ from convspec.builder import build
 from convspec.check import check, check_paths
 from convspec.cli import main
 from convspec.parse import parse_text
-from runtime.layer_times import as_text, bench
+from runtime.layer_times import BenchResult, as_text, bench
 
 from conftest import REFERENCE_SPECS, ROOT
 
@@ -112,6 +112,7 @@ def test_rows_are_the_executors_steps_then_the_loss():
     assert sum(row["share"] for row in report["layers"]) == pytest.approx(1.0)
     assert report["step_ms"] == pytest.approx(result.forward_ms + result.backward_ms + result.update_ms)
     assert report["images_per_second"] == pytest.approx(4000 / report["step_ms"])
+    assert as_text(BenchResult.from_dict(json.loads(json.dumps(report)))) == as_text(result)
 
 
 def test_a_slow_layer_carries_its_time_and_no_other_row_does():
