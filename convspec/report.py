@@ -34,6 +34,19 @@ def as_dict(net: CheckedNet) -> dict:
     }
 
 
+def table(rows: list[tuple[str, ...]], numeric: set[int]) -> list[str]:
+    """Aligned text columns: a header row, body rows, and a last (totals) row
+    under a rule; ``numeric`` columns are right-aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for n, row in enumerate(rows):
+        if n == len(rows) - 1:
+            lines.append("  ".join("-" * w for w in widths))
+        cells = [c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB"
 
@@ -47,14 +60,7 @@ def as_text(net: CheckedNet) -> str:
         rows.append((layer.name, layer.type, gpu, shape, f"{layer.params:,}", f"{layer.neurons:,}",
                      f"{layer.macs:,}"))
     rows.append(("total", "", "", "", f"{net.total_params:,}", f"{net.total_neurons:,}", f"{net.total_macs:,}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    numeric = {4, 5, 6}
-    lines = []
-    for n, row in enumerate(rows):
-        if n == len(rows) - 1:
-            lines.append("  ".join("-" * w for w in widths))
-        cells = [c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
-        lines.append("  ".join(cells).rstrip())
+    lines = table(rows, numeric={4, 5, 6})
     lines.append("")
     sources = net.path + (f" + {net.params_path}" if net.params_path else " (no params file)")
     lines.append(f"{sources}: {len(net.layers)} layers, {net.total_params:,} parameters, "

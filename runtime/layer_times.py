@@ -32,6 +32,7 @@ import torch
 
 from convspec.builder import CompiledNet
 from convspec.layers import fmt_shape
+from convspec.report import table
 
 from .evaluate import autocast
 from .optim import ConvnetSGD
@@ -238,17 +239,11 @@ def as_text(result: BenchResult) -> str:
                      f"{100 * l.total_ms / layer_sum:.1f}%" if layer_sum else "-"))
     rows.append(("layers", "", "", "", f"{sum(l.forward_ms for l in r.layers):.2f}",
                  f"{sum(l.backward_ms for l in r.layers):.2f}", f"{layer_sum:.2f}", "100.0%"))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    numeric = set(range(4, 8))
     shape = "x".join(map(str, r.input_shape))
     layout = ", channels_last" if r.channels_last else ""
     lines = [f"{r.spec}: batch {r.batch} of {shape}, {','.join(r.devices)}, {r.precision}{layout}, "
              f"{r.threads} threads; medians of {r.iterations} iterations after {r.warmup} warm-up"]
-    for n, row in enumerate(rows):
-        if n == len(rows) - 1:
-            lines.append("  ".join("-" * w for w in widths))
-        lines.append("  ".join(c.rjust(w) if i in numeric else c.ljust(w)
-                               for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+    lines += table(rows, numeric={4, 5, 6, 7})
     update = f", update {r.update_ms:.2f} ms" if r.update_ms is not None else ""
     lines.append(f"whole training step: forward + loss {r.forward_ms:.2f} ms, backward {r.backward_ms:.2f} ms"
                  f"{update}; {r.step_ms:.2f} ms = {r.images_per_second:,.0f} images/s")
