@@ -78,6 +78,9 @@ class CompiledNet(nn.Module):
             sinks = [l.name for l in net.layers.values() if l.type != "data" and not net.consumers(l.name)]
             self.output_name = sinks[-1] if sinks else self.image_input
         self._plans: dict[tuple[str, ...], list[Step]] = {}
+        if self.output_name is not None:
+            # Plan now, not at the first forward, so torch.compile never traces the planner.
+            self.steps((self.output_name,))
 
     # --- planning -------------------------------------------------------------------
 

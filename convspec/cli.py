@@ -153,6 +153,10 @@ def prepare(ctx, src, out, size, quality, raw, workers, synsets):
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True,
               help="NHWC memory layout: the same results up to float rounding, and faster here "
                    "(3-8% a CIFAR-10 epoch on a 2-core CPU).  --no-channels-last keeps NCHW.")
+@click.option("--compile", "compile_net", is_flag=True,
+              help="torch.compile the net for training: the same results up to float rounding; the first "
+                   "steps compile (about a minute).  Measured slower on this project's 2-core CPU; try it on "
+                   "a GPU.")
 @click.option("--set", "overrides", multiple=True, metavar="LAYER.KEY=VALUE",
               help="Override a spec or params value, e.g. --set conv1.epsW=0.002 or --set train.flip=1. "
                    "Repeatable; recorded with the run.")
@@ -168,7 +172,7 @@ def prepare(ctx, src, out, size, quality, raw, workers, synsets):
 @click.option("--quiet", is_flag=True, help="No progress bars; epoch lines only.")
 @click.pass_context
 def train(ctx, spec, params_path, data, val_data, epochs, batch_size, out, resume, devices, seed, precision,
-          channels_last, overrides, train_limit, synsets, keep, workers, deterministic, quiet):
+          channels_last, compile_net, overrides, train_limit, synsets, keep, workers, deterministic, quiet):
     """Train SPEC on --data and keep checkpoints and metrics in a run folder.
 
     The recipe (epochs, batch size, learning-rate drops, validation split,
@@ -193,7 +197,8 @@ def train(ctx, spec, params_path, data, val_data, epochs, batch_size, out, resum
     def run():
         options = TrainOptions(spec=spec, params=params_path, data=data, val_data=val_data, out=out,
                                resume=resume, devices=parse_devices(devices), precision=precision,
-                               channels_last=channels_last, overrides=list(overrides), epochs=epochs,
+                               channels_last=channels_last, compile=compile_net, overrides=list(overrides),
+                               epochs=epochs,
                                batch_size=batch_size, seed=seed, train_limit=train_limit, synsets=synsets,
                                keep=keep, workers=workers, deterministic=deterministic, progress=not quiet,
                                echo=click.echo)

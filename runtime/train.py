@@ -66,6 +66,7 @@ class TrainOptions:
     devices: list[str] | None = None
     precision: str = "fp32"
     channels_last: bool = False
+    compile: bool = False  # torch.compile the net for training (validation runs it eagerly)
     overrides: list[str] = field(default_factory=list)
     epochs: int | None = None
     batch_size: int | None = None
@@ -176,7 +177,7 @@ class Trainer:
             self.data_path = o.data or os.environ.get(DATA_ENV)
             self.val_path = o.val_data
             self.train_limit = o.train_limit
-            self.precision, self.channels_last = o.precision, o.channels_last
+            self.precision, self.channels_last, self.compile = o.precision, o.channels_last, o.compile
         if not self.data_path:
             raise fail(f"no training data: pass --data PATH (a prepared store, a CIFAR python folder, an image "
                        f"folder with one sub-folder per class, or cifar10/cifar100 to download it) or set {DATA_ENV}")
@@ -200,6 +201,7 @@ class Trainer:
         self.train_limit = d["train_limit"]
         self.precision = s["options"]["precision"]
         self.channels_last = s["options"]["channels_last"]
+        self.compile = s["options"].get("compile", False)  # runs from before --compile existed
         ignored = [name for name in ("spec", "params", "val_data", "batch_size", "seed", "train_limit")
                    if getattr(o, name)] + (["--set"] if o.overrides else [])
         if ignored:
@@ -304,6 +306,10 @@ class Trainer:
 
             single = len({d for d in self.devices}) == 1 and self.device.type == "cuda"
             self.model = DistributedDataParallel(self.net, device_ids=[self.device] if single else None)
+        if self.compile:
+            # Compiled lazily at the first steps (and once more for a smaller last batch);
+            # the parameters stay self.net's, so checkpoints and validation are unchanged.
+            self.model = torch.compile(self.model)
         try:
             self.optimizer = ConvnetSGD(self.net.learning_rules())
         except ValueError as err:
@@ -518,7 +524,7 @@ class Trainer:
             "spec": {"path": spec.path, "text": spec.spec_text, "params_path": spec.params_path,
                      "params_text": spec.params_text, "overrides": list(spec.overrides)},
             "recipe": self.recipe.as_dict(),
-            "options": {"precision": self.precision, "channels_last": self.channels_last,
+            "options": {"precision": self.precision, "channels_last": self.channels_last, "compile": self.compile,
                         "devices": [str(d) for d in self.devices], "world": self.cluster.world,
                         "argv": list(sys.argv)},
             "data": data,
@@ -545,7 +551,8 @@ class Trainer:
         info = {"spec": spec.path, "params": spec.params_path, "overrides": spec.overrides,
                 "data": str(self.data_path), "val_data": self.val_path, "train_limit": self.train_limit,
                 "recipe": self.recipe.as_dict(), "precision": self.precision,
-                "channels_last": self.channels_last, "devices": [str(d) for d in self.devices],
+                "channels_last": self.channels_last, "compile": self.compile,
+                "devices": [str(d) for d in self.devices],
                 "world": self.cluster.world, "classes": len(self.classes), "argv": list(sys.argv),
                 "provenance": provenance()}
         (self.run_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -562,7 +569,8 @@ class Trainer:
         return (f"{self.run_dir}: {where}; {len(self.train_idx):,} training images, {val}, "
                 f"{len(self.classes)} classes; {r.epochs} epoch{'s' if r.epochs != 1 else ''} of {len(self.batches)} "
                 f"batches of {r.batch_size}; "
-                f"{self.crop}x{self.crop} crops; {devices}{ranks}, {self.precision}")
+                f"{self.crop}x{self.crop} crops; {devices}{ranks}, {self.precision}"
+                f"{', channels_last' if self.channels_last else ''}{', compiled' if self.compile else ''}")
 
 
 def diagnose(net, x: torch.Tensor) -> tuple[str, str]:

@@ -432,3 +432,20 @@ def test_training_on_a_flat_folder_says_what_training_needs(setup, tmp_path):
     assert res.exit_code == 1
     assert res.output.strip() == (f"{flat}: is a flat folder of images; training needs one sub-folder per "
                                   "class (or a store from convspec prepare)")
+
+
+@pytest.mark.parametrize("option", ["channels_last", "compile"])
+def test_channels_last_and_compile_train_the_same_net(setup, tmp_path, option):
+    """Both change how the net runs, not what it computes: one epoch (9 steps) lands on the
+    eager NCHW run's weights up to float rounding, and the run records the option.  Dropout
+    is switched off: compiled code draws its masks from another generator."""
+    spec, data = setup
+    common = dict(spec=str(spec), data=str(data), epochs=1, overrides=["drop.enable=0"])
+    plain = train(_quiet(out=str(tmp_path / "plain"), **common))
+    other = train(_quiet(out=str(tmp_path / option), **common, **{option: True}))
+    a, b = _weights(plain.last_checkpoint), _weights(other.last_checkpoint)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-5, msg=key)
+    assert ckpt.load(other.last_checkpoint)["options"][option] is True
+    assert json.loads((tmp_path / option / "run.json").read_text())[option] is True
