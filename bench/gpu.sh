@@ -7,9 +7,12 @@
 #     fp32 / channels_last / bf16 / bf16 + channels_last, at batch 128 and 256;
 #   * the CIFAR nets the same way at batch 128;
 #   * convspec's options against a plain fp32 NCHW eager script (--plain-peer);
-#   * `convspec bench` of AlexNet (per-layer times) at batch 128.
+#   * `convspec bench` of AlexNet (per-layer times) at batch 128;
+#   * what the options cost in accuracy: AlexNet's loss over the same steps on the
+#     ImageNet samples in fp32 / channels_last / bf16 / bf16 + channels_last
+#     (bench/option_cost.py; skipped with a message where ../shared is absent).
 # Everything lands in $OUT (default ./out): gpu.log, step_time.jsonl, bench-alexnet.json,
-# and gpu.json (the card, torch, the date and every measurement).  About 5 minutes on
+# option-cost.json and gpu.json (the card, torch, the date and every measurement).  About 5 minutes on
 # an H100.
 #
 #   bash bench/gpu.sh                  # from the repo root; lark carried as .whl/ if not installed
@@ -52,6 +55,9 @@ import json, sys
 from runtime.layer_times import BenchResult, as_text
 print(as_text(BenchResult.from_dict(json.load(open(sys.argv[1])))))
 EOF
+  timeout 240 python3 bench/option_cost.py --device "$bench_device" --steps "${COST_STEPS:-40}" \
+    --settings fp32,channels_last,bf16,bf16+channels_last > "$OUT/option-cost.txt" && cat "$OUT/option-cost.txt" \
+    && tail -n 1 "$OUT/option-cost.txt" > "$OUT/option-cost.json"
   python3 - "$OUT" <<'EOF'
 import datetime, json, subprocess, sys
 from pathlib import Path
@@ -59,13 +65,15 @@ import torch
 out = Path(sys.argv[1])
 card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
 bench = out / "bench-alexnet.json"
+cost = out / "option-cost.json"
 result = {"card": card, "torch": torch.__version__, "cuda": torch.version.cuda,
           "date": datetime.date.today().isoformat(),
           "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                    text=True).stdout.strip() or None,
           "step_time": [json.loads(line) for line in (out / "step_time.jsonl").read_text().splitlines()
                         if line.startswith("{")],
-          "bench_alexnet": json.loads(bench.read_text()) if bench.exists() and bench.stat().st_size else None}
+          "bench_alexnet": json.loads(bench.read_text()) if bench.exists() and bench.stat().st_size else None,
+          "option_cost": json.loads(cost.read_text()) if cost.exists() and cost.stat().st_size else None}
 (out / "gpu.json").write_text(json.dumps(result, indent=1))
 print(f"wrote {out / 'gpu.json'}: {len(result['step_time'])} step-time results on {card}")
 EOF

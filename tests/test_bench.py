@@ -202,3 +202,31 @@ def test_bench_reads_an_original_cuda_convnet_file_with_input():
                     "--warmup", "0", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["input"] == [3, 32, 32]
+
+
+def _load_bench_script(name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_option_cost_trains_the_same_steps_in_every_setting():
+    # bench/option_cost.py's loop on a small net: channels_last follows the fp32
+    # curve to float rounding, bf16 stays near it but is not the same numbers,
+    # and the loss does move (it is training, not replaying one value).
+    option_cost = _load_bench_script("option_cost")
+    torch.manual_seed(0)
+    net = build(check_paths(CIFAR), ["cpu"])
+    initial = net.state_dict()
+    generator = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 3, 32, 32, generator=generator) * 50,
+                torch.randint(0, 10, (8,), generator=generator)) for _ in range(2)]
+    curves = {name: option_cost.train_losses(CIFAR, initial, batches, 4, torch.device("cpu"),
+                                             precision, cl, seed=0, lr_scale=1.0)[0]
+              for name, (precision, cl) in option_cost.SETTINGS.items()}
+    assert curves["channels_last"] == pytest.approx(curves["fp32"], rel=1e-4)
+    assert curves["bf16"] == pytest.approx(curves["fp32"], rel=0.05)
+    assert curves["bf16"] != curves["fp32"]
+    assert curves["fp32"][2] != pytest.approx(curves["fp32"][0], rel=1e-3)
