@@ -112,6 +112,9 @@ class CheckpointEval:
     checkpoint: str
     data: str
     class_names: list[str]
+    # True when the crop is the whole image, so the 10 views are the image and its
+    # mirror, five times each: the averages are right, but "10 views" would mislead.
+    views_coincide: bool = False
 
 
 def evaluate_checkpoint(checkpoint: str | None = None, data: str | None = None, labels: str | None = None,
@@ -144,4 +147,5 @@ def evaluate_checkpoint(checkpoint: str | None = None, data: str | None = None, 
     result = evaluate(net, batches, torch.device(device_list[0]), len(recorded["classes"]), k,
                       options["precision"], total=len(indices), progress=progress,
                       channels_last=options["channels_last"])
-    return CheckpointEval(result, str(path), shown, list(recorded["class_names"]))
+    return CheckpointEval(result, str(path), shown, list(recorded["class_names"]),
+                          views_coincide=views == 10 and int(recorded["crop"]) == int(recorded["size"]))

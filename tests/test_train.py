@@ -179,6 +179,8 @@ def test_eval_cli_json_views_and_per_class(setup, tmp_path):
     res = runner.invoke(main, ["eval", "--checkpoint", str(out), "--views", "10", "--data", str(data), "--per-class"])
     assert res.exit_code == 0, res.output
     assert "32 images, 10 views" in res.output and "class3" in res.output and "top-1 error" in res.output
+    # These 32x32 images are cropped whole, so the ten views are two, and it says so.
+    assert "the crop is the whole image: the image and its mirror, 5 times each" in res.output
 
 
 def _run_cli(args, **kw):
