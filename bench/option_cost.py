@@ -68,7 +68,7 @@ def train_losses(spec: str, initial: dict, batches, steps: int, device: torch.de
     net = build(check_paths(spec), [str(device)])
     net.load_state_dict(initial)
     if channels_last:
-        net = net.to(memory_format=torch.channels_last)
+        net = net.to_channels_last()
     net.train()
     optimizer = ConvnetSGD(net.learning_rules())
     optimizer.lr_scale = lr_scale

@@ -151,7 +151,7 @@ def run(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     labels = torch.randint(0, net.spec.layers[net.output_name].shape[0], (batch,), device=device)
     diff = max_abs_diff(net, ref, images)
     if args.channels_last:
-        net, ref = net.to(memory_format=torch.channels_last), ref.to(memory_format=torch.channels_last)
+        net, ref = net.to_channels_last(), ref.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
 
     if args.precision == "bf16":

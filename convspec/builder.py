@@ -82,6 +82,18 @@ class CompiledNet(nn.Module):
             # Plan now, not at the first forward, so torch.compile never traces the planner.
             self.steps((self.output_name,))
 
+    def to_channels_last(self) -> "CompiledNet":
+        """Store every 4-D parameter and buffer NHWC (channels_last), in place.
+
+        ``Module.to(memory_format=torch.channels_last)`` would refuse the whole
+        net as soon as one tensor is not 4-D, and a local layer's unshared
+        filters are 5-D; only the convolutions' kernels care about the layout."""
+        with torch.no_grad():
+            for tensor in (*self.parameters(), *self.buffers()):
+                if tensor.dim() == 4:
+                    tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
+        return self
+
     # --- planning -------------------------------------------------------------------
 
     def layer_module(self, name: str) -> nn.Module:

@@ -355,14 +355,24 @@ def _per_class_rows(result, names: list[str]) -> list[dict]:
 
 
 def _guard(ctx: click.Context, fn) -> None:
-    """Run a command body: a SpecError is one message and exit status 1."""
+    """Run a command body: a SpecError is one message and exit status 1.  Anything
+    else is a case convspec did not foresee: one line too (exit status 2) that says
+    so, because a bare traceback reads as the user's fault; --debug shows it."""
+    debug = bool(ctx.obj and ctx.obj.get("debug"))
     try:
         fn()
     except SpecError as err:
-        if ctx.obj and ctx.obj.get("debug"):
+        if debug:
             raise
         click.echo(f"error: {err}" if err.location is None else str(err), err=True)
         sys.exit(1)
+    except Exception as err:  # noqa: BLE001 - the last line of defence, re-raised under --debug
+        if debug:
+            raise
+        detail = " ".join(str(err).split()) or "(no message)"
+        click.echo(f"error: unexpected {type(err).__name__}: {detail}. This is a convspec bug or a case it "
+                   "does not handle: rerun with --debug for the traceback, and report it", err=True)
+        sys.exit(2)
 
 
 from .show_command import show  # noqa: E402

@@ -143,7 +143,7 @@ def evaluate_checkpoint(checkpoint: str | None = None, data: str | None = None, 
     batches = eval_batches(source, indices, batch, recorded["crop"], ten_views=views == 10, mean=mean)
     options = state["options"]
     if options["channels_last"]:
-        net = net.to(memory_format=torch.channels_last)
+        net = net.to_channels_last()
     result = evaluate(net, batches, torch.device(device_list[0]), len(recorded["classes"]), k,
                       options["precision"], total=len(indices), progress=progress,
                       channels_last=options["channels_last"])

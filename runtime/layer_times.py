@@ -133,7 +133,7 @@ def bench(net: CompiledNet, batch: int, iterations: int = 10, warmup: int = 2, p
     generator = torch.Generator().manual_seed(seed)
     images = torch.randn((batch, *input_shape), generator=generator).to(entry)
     if channels_last:
-        net = net.to(memory_format=torch.channels_last)
+        net = net.to_channels_last()
         images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, classes, (batch,), generator=generator).to(entry)
     net.train()

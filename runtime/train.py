@@ -297,7 +297,7 @@ class Trainer:
         torch.manual_seed(r.seed)  # the same initial weights on every rank
         self.net = build(self.net_spec, self.devices)
         if self.channels_last:
-            self.net = self.net.to(memory_format=torch.channels_last)
+            self.net.to_channels_last()
         if self.state is not None:
             self.net.load_state_dict(self.state["model"])
         self.model = self.net

@@ -316,3 +316,24 @@ def test_without_debug_there_is_no_exception(tmp_path):
     path = write(tmp_path, TINY.replace("[fc]", "[fc"))
     result = invoke("check", path)
     assert isinstance(result.exception, SystemExit) and result.exit_code == 1
+
+
+def test_an_unforeseen_error_is_one_line_and_debug_shows_it(tmp_path, monkeypatch):
+    """The last line of defence: an exception convspec did not foresee (here planted in
+    the checker) is still one line, names its type and message, and says what to do."""
+    import importlib
+
+    checker = importlib.import_module("convspec.check")  # the module, not convspec.check the function
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("required rank 4 tensor\nto use channels_last format")
+
+    monkeypatch.setattr(checker, "check_paths", broken)
+    path = write(tmp_path, TINY)
+    result = invoke("check", path)
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
+    assert result.output == ("error: unexpected RuntimeError: required rank 4 tensor to use channels_last format. "
+                             "This is a convspec bug or a case it does not handle: rerun with --debug for the "
+                             "traceback, and report it\n")
+    with pytest.raises(RuntimeError, match="required rank 4"):
+        CliRunner().invoke(main, ["--debug", "check", path], catch_exceptions=False)

@@ -436,6 +436,27 @@ def test_training_on_a_flat_folder_says_what_training_needs(setup, tmp_path):
                                   "class (or a store from convspec prepare)")
 
 
+def test_channels_last_trains_a_net_with_local_layers(setup, tmp_path):
+    """A local layer's unshared filters are 5-D, which ``Module.to(memory_format=
+    channels_last)`` refuses: the default layout must still train such a net (the
+    11pct spec) and land where NCHW does."""
+    spec, data = setup
+    local = ("[local1]\ntype=local\ninputs=pool1\nfilters=4\nfilterSize=3\npadding=1\nstride=1\n"
+             "neuron=relu\ninitW=0.05\n[fc1]\ntype=fc\ninputs=local1\n")
+    spec.write_text(SPEC.replace("[fc1]\ntype=fc\ninputs=pool1\n", local))
+    params = spec.with_suffix(".params.cfg")
+    params.write_text(PARAMS.replace("[fc1]", "[local1]\nepsW=0.01\nepsB=0.02\nmomW=0.9\nmomB=0.9\nwc=0.004\n[fc1]"))
+    common = dict(spec=str(spec), data=str(data), epochs=1, overrides=["drop.enable=0"])
+    plain = train(_quiet(out=str(tmp_path / "plain"), **common))
+    nhwc = train(_quiet(out=str(tmp_path / "nhwc"), channels_last=True, **common))
+    a, b = _weights(plain.last_checkpoint), _weights(nhwc.last_checkpoint)
+    assert a["local1.weight"].dim() == 5
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-5, msg=key)
+    result = evaluate_checkpoint(str(nhwc.last_checkpoint), progress=False).result
+    assert 0 <= result.top1_error <= 1
+
+
 @pytest.mark.parametrize("option", ["channels_last", "compile"])
 def test_channels_last_and_compile_train_the_same_net(setup, tmp_path, option):
     """Both change how the net runs, not what it computes: one epoch (9 steps) lands on the
