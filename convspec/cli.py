@@ -89,7 +89,7 @@ def check(ctx, spec, params_path, input_shape, as_json):
 @main.command()
 @click.argument("src", type=click.Path())
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--size", default=256, show_default=True,
+@click.option("--size", default=256, show_default=True, type=click.IntRange(1),
               help="Side of the stored square: short side rescaled to SIZE, centre crop (image folders).")
 @click.option("--quality", default=90, show_default=True, type=click.IntRange(1, 100),
               help="JPEG quality of the stored images.")
@@ -147,7 +147,7 @@ def prepare(ctx, src, out, size, quality, raw, workers, synsets):
                                              "from its last checkpoint.")
 @click.option("--devices", help="Comma list, e.g. cpu, cuda:0 or cuda:0,cuda:1: the spec's gpu= groups "
                                 "fold onto them.  Default: every GPU, else the CPU.")
-@click.option("--seed", type=click.IntRange(0), help="Override [train] seed (weights, data order, augmentation).")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), help="Override [train] seed (weights, data order, augmentation).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="bf16 runs the layers under autocast (changes results slightly; the loss stays fp32).")
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True,
@@ -297,7 +297,7 @@ def eval_(ctx, checkpoint, data, labels, topk, views, devices, batch_size, per_c
               help="NHWC memory layout, as train's default; --no-channels-last times NCHW.")
 @click.option("--threads", type=click.IntRange(1), help="CPU threads.  Default: PyTorch's choice.")
 @click.option("--set", "overrides", multiple=True, metavar="LAYER.KEY=VALUE",
-              help="Override a spec or params value before timing, e.g. --set conv2.filters=64.")
+              help="Override a spec or params value before timing, e.g. --set fc64.outputs=128.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
 def bench(ctx, spec, params_path, input_shape, batch_size, iterations, warmup, devices, precision, channels_last,
@@ -366,10 +366,21 @@ def _guard(ctx: click.Context, fn) -> None:
             raise
         click.echo(f"error: {err}" if err.location is None else str(err), err=True)
         sys.exit(1)
+    except OSError as err:  # a path that cannot be made, read or written; a full disk
+        if debug:
+            raise
+        what = f"{err.filename}: {err.strerror or err}" if err.filename else " ".join(str(err).split())
+        click.echo(f"error: {what}; check the path, its permissions and the free disk space", err=True)
+        sys.exit(1)
     except Exception as err:  # noqa: BLE001 - the last line of defence, re-raised under --debug
         if debug:
             raise
         detail = " ".join(str(err).split()) or "(no message)"
+        if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" \
+                or "can't allocate memory" in detail:
+            click.echo(f"error: out of memory ({detail[:160]}); use a smaller --batch-size, or check the "
+                       "layer sizes with convspec check SPEC", err=True)
+            sys.exit(1)
         click.echo(f"error: unexpected {type(err).__name__}: {detail}. This is a convspec bug or a case it "
                    "does not handle: rerun with --debug for the traceback, and report it", err=True)
         sys.exit(2)

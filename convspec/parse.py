@@ -248,6 +248,9 @@ def parse_text(text: str, path: str = "<string>") -> SpecFile:
     return SpecFile(path, text, sections)
 
 
+MAX_SPEC_BYTES = 16 * 2**20  # AlexNet's spec is 4 KB
+
+
 def read_spec_text(path: str | os.PathLike) -> str:
     """Read a file as spec text, with one-line errors for the usual ways it fails."""
     p = Path(path)
@@ -257,9 +260,14 @@ def read_spec_text(path: str | os.PathLike) -> str:
     if p.is_dir():
         raise fail("is a directory; give the path of a .cfg layer file", Location(shown))
     try:
-        data = p.read_bytes()
+        with open(p, "rb") as f:
+            # Bounded: /dev/zero or a mistaken multi-GB file must not hang or fill memory.
+            data = f.read(MAX_SPEC_BYTES + 1)
     except OSError as err:
         raise fail(f"cannot read: {err.strerror}", Location(shown)) from None
+    if len(data) > MAX_SPEC_BYTES:
+        raise fail(f"is over {MAX_SPEC_BYTES // 2**20} MiB, which no spec is; give the path of a .cfg layer file",
+                   Location(shown))
     if b"\0" in data:
         raise fail("is a binary file, not a spec; a spec is text of [section] and key=value lines",
                    Location(shown, 1, 1))

@@ -60,6 +60,9 @@ class Recipe:
 DataRecipe = Recipe  # the data keys came first (issue 3); the name stays for readers of old code
 
 
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit integer
+
+
 def _fraction(item, ctx):
     value = V.to_float(item, ctx, minimum=0.0)
     if value >= 1.0:
@@ -87,8 +90,8 @@ _KEYS = {
     "lrFactor": ("lr_factor", lambda item, ctx: V.to_float(item, ctx, minimum=0.0), False),
     "plateau": ("plateau", lambda item, ctx: V.to_int(item, ctx, minimum=0), False),
     "valFraction": ("val_fraction", _fraction, False),
-    "splitSeed": ("split_seed", lambda item, ctx: V.to_int(item, ctx, minimum=0), False),
-    "seed": ("seed", lambda item, ctx: V.to_int(item, ctx, minimum=0), False),
+    "splitSeed": ("split_seed", lambda item, ctx: V.to_int(item, ctx, minimum=0, maximum=MAX_SEED), False),
+    "seed": ("seed", lambda item, ctx: V.to_int(item, ctx, minimum=0, maximum=MAX_SEED), False),
     "crop": ("crop", _positive_int, False),
     "imageSize": ("image_size", _positive_int, False),
     "flip": ("flip", V.to_bool, False),

@@ -123,7 +123,7 @@ def _item_text(item) -> str:
     return item.text
 
 
-def to_int(item, ctx: Ctx, minimum: int | None = None) -> int:
+def to_int(item, ctx: Ctx, minimum: int | None = None, maximum: int | None = None) -> int:
     # Whole numbers are written as such: cuda-convnet's int() refuses "16.0" and "1e3" too.
     if isinstance(item, Number) and isinstance(item.value, int):
         value = item.value
@@ -131,6 +131,8 @@ def to_int(item, ctx: Ctx, minimum: int | None = None) -> int:
         raise fail(f"{ctx.where()} must be a whole number, not '{_item_text(item)}'", item.loc)
     if minimum is not None and value < minimum:
         raise fail(f"{ctx.where()}={value} must be at least {minimum}", item.loc)
+    if maximum is not None and value > maximum:
+        raise fail(f"{ctx.where()}={value} must be at most {maximum}", item.loc)
     return value
 
 

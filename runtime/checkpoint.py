@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -35,10 +36,17 @@ def save(path: str | Path, state: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except (OSError, RuntimeError) as err:
+            # A full disk reaches torch.save's zip writer as a RuntimeError ("unexpected pos").
+            free = shutil.disk_usage(path.parent).free
+            raise fail(f"could not write the checkpoint ({' '.join(str(err).split())[:120]}); "
+                       f"{free / 2**20:,.0f} MiB free there: free some space or choose another --out "
+                       "(--resume continues from the last checkpoint saved)", Location(str(path))) from None
         os.replace(tmp, path)
         # The rename itself is durable only once the folder is synced.
         fd = os.open(path.parent, os.O_RDONLY)

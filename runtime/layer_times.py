@@ -31,6 +31,7 @@ from typing import Callable, Sequence
 import torch
 
 from convspec.builder import CompiledNet
+from convspec.errors import Location, fail
 from convspec.layers import fmt_shape
 from convspec.report import table
 
@@ -126,6 +127,8 @@ def bench(net: CompiledNet, batch: int, iterations: int = 10, warmup: int = 2, p
           channels_last: bool = False, progress: bool = True, seed: int = 0) -> BenchResult:
     """Time ``net`` (built, in train mode) on a random batch; see the module text."""
     spec = net.spec
+    if net.image_input is None or net.output_name == net.image_input:
+        raise fail("the spec has no layers after its data layer: nothing to time", Location(spec.path))
     devices = net.devices
     entry = devices[0]
     input_shape = tuple(spec.layers[net.image_input].shape)

@@ -109,8 +109,11 @@ def net_from_checkpoint(state: dict, devices=None, path: str = "checkpoint"):
     try:
         net.load_state_dict(state["model"])
     except RuntimeError as err:
-        raise fail(f"weights do not fit the recorded spec ({str(err).splitlines()[0][:150]})",
-                   Location(path)) from None
+        # torch's first line only says "Error(s) in loading state_dict for ...": the next one names the key.
+        lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()] or [str(err)]
+        more = f"; and {len(lines) - 1} more" if len(lines) > 1 else ""
+        raise fail(f"weights do not fit the recorded spec ({lines[0][:200]}{more}); the file was changed or "
+                   "is from another program", Location(path)) from None
     data = state["data"]
     net.classes, net.class_names = list(data["classes"]), list(data["class_names"])
     net.mean, net.crop, net.image_size = data["mean"].numpy(), int(data["crop"]), int(data["size"])

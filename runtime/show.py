@@ -108,7 +108,7 @@ class Run:
     """A run folder, its metrics and, read on first use, its checkpoint."""
 
     def __init__(self, path: str | None, root: str = "runs", devices: list[str] | None = None):
-        given = Path(path) if path else runs.newest_run(Path(root))
+        given = Path(path) if path else runs.newest_run(Path(root), "convspec show RUN")
         if given.is_file():
             self.dir, self.given_checkpoint = given.parent, given
         elif given.is_dir():

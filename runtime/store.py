@@ -26,6 +26,7 @@ import io
 import json
 import multiprocessing
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,11 +129,16 @@ def prepare(source: Path, out: Path, options: PrepareOptions, synsets: Path | No
     bad: list[str] = []
     total_stats = Stats.empty(options.size if not isinstance(splits[0][1], cifar.CifarSplit) else 32)
     workers = options.workers or os.cpu_count() or 1
-    with multiprocessing.get_context("fork").Pool(workers) if workers > 1 else _Inline() as pool:
-        for split, data in splits:
-            shards, count = _write_split(split, data, out, options, pool, bad, total_stats if split == "train" else None,
-                                         progress)
-            meta["splits"][split] = {"count": count, "shards": shards}
+    try:
+        with multiprocessing.get_context("fork").Pool(workers, _ignore_sigint) if workers > 1 else _Inline() as pool:
+            for split, data in splits:
+                shards, count = _write_split(split, data, out, options, pool, bad,
+                                             total_stats if split == "train" else None, progress)
+                meta["splits"][split] = {"count": count, "shards": shards}
+    except KeyboardInterrupt:
+        # Leaving the with-block terminated the workers; finished shards are on disk.
+        raise fail("interrupted; the shards written so far are kept: run the same command again to finish",
+                   Location(str(out))) from None
     meta["skipped"] = len(bad)
     meta["size"] = int(total_stats.pixel_sum.shape[0])
     _save_atomic(out / "report.txt", lambda f: f.write("".join(line + "\n" for line in bad).encode()))
@@ -162,6 +168,12 @@ def _refuse_upscaling_everything(data, options: PrepareOptions) -> None:
                    f"would upscale every one; pass --size {min(min(s) for s in sizes)} "
                    f"(e.g. --size 32 --raw for CIFAR)",
                    Location(str(data.items[0][0].parent.parent)))
+
+
+def _ignore_sigint() -> None:
+    """Pool workers leave Ctrl-C to the parent: a worker killed by it never
+    returns its result, and the parent would wait for it forever."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class _Inline:

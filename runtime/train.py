@@ -118,7 +118,7 @@ def data_parallel_replicas(net) -> int:
     """1, or N when every layer lists the same N replicas (cuda-convnet2's
     data-parallel files).  Mixing replicas with towers is refused for now."""
     placements = {tuple(l.gpu) for l in net.layers.values() if l.type != "data"}
-    widest = max(placements, key=len)
+    widest = max(placements, key=len, default=())
     if len(widest) <= 1:
         return 1
     if len(placements) == 1:
@@ -181,6 +181,7 @@ class Trainer:
         if not self.data_path:
             raise fail(f"no training data: pass --data PATH (a prepared store, a CIFAR python folder, an image "
                        f"folder with one sub-folder per class, or cifar10/cifar100 to download it) or set {DATA_ENV}")
+        self._output_layer()  # no cost layer: say so before reading any data
         self.replicas = data_parallel_replicas(self.net_spec)
         self._open_data()
         self._build()
@@ -202,8 +203,9 @@ class Trainer:
         self.precision = s["options"]["precision"]
         self.channels_last = s["options"]["channels_last"]
         self.compile = s["options"].get("compile", False)  # runs from before --compile existed
-        ignored = [name for name in ("spec", "params", "val_data", "batch_size", "seed", "train_limit")
-                   if getattr(o, name)] + (["--set"] if o.overrides else [])
+        given = {"spec": "SPEC", "params": "--params", "val_data": "--val-data", "batch_size": "--batch-size",
+                 "seed": "--seed", "train_limit": "--train-limit"}
+        ignored = [shown for name, shown in given.items() if getattr(o, name)] + (["--set"] if o.overrides else [])
         if ignored:
             self.say(f"note: resuming {self.run_dir} as recorded; ignoring {', '.join(ignored)}")
 
@@ -337,7 +339,7 @@ class Trainer:
         self.train_seconds = s.get("train_seconds", 0.0)
         partial = s.get("partial", {"loss": 0.0, "wrong": 0, "images": 0, "seconds": 0.0})
         if epoch0 >= r.epochs:
-            raise fail(f"the run has finished its {r.epochs} epochs; pass --epochs N (more than {epoch0}) "
+            raise fail(f"the run has finished {epoch0} epoch{'s' if epoch0 != 1 else ''}; pass --epochs N (more than {epoch0}) "
                        "to train further", Location(str(self.run_dir)))
         if self.main:
             self._write_run_files()
@@ -353,6 +355,12 @@ class Trainer:
                 record = self._train_epoch(epoch, batch0 if epoch == epoch0 else 0,
                                            partial if epoch == epoch0 else None)
                 last, best = self._end_epoch(epoch, record)
+                if D.broadcast_flag(self.stop_signal is not None, self.cluster) and epoch + 1 < r.epochs:
+                    # The signal came during validation: the epoch's checkpoint is the place to stop.
+                    name = signal.Signals(self.stop_signal or signal.SIGINT).name
+                    raise TrainingStopped(f"{name}: stopped after epoch {epoch + 1}; saved {last}. "
+                                          f"Continue with: convspec train --resume --out {self.run_dir}",
+                                          128 + (self.stop_signal or 2))
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
@@ -364,6 +372,9 @@ class Trainer:
         if self.stop_signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
         self.stop_signal = signum
+        if self.main:  # at once: validation may take a while before the stop comes
+            print(f"\n{signal.Signals(signum).name}: saving and stopping after this batch, or after this "
+                  "epoch's validation (Ctrl-C again: stop now, without saving)", file=sys.stderr, flush=True)
 
     def _lr_scale(self, epoch: int) -> float:
         r = self.recipe

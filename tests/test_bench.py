@@ -21,7 +21,9 @@ from runtime.layer_times import BenchResult, as_text, bench
 from conftest import REFERENCE_SPECS, ROOT
 
 CIFAR = str(ROOT / "specs" / "cifar10-80sec.cfg")
-SLEEP_S = 0.05
+# Long enough that no real layer of the small net comes near it even on a loaded
+# 2-core machine (conv3's backward once took 94 ms there, at 0.05 s this test failed).
+SLEEP_S = 0.3
 
 TWO_TOWERS = """[data]
 type=data
@@ -118,7 +120,8 @@ def test_rows_are_the_executors_steps_then_the_loss():
 def test_a_slow_layer_carries_its_time_and_no_other_row_does():
     net = cifar_net()
     slow_down(net.conv2)
-    result = bench(net, batch=2, iterations=2, warmup=0, progress=False)
+    # One warm-up: first calls pay one-time kernel setup that is not a layer's time.
+    result = bench(net, batch=2, iterations=2, warmup=1, progress=False)
     rows = {row.name: row for row in result.layers}
     assert rows["conv2"].forward_ms >= 1000 * SLEEP_S
     assert rows["conv2"].backward_ms >= 1000 * SLEEP_S
@@ -186,6 +189,17 @@ def test_bench_errors_are_one_line(args, message):
     assert result.exit_code == 1
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_spec_of_only_a_data_layer_is_refused_by_bench_and_train(tmp_path):
+    spec = tmp_path / "data-only.cfg"
+    spec.write_text("[data]\ntype=data\ninputSize=3x32x32\n")
+    result = invoke("bench", str(spec), "--iterations", "1", "--warmup", "0", "--batch-size", "1")
+    assert (result.exit_code, result.output) == (1, f"{spec}: the spec has no layers after its data layer: "
+                                                    "nothing to time\n")
+    result = invoke("train", str(spec), "--data", str(tmp_path / "not-read"), "--out", str(tmp_path / "run"))
+    assert (result.exit_code, result.output) == (1, f"{spec}: the spec has no cost.logreg layer to train "
+                                                    "against; add one (type=cost.logreg, inputs=labels,probs)\n")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")

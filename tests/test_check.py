@@ -351,6 +351,8 @@ def test_train_section_data_keys_and_crop_override():
     ("[train]\nflip=maybe\n", "p.cfg:2:6: [train]: flip must be 1, 0, true or false, not 'maybe'"),
     ("[train]\npcaNoise=-1\n", "p.cfg:2:10: [train]: pcaNoise=-1 must be at least 0"),
     ("[train]\nepochs=0\n", "p.cfg:2:8: [train]: epochs=0 must be at least 1"),
+    ("[train]\nseed=99999999999999999999\n",
+     "p.cfg:2:6: [train]: seed=99999999999999999999 must be at most 9223372036854775807"),
     ("[train]\nepochs=2.5\n", "p.cfg:2:8: [train]: epochs must be a whole number, not '2.5'"),
     ("[train]\nlrDrops=130,120\n", "p.cfg:2:9: [train]: lrDrops must list increasing epochs, e.g. lrDrops=120,130"),
     ("[train]\nvalFraction=1\n", "p.cfg:2:13: [train]: valFraction=1 must be below 1 (a share of the training split)"),

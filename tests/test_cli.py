@@ -223,6 +223,16 @@ def test_unreadable_files(tmp_path, data, message):
     assert_one_located_error(invoke("check", path), message.format(path=path))
 
 
+def test_an_endless_or_huge_file_is_refused_not_read_forever(tmp_path):
+    path = tmp_path / "huge.cfg"
+    path.write_bytes(b"#" * (16 * 2**20 + 1))
+    result = invoke("check", str(path))
+    assert (result.exit_code, result.output) == (
+        1, f"{path}: is over 16 MiB, which no spec is; give the path of a .cfg layer file\n")
+    if os.path.exists("/dev/zero"):  # it used to hang here
+        assert invoke("check", "/dev/zero").output.startswith("/dev/zero: is over 16 MiB")
+
+
 # (edit of TINY, first line of the error with {path} for the file)
 ERRORS = [
     # syntax
@@ -337,3 +347,43 @@ def test_an_unforeseen_error_is_one_line_and_debug_shows_it(tmp_path, monkeypatc
                              "traceback, and report it\n")
     with pytest.raises(RuntimeError, match="required rank 4"):
         CliRunner().invoke(main, ["--debug", "check", path], catch_exceptions=False)
+
+
+@pytest.mark.parametrize("error, line", [
+    (FileNotFoundError(2, "No such file or directory", "/proc/convspec-run"),
+     "error: /proc/convspec-run: No such file or directory; check the path, its permissions and the free disk space"),
+    (OSError(30, "Read-only file system", "ro/run"),
+     "error: ro/run: Read-only file system; check the path, its permissions and the free disk space"),
+    (OSError("921600 requested and 290688 written"),
+     "error: 921600 requested and 290688 written; check the path, its permissions and the free disk space"),
+])
+def test_os_errors_name_the_path(tmp_path, monkeypatch, error, line):
+    """Paths convspec cannot make, read or write (a read-only --out, a full disk) are one line, exit 1."""
+    import importlib
+
+    checker = importlib.import_module("convspec.check")
+
+    def broken(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(checker, "check_paths", broken)
+    result = invoke("check", write(tmp_path, TINY))
+    assert result.exit_code == 1 and result.output == line + "\n"
+
+
+def test_out_of_memory_says_what_to_shrink(tmp_path, monkeypatch):
+    import importlib
+
+    checker = importlib.import_module("convspec.check")
+
+    def broken(*args, **kwargs):  # what torch raised for a 409,599,999,999,995,904-byte weight
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 409599999999995904 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(checker, "check_paths", broken)
+    result = invoke("check", write(tmp_path, TINY))
+    assert result.exit_code == 1
+    assert result.output.startswith("error: out of memory ([enforce fail at alloc_cpu.cpp:121] data. "
+                                    "DefaultCPUAllocator: can't allocate memory")
+    assert result.output.endswith("); use a smaller --batch-size, or check the layer sizes with convspec check "
+                                  "SPEC\n")

@@ -3,6 +3,7 @@
 import io
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -215,6 +216,57 @@ def test_interrupted_prepare_finishes_on_rerun(tmp_path):
     prepare(root, out, PrepareOptions(size=16, raw=True, workers=1), progress=False)
     assert np.array_equal(StoreSplit(out, "train").images(range(6)), complete)
     assert len(StoreSplit(out, "val")) == 6
+
+
+# Run prepare through the CLI with each image's encoding slowed, so that Ctrl-C lands mid-way.
+_SLOW_PREPARE = """
+import sys, time
+import runtime.store as store
+encode = store._encode
+def slow(job):
+    time.sleep(0.1)
+    return encode(job)
+store._encode = slow
+from convspec.cli import main
+main(["prepare", sys.argv[1], sys.argv[2], "--size", "16", "--raw", "--workers", "2"], prog_name="convspec")
+"""
+
+
+def test_ctrl_c_stops_prepare_at_once_and_a_rerun_finishes(tmp_path):
+    """Ctrl-C reaches the pool's workers too (the whole process group): before the
+    workers ignored it, prepare hung for good with dead workers."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rng = np.random.default_rng(0)
+    root, out = tmp_path / "src", tmp_path / "out"
+    for cls in ("cat", "dog"):
+        (root / cls).mkdir(parents=True)
+        for i in range(60):
+            _png(root / cls / f"{i}.png", rng.integers(0, 256, (20, 20, 3), dtype=np.uint8))
+    repo = Path(__file__).resolve().parents[1]
+    args = [sys.executable, "-c", _SLOW_PREPARE, str(root), str(out)]
+    proc = subprocess.Popen(args, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not (out / "prepare.json").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(1.0)  # some images in flight in the workers
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("prepare did not stop within 30 s of Ctrl-C")
+    assert proc.returncode == 1
+    assert err.strip().splitlines()[-1] == (f"{out}: interrupted; the shards written so far are kept: "
+                                            "run the same command again to finish")
+    assert not (out / "store.json").exists()
+    done = subprocess.run(args, cwd=repo, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert len(StoreSplit(out, "train")) == 120
 
 
 def test_prepare_refuses_a_different_store_and_bad_paths(tmp_path):

@@ -331,7 +331,7 @@ def test_missing_data_and_runs_say_what_to_pass(setup, tmp_path, monkeypatch):
     res = runner.invoke(main, ["train", str(spec), "--epochs", "1", "--quiet", "--out", "runs/a"])
     assert res.exit_code == 0, res.output
     res = runner.invoke(main, ["train", "--resume"])
-    assert res.exit_code == 1 and "the run has finished its 1 epochs; pass --epochs N" in res.output
+    assert res.exit_code == 1 and "the run has finished 1 epoch; pass --epochs N (more than 1)" in res.output
     res = runner.invoke(main, ["train", str(spec), "--out", "runs/a"])
     assert res.exit_code == 1 and "already holds a run; continue it with --resume" in res.output
     res = runner.invoke(main, ["train", "--resume", "--epochs", "2", "--quiet"])
@@ -350,6 +350,15 @@ def test_corrupt_checkpoint_is_named_and_older_ones_work(setup, tmp_path):
     assert res.exit_code == 1 and f"{last}: checkpoint is truncated or corrupted" in res.output
     res = CliRunner().invoke(main, ["eval", "--checkpoint", str(out / "epoch-0001.pt"), "--data", str(data)])
     assert res.exit_code == 0 and "32 images" in res.output
+    # Weights that no longer fit the spec recorded beside them: the message names the tensor.
+    state = ckpt.load(out / "epoch-0001.pt")
+    state["model"]["fc1.weight"] = torch.zeros(5, 7)
+    ckpt.save(tmp_path / "edited.pt", state)
+    res = CliRunner().invoke(main, ["eval", "--checkpoint", str(tmp_path / "edited.pt"), "--data", str(data)])
+    assert res.exit_code == 1 and res.output == (
+        f"{tmp_path / 'edited.pt'}: weights do not fit the recorded spec (size mismatch for fc1.weight: copying a "
+        "param with shape torch.Size([5, 7]) from checkpoint, the shape in current model is torch.Size([16, 392]).); "
+        "the file was changed or is from another program\n")
 
 
 def _with_gpus(spec_text: str, gpus: dict[str, str]) -> str:
@@ -472,3 +481,41 @@ def test_channels_last_and_compile_train_the_same_net(setup, tmp_path, option):
         torch.testing.assert_close(b[key], a[key], rtol=1e-3, atol=1e-5, msg=key)
     assert ckpt.load(other.last_checkpoint)["options"][option] is True
     assert json.loads((tmp_path / option / "run.json").read_text())[option] is True
+
+
+def test_resume_says_which_given_options_it_ignores(setup, tmp_path):
+    """A resumed run trains what it recorded; options that would change that are named, not dropped silently."""
+    spec, data = setup
+    out = tmp_path / "run"
+    assert CliRunner().invoke(main, ["train", str(spec), "--data", str(data), "--out", str(out), "--epochs", "1",
+                                     "--quiet"]).exit_code == 0
+    res = CliRunner().invoke(main, ["train", str(spec), "--resume", "--out", str(out), "--epochs", "2",
+                                    "--train-limit", "50", "--quiet"])
+    assert res.exit_code == 0
+    assert res.output.splitlines()[0] == f"note: resuming {out} as recorded; ignoring SPEC, --train-limit"
+
+
+def test_a_signal_during_validation_stops_after_that_epoch(setup, tmp_path, monkeypatch):
+    """Ctrl-C while validating: the epoch's checkpoint is written and training stops there
+    (it used to train a batch of the next epoch first), and --resume goes on from it."""
+    from runtime.train import Trainer, TrainingStopped
+
+    spec, data = setup
+    validate = Trainer.validate
+
+    def interrupted_validation(self):
+        if not getattr(self, "_signalled", False):
+            self._signalled = True
+            self._on_signal(signal.SIGINT, None)
+        return validate(self)
+
+    monkeypatch.setattr(Trainer, "validate", interrupted_validation)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingStopped) as stop:
+        train(_quiet(spec=str(spec), data=str(data), out=str(out)))
+    assert str(stop.value) == (f"SIGINT: stopped after epoch 1; saved {out / 'epoch-0001.pt'}. "
+                               f"Continue with: convspec train --resume --out {out}")
+    assert stop.value.exit_code == 130 and not (out / "interrupted.pt").exists()
+    monkeypatch.setattr(Trainer, "validate", validate)
+    summary = train(_quiet(resume=True, out=str(out)))
+    assert [h["epoch"] for h in summary.history] == [1, 2, 3]
