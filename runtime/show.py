@@ -131,7 +131,13 @@ class Run:
                 except json.JSONDecodeError:
                     raise fail("is not one JSON object per line (the run folder is damaged)",
                                Location(str(path), n, 1)) from None
+        if not records and self.given_checkpoint is not None:
+            # A checkpoint copied out of its run folder still holds the history up to it.
+            records = [dict(r) for r in self.state.get("history", [])]
         if not records:
+            if not any(self.dir.glob("*.pt")):
+                raise fail("is not a run folder (no checkpoint, no metrics.jsonl); give a folder that convspec "
+                           "train wrote (runs/NAME) or a .pt file", Location(str(self.dir)))
             raise fail("no metrics yet (metrics.jsonl is missing or empty): no epoch has finished; "
                        "run convspec show again after the first epoch", Location(str(path)))
         return records

@@ -137,8 +137,8 @@ def test_failures_are_one_located_line(case, run_dir, fc_run_dir, tmp_path):
     empty = tmp_path / "empty-run"
     empty.mkdir()
     args, message = {
-        "no metrics": ([empty], f"{empty}/metrics.jsonl: no metrics yet (metrics.jsonl is missing or empty): no "
-                                "epoch has finished; run convspec show again after the first epoch"),
+        "no metrics": ([empty], f"{empty}: is not a run folder (no checkpoint, no metrics.jsonl); give a folder "
+                                "that convspec train wrote (runs/NAME) or a .pt file"),
         "unknown layer": ([run_dir, "--layer", "conv2"], f"{run_dir}/best.pt: --layer conv2: no layer 'conv2' in the "
                                                          "run's spec; did you mean 'conv1'? (conv layers: conv1)"),
         "not a conv layer": ([run_dir, "--layer", "fc1"], f"{run_dir}/best.pt: --layer fc1: 'fc1' has type=fc; "
@@ -149,6 +149,23 @@ def test_failures_are_one_located_line(case, run_dir, fc_run_dir, tmp_path):
     res = _show(*args, "--out", tmp_path / "out")
     assert res.exit_code == 1
     assert res.stderr == message + "\n"
+
+
+def test_a_checkpoint_copied_out_of_its_run_draws_its_curves_from_its_own_history(run_dir, tmp_path):
+    loose = tmp_path / "loose"
+    loose.mkdir()
+    shutil.copy(run_dir / "epoch-0002.pt", loose / "copied.pt")
+    res = _show(loose / "copied.pt", "--only", "curves,net", "--out", tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    assert {"curves.png", "net.png"} <= set(_stated_images(tmp_path / "out" / "index.html"))
+    assert Run(str(loose / "copied.pt")).metrics() == ckpt.load(run_dir / "epoch-0002.pt")["history"]
+    assert [r["epoch"] for r in Run(str(loose / "copied.pt")).metrics()] == [1, 2]
+    # A run folder with a checkpoint whose metrics.jsonl is gone still says so.
+    (loose / "metrics.jsonl").write_text("")
+    res = _show(loose, "--only", "curves", "--out", tmp_path / "out2")
+    assert res.exit_code == 1 and res.stderr == (f"{loose}/metrics.jsonl: no metrics yet (metrics.jsonl is missing "
+                                                 "or empty): no epoch has finished; run convspec show again after "
+                                                 "the first epoch\n")
 
 
 def test_every_picture_skips_what_the_run_cannot_give(fc_run_dir, tmp_path):

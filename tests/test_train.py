@@ -181,6 +181,9 @@ def test_eval_cli_json_views_and_per_class(setup, tmp_path):
     assert "32 images, 10 views" in res.output and "class3" in res.output and "top-1 error" in res.output
     # These 32x32 images are cropped whole, so the ten views are two, and it says so.
     assert "the crop is the whole image: the image and its mirror, 5 times each" in res.output
+    res = runner.invoke(main, ["eval", "--checkpoint", str(out), "--topk", "7"])
+    assert res.exit_code == 0 and res.output.splitlines()[-1].endswith("top-4 error 0.00%   (--topk 7 is more "
+                                                                       "than the 4 classes)")
 
 
 def _run_cli(args, **kw):
@@ -518,4 +521,19 @@ def test_a_signal_during_validation_stops_after_that_epoch(setup, tmp_path, monk
     assert stop.value.exit_code == 130 and not (out / "interrupted.pt").exists()
     monkeypatch.setattr(Trainer, "validate", validate)
     summary = train(_quiet(resume=True, out=str(out)))
+    assert [h["epoch"] for h in summary.history] == [1, 2, 3]
+
+
+def test_resume_from_a_damaged_checkpoint_says_how_to_use_the_one_before(setup, tmp_path):
+    spec, data = setup
+    out = tmp_path / "run"
+    train(_quiet(spec=str(spec), data=str(data), out=str(out), epochs=2))
+    last = out / "epoch-0002.pt"
+    last.write_bytes(last.read_bytes()[:1000])
+    res = CliRunner().invoke(main, ["train", "--resume", "--out", str(out), "--epochs", "3", "--quiet"])
+    assert (res.exit_code, res.output) == (1, f"{last}: checkpoint is truncated or corrupted (not a complete torch "
+                                              "zip file); to resume from epoch-0001.pt instead, move epoch-0002.pt "
+                                              "out of the run folder and --resume again\n")
+    last.rename(tmp_path / "damaged.pt")
+    summary = train(_quiet(resume=True, out=str(out), epochs=3))
     assert [h["epoch"] for h in summary.history] == [1, 2, 3]
