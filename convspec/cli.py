@@ -356,9 +356,10 @@ def _per_class_rows(result, names: list[str]) -> list[dict]:
 
 
 def _guard(ctx: click.Context, fn) -> None:
-    """Run a command body: a SpecError is one message and exit status 1.  Anything
-    else is a case convspec did not foresee: one line too (exit status 2) that says
-    so, because a bare traceback reads as the user's fault; --debug shows it."""
+    """Run a command body: a SpecError is one message and exit status 1, and so are
+    OS errors (a path that cannot be written, a full disk) and running out of memory.
+    Anything else is a case convspec did not foresee: one line too (exit status 2)
+    that says so, because a bare traceback reads as the user's fault; --debug shows it."""
     debug = bool(ctx.obj and ctx.obj.get("debug"))
     try:
         fn()
