@@ -328,17 +328,22 @@ def test_without_debug_there_is_no_exception(tmp_path):
     assert isinstance(result.exception, SystemExit) and result.exit_code == 1
 
 
-def test_an_unforeseen_error_is_one_line_and_debug_shows_it(tmp_path, monkeypatch):
-    """The last line of defence: an exception convspec did not foresee (here planted in
-    the checker) is still one line, names its type and message, and says what to do."""
+def plant(monkeypatch, error: Exception) -> None:
+    """Make `convspec check` raise ``error`` from inside the checker."""
     import importlib
 
     checker = importlib.import_module("convspec.check")  # the module, not convspec.check the function
 
     def broken(*args, **kwargs):
-        raise RuntimeError("required rank 4 tensor\nto use channels_last format")
+        raise error
 
     monkeypatch.setattr(checker, "check_paths", broken)
+
+
+def test_an_unforeseen_error_is_one_line_and_debug_shows_it(tmp_path, monkeypatch):
+    """The last line of defence: an exception convspec did not foresee (here planted in
+    the checker) is still one line, names its type and message, and says what to do."""
+    plant(monkeypatch, RuntimeError("required rank 4 tensor\nto use channels_last format"))
     path = write(tmp_path, TINY)
     result = invoke("check", path)
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
@@ -359,28 +364,16 @@ def test_an_unforeseen_error_is_one_line_and_debug_shows_it(tmp_path, monkeypatc
 ])
 def test_os_errors_name_the_path(tmp_path, monkeypatch, error, line):
     """Paths convspec cannot make, read or write (a read-only --out, a full disk) are one line, exit 1."""
-    import importlib
-
-    checker = importlib.import_module("convspec.check")
-
-    def broken(*args, **kwargs):
-        raise error
-
-    monkeypatch.setattr(checker, "check_paths", broken)
+    plant(monkeypatch, error)
     result = invoke("check", write(tmp_path, TINY))
     assert result.exit_code == 1 and result.output == line + "\n"
 
 
 def test_out_of_memory_says_what_to_shrink(tmp_path, monkeypatch):
-    import importlib
-
-    checker = importlib.import_module("convspec.check")
-
-    def broken(*args, **kwargs):  # what torch raised for a 409,599,999,999,995,904-byte weight
-        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: "
-                           "you tried to allocate 409599999999995904 bytes. Error code 12 (Cannot allocate memory)")
-
-    monkeypatch.setattr(checker, "check_paths", broken)
+    # What torch raised for a 409,599,999,999,995,904-byte weight:
+    plant(monkeypatch, RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate "
+                                    "memory: you tried to allocate 409599999999995904 bytes. Error code 12 (Cannot "
+                                    "allocate memory)"))
     result = invoke("check", write(tmp_path, TINY))
     assert result.exit_code == 1
     assert result.output.startswith("error: out of memory ([enforce fail at alloc_cpu.cpp:121] data. "
