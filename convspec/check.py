@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from . import values as V
-from .errors import Location, SpecError, did_you_mean, fail
+from .errors import Location, SpecError, did_you_mean, fail, plural
 from .layers import (
     IGNORED_KEYS, LAYER_TYPES, LEGACY_SPELLINGS, REFUSED_KEYS, REQUIRED, UNSUPPORTED_TYPES,
     Key, Layer, LayerType, numel,
@@ -278,7 +278,7 @@ def _convert(layer: Layer, key: Key, n_inputs: int) -> Any:
     if key.per_input:
         if len(items) not in (1, n_inputs):
             raise fail(f"layer '{layer.name}': {key.name} has {len(items)} values but the layer has "
-                       f"{n_inputs} input{'s' if n_inputs != 1 else ''}; give one value, or one per input",
+                       f"{plural(n_inputs, 'input')}; give one value, or one per input",
                        entry.value.loc)
         converted = [_convert_item(item, key, ctx) for item in items]
         return converted * n_inputs if len(converted) == 1 else converted
@@ -292,7 +292,7 @@ def _convert_item(item, key: Key, ctx: V.Ctx) -> Any:
     if kind in ("int", "ints"):
         return V.to_int(item, ctx, None if key.minimum is None else int(key.minimum))
     if kind == "float":
-        return V.to_float(item, ctx, key.minimum)
+        return V.to_float(item, ctx, key.minimum, key.below)
     if kind == "bool":
         return V.to_bool(item, ctx)
     if kind in ("word", "names"):

@@ -70,3 +70,8 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     if not close:  # 'convolution' -> 'conv': a known name that starts the word
         close = [c for c in sorted(lowered, key=len, reverse=True) if len(c) >= 3 and word.lower().startswith(c)][:1]
     return f"; did you mean '{lowered[close[0]]}'?" if close else ""
+
+
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """``"1 layer"``, ``"2 layers"``, ``"1,024 batches"``: counts in messages read as English."""
+    return f"{count:,} {noun if count == 1 else nouns or noun + 's'}"

@@ -30,6 +30,7 @@ class Key:
     default: Any = None
     per_input: bool = False  # a comma list with one value per input (one value is repeated)
     minimum: float | None = None
+    below: float | None = None  # exclusive upper bound (floats only)
     choices: tuple[str, ...] | None = None
     doc: str = ""
 
@@ -115,8 +116,9 @@ WEIGHT_INIT_KEYS = (
 LEARNING_KEYS = (
     Key("epsW", "schedule", None, per_input=True, doc="weight learning rate (number or schedule)"),
     Key("epsB", "schedule", None, doc="bias learning rate (number or schedule)"),
-    Key("momW", "float", None, per_input=True, minimum=0, doc="weight momentum"),
-    Key("momB", "float", None, minimum=0, doc="bias momentum"),
+    # Momentum 1 or more never forgets a gradient: the steps grow until the loss is NaN.
+    Key("momW", "float", None, per_input=True, minimum=0, below=1, doc="weight momentum"),
+    Key("momB", "float", None, minimum=0, below=1, doc="bias momentum"),
     Key("wc", "float", 0.0, per_input=True, minimum=0, doc="L2 weight decay"),
     Key("wball", "float", 0.0, per_input=True, minimum=0, doc="weight-ball decay (recorded)"),
     Key("updatePeriod", "int", 0, minimum=0, doc="accumulate gradients over this many minibatches"),

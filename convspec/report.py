@@ -4,6 +4,7 @@ as text or as JSON."""
 from __future__ import annotations
 
 from .check import CheckedNet
+from .errors import plural
 from .layers import fmt_shape
 
 
@@ -63,10 +64,10 @@ def as_text(net: CheckedNet) -> str:
     lines = table(rows, numeric={4, 5, 6})
     lines.append("")
     sources = net.path + (f" + {net.params_path}" if net.params_path else " (no params file)")
-    lines.append(f"{sources}: {len(net.layers)} layers, {net.total_params:,} parameters, "
+    lines.append(f"{sources}: {plural(len(net.layers), 'layer')}, {net.total_params:,} parameters, "
                  f"{net.total_neurons:,} neurons, {net.total_macs:,} multiply-adds per image")
     for gpu, t in net.devices.items():
-        lines.append(f"  gpu {gpu}: {t.layers} layers, {t.params:,} parameters, "
+        lines.append(f"  gpu {gpu}: {plural(t.layers, 'layer')}, {t.params:,} parameters, "
                      f"{_mib(t.activation_bytes)} of float32 activations per image")
     for note in net.notes:
         lines.append(f"note: {note}")

@@ -45,7 +45,7 @@ def _picture_list(ctx, param, value):
 @click.option("--errors-only", is_flag=True, help="preds and neighbours: only images the net gets wrong (top-1).")
 @click.option("--search-limit", default=10_000, show_default=True, type=click.IntRange(0),
               help="neighbours: search this many training images (a fixed random subset); 0 searches all.")
-@click.option("--devices", help="Where to run the net, e.g. cpu or cuda:0.  Default: cuda:0 if present, else cpu.")
+@click.option("--devices", metavar="DEVICES", help="Where to run the net, e.g. cpu or cuda:0.  Default: cuda:0 if present, else cpu.")
 @click.pass_context
 def show(ctx, run_dir, out, only, compare, layers, data, synsets, count, queries, errors_only, search_limit,
          devices):

@@ -136,7 +136,7 @@ def to_int(item, ctx: Ctx, minimum: int | None = None, maximum: int | None = Non
     return value
 
 
-def to_float(item, ctx: Ctx, minimum: float | None = None) -> float:
+def to_float(item, ctx: Ctx, minimum: float | None = None, below: float | None = None) -> float:
     if not isinstance(item, Number):
         raise fail(f"{ctx.where()} must be a number, not '{_item_text(item)}'", item.loc)
     value = float(item.value)
@@ -144,6 +144,8 @@ def to_float(item, ctx: Ctx, minimum: float | None = None) -> float:
         raise fail(f"{ctx.where()} must be a finite number, not '{item.text}'", item.loc)
     if minimum is not None and value < minimum:
         raise fail(f"{ctx.where()}={item.text} must be at least {minimum:g}", item.loc)
+    if below is not None and value >= below:
+        raise fail(f"{ctx.where()}={item.text} must be below {below:g}", item.loc)
     return value
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 import convspec
-from convspec.errors import Location, SpecError, fail
+from convspec.errors import Location, SpecError, fail, plural
 
 from . import checkpoint as ckpt
 from . import distributed as D
@@ -348,11 +348,15 @@ class Trainer:
         self.train_seconds = s.get("train_seconds", 0.0)
         partial = s.get("partial", {"loss": 0.0, "wrong": 0, "images": 0, "seconds": 0.0})
         if epoch0 >= r.epochs:
-            raise fail(f"the run has finished {epoch0} epoch{'s' if epoch0 != 1 else ''}; pass --epochs N (more than {epoch0}) "
+            raise fail(f"the run has finished {plural(epoch0, 'epoch')}; pass --epochs N (more than {epoch0}) "
                        "to train further", Location(str(self.run_dir)))
         if self.main:
             self._write_run_files()
         self.say(self._banner(epoch0, batch0))
+        late = [str(d) for d in r.lr_drops if d >= r.epochs]
+        if late:  # e.g. the 18pct spec (drops after 120, 130) tried with --epochs 10
+            self.say(f"note: lrDrops={','.join(late)} come at or after the last of {plural(r.epochs, 'epoch')}: "
+                     "those drops never happen; change them with --set train.lrDrops=N")
         steps_per_epoch = len(self.batches)
         self.total_steps = steps_per_epoch * r.epochs
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -587,8 +591,8 @@ class Trainer:
         devices = ",".join(str(d) for d in dict.fromkeys(self.devices))
         ranks = f" x {self.cluster.world} ranks" if self.cluster.distributed else ""
         return (f"{self.run_dir}: {where}; {len(self.train_idx):,} training images, {val}, "
-                f"{len(self.classes)} classes; {r.epochs} epoch{'s' if r.epochs != 1 else ''} of {len(self.batches)} "
-                f"batches of {r.batch_size}; "
+                f"{len(self.classes)} classes; {plural(r.epochs, 'epoch')} of {plural(len(self.batches), 'batch', 'batches')} "
+                f"of {r.batch_size}; "
                 f"{self.crop}x{self.crop} crops; {devices}{ranks}, {self.precision}"
                 f"{', channels_last' if self.channels_last else ''}{', compiled' if self.compile else ''}")
 

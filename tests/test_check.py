@@ -216,6 +216,8 @@ ERRORS = [
      "linear[base=B;tgtFactor=F], exp[base=B;tgtFactor=F], dexp[base=B;tgtFactor=F;numSteps=N]"),
     (CONV + FC + TAIL, "[c]\nepsW=dexp[base=0.1;tgtFactor=10]\n",
      "p.cfg:2:6: layer 'c': epsW: dexp schedule needs numSteps (as dexp[base=...;tgtFactor=...;numSteps=...])"),
+    (CONV + FC + TAIL, "[c]\nmomW=2\n", "p.cfg:2:6: layer 'c': momW=2 must be below 1"),
+    (CONV + FC + TAIL, "[c]\nmomB=1.0\n", "p.cfg:2:6: layer 'c': momB=1.0 must be below 1"),
     (CONV + FC + TAIL, "[c]\nfilters=16\n",
      "p.cfg:2:1: layer 'c': 'filters' is set in both the layer file (line 11) and the params file; keep one"),
     (CONV + "[fc]\ntype=fc\ninputs=c\noutputs=10\n[probs]\ntype=softmax\ninputs=fc\n"

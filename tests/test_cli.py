@@ -123,6 +123,8 @@ def test_check_tiny_spec_and_input_override(tmp_path):
     result = invoke("check", path)
     assert result.exit_code == 0, result.output
     assert "5 layers, 1,930 parameters, 10 neurons, 1,920 multiply-adds per image" in result.stdout
+    data_only = write(tmp_path, "[data]\ntype=data\ndataIdx=0\ninputSize=3x8x8\n", "data-only.cfg")
+    assert ": 1 layer, 0 parameters," in invoke("check", data_only).stdout
     # --input overrides inputSize=: 3*16*16*10 + 10.
     result = invoke("check", path, "--input", "3x16x16", "--json")
     assert result.exit_code == 0, result.output

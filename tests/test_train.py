@@ -263,10 +263,13 @@ def test_plateau_rule_divides_the_rate(setup, tmp_path):
     out = tmp_path / "run"
     # A frozen net never improves after epoch 1, so plateau=1 drops the rate after every later epoch.
     frozen = [f"{layer}.{key}=0" for layer in ("conv1", "fc1", "fc2") for key in ("epsW", "epsB")]
-    train(_quiet(spec=str(spec), data=str(data), out=str(out), epochs=4,
-                 overrides=frozen + ["train.plateau=1", "train.lrDrops=10"]))
+    said = []
+    train(TrainOptions(spec=str(spec), data=str(data), out=str(out), epochs=4, progress=False, echo=said.append,
+                       overrides=frozen + ["train.plateau=1", "train.lrDrops=3,4,10"]))
+    assert said[1] == ("note: lrDrops=4,10 come at or after the last of 4 epochs: those drops never happen; "
+                       "change them with --set train.lrDrops=N")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["lr_scale"] for r in records] == pytest.approx([1.0, 1.0, 0.1, 0.01])
+    assert [r["lr_scale"] for r in records] == pytest.approx([1.0, 1.0, 0.1, 0.001])  # plateau twice, lrDrops=3 once
     assert len({r["val_top1_error"] for r in records}) == 1
 
 
@@ -496,6 +499,8 @@ def test_resume_says_which_given_options_it_ignores(setup, tmp_path):
                                     "--train-limit", "50", "--quiet"])
     assert res.exit_code == 0
     assert res.output.splitlines()[0] == f"note: resuming {out} as recorded; ignoring SPEC, --train-limit"
+    # 4 classes: the closing line names the top-k it measured, as the epoch lines do
+    assert res.output.splitlines()[-1].startswith(f"done: {out}  val top-1 ") and " top-4 " in res.output.splitlines()[-1]
 
 
 def test_a_signal_during_validation_stops_after_that_epoch(setup, tmp_path, monkeypatch):
