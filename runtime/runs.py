@@ -17,6 +17,7 @@ list, the mean image and the crop, so it alone rebuilds the net
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -41,6 +42,18 @@ def new_run_dir(spec_path: str, root: Path = RUNS_ROOT) -> Path:
         n += 1
         path = base.with_name(f"{base.name}-{n}")
     return path
+
+
+def check_can_create(run_dir: Path) -> None:
+    """Refuse a run folder that cannot be made, before any data is read (a minute for ImageNet)."""
+    parent = run_dir
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        raise fail(f"cannot make the run folder: {parent} is a file; choose another --out", Location(str(run_dir)))
+    if parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK):
+        raise fail(f"cannot make the run folder: {parent} is not writable; choose another --out",
+                   Location(str(run_dir)))
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:

@@ -183,6 +183,7 @@ class Trainer:
             if self.run_dir.exists() and (list(self.run_dir.glob("*.pt")) or (self.run_dir / runs.METRICS).exists()):
                 raise fail("already holds a run; continue it with --resume, or choose another --out",
                            Location(str(self.run_dir)))
+            runs.check_can_create(self.run_dir)
             self.data_path = o.data or os.environ.get(DATA_ENV)
             self.val_path = o.val_data
             self.train_limit = o.train_limit

@@ -306,6 +306,8 @@ ERRORS = [
                                  "outputs=4 on 'fc2' (e.g. --set fc2.outputs=4)"),
     (["--set", "convv1.epsW=1"], "error: --set convv1.epsW=1: no layer 'convv1' in"),
     (["--batch-size", "1000"], "training images make no full batch of 1000; use a smaller --batch-size"),
+    (["--out", "{tmp}/tiny.cfg/run"], "{tmp}/tiny.cfg/run: cannot make the run folder: {tmp}/tiny.cfg is a file; "
+                                      "choose another --out"),
 ]
 
 
@@ -314,10 +316,11 @@ def test_train_errors_are_one_line(setup, tmp_path, args, expected):
     if "cuda:0" in args and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
     spec, data = setup
+    args = [a.format(tmp=tmp_path) for a in args]
     res = CliRunner().invoke(main, ["train", str(spec), "--data", str(data), "--out", str(tmp_path / "r"),
                                     "--quiet", *args])
     assert res.exit_code == 1
-    assert expected in res.output and "Traceback" not in res.output
+    assert expected.format(tmp=tmp_path) in res.output and "Traceback" not in res.output
     assert len(res.output.strip().splitlines()) == 1
 
 
