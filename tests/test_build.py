@@ -148,6 +148,32 @@ def test_grouped_local_layer_equals_loop_per_group():
                 assert y[0, f, i, j].item() == pytest.approx(v.item())
 
 
+NORM_PARAMS = "[l]\nscale=0.5\npow=0.75\nminDiv=2\n"
+
+
+@pytest.mark.parametrize("body, shape, params", [
+    ("type=local\ninputs=data\nfilters=2\nfilterSize=3\nstride=2\npadding=1\ngroups=2\n", "4x6x6", None),
+    ("type=cmrnorm\ninputs=data\nsize=3\n", "5x4x4", NORM_PARAMS),
+    ("type=cmrnorm\ninputs=data\nsize=2\nblocked=1\n", "5x4x4", NORM_PARAMS),
+    ("type=rnorm\ninputs=data\nsize=3\n", "2x5x5", NORM_PARAMS),
+    ("type=cnorm\ninputs=data\nsize=2\n", "2x5x5", NORM_PARAMS),
+], ids=["local", "cmrnorm", "cmrnorm-blocked", "rnorm", "cnorm"])
+def test_layer_gradients_match_finite_differences_and_layouts_agree(body, shape, params):
+    """The layers with hand-made kernels (a local layer's batched matmul over patch views, the
+    norms' band and exp-log powers): autograd against float64 finite differences, for the
+    input and the weights, and the same output for a channels_last input."""
+    net = randomize(built(f"[l]\n{body}[fc]\ntype=fc\ninputs=l\noutputs=2\n", shape=shape, params=params))
+    x = rand(2, *map(int, shape.split("x"))).requires_grad_()
+    tensors = {name: p.detach().clone().requires_grad_() for name, p in net.l.named_parameters()}
+
+    def layer(x, *values):
+        return torch.func.functional_call(net.l, dict(zip(tensors, values)), ([x],))
+
+    assert torch.autograd.gradcheck(layer, (x, *tensors.values()))
+    nhwc = layer(x.detach().to(memory_format=torch.channels_last), *tensors.values())
+    torch.testing.assert_close(nhwc, layer(x.detach(), *tensors.values()), rtol=1e-12, atol=1e-12)
+
+
 def _norm_net(kind, size, extra=""):
     params = f"[n]\nscale=0.5\npow=0.75\nminDiv=2\n{extra}"
     return built(f"[n]\ntype={kind}\ninputs=data\nsize={size}\n[fc]\ntype=fc\ninputs=n\noutputs=2\n",
