@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check: one prepared script for a lent GPU machine (see README, "GPU").
+# The GPU check: one prepared script for a lent GPU machine (see README, "Benchmarks").
 # It checks the CUDA path (the CUDA tests: placement; AlexNet training steps on
 # cuda:0 and on cuda:0+cpu against a CPU run; convspec train/eval on cuda:0 in
 # fp32 and bf16), then measures:

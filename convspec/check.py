@@ -120,6 +120,12 @@ def check(spec: SpecFile, params: SpecFile | None = None,
     if unset:
         net.notes.append(f"scale= and pow= not set (they belong in the params file); needed to build: "
                          f"{', '.join(unset)}")
+    untrainable = layers_without_learning_rules(net)
+    if untrainable:
+        net.notes.append(f"epsW, epsB, momW or momB not set (they belong in the params file); needed to train: "
+                         f"{', '.join(untrainable)}")
+    if not any(l.type == "cost.logreg" for l in net.layers.values()):
+        net.notes.append("no cost.logreg layer; needed to train (type=cost.logreg, inputs=labels,probs)")
     unused = [l.name for l in net.layers.values()
               if not l.type.startswith("cost.") and not net.consumers(l.name)
               and not (l.type == "data" and l["dataIdx"] == 1)]
@@ -131,6 +137,12 @@ def check(spec: SpecFile, params: SpecFile | None = None,
 # --- pass 1: sections -----------------------------------------------------------
 
 
+def layers_without_learning_rules(net: CheckedNet) -> list[str]:
+    """Weight layers lacking a learning rate or a momentum: what convspec train refuses."""
+    return [l.name for l in net.layers.values() if LAYER_TYPES[l.type].has_weights
+            and (None in (l["epsB"], l["momB"]) or None in l["epsW"] or None in l["momW"])]
+
+
 def _sections_to_layers(spec: SpecFile, notes: list[str]) -> dict[str, Layer]:
     if not spec.sections:
         raise fail("empty spec: no [layer] sections; a spec starts with e.g. [data] and type=data",
@@ -140,6 +152,9 @@ def _sections_to_layers(spec: SpecFile, notes: list[str]) -> dict[str, Layer]:
         _check_section_name(section, layers)
         entries = _entry_map(section, notes)
         type_entry = entries.get("type")
+        if type_entry is None and section.name == TRAIN_SECTION:
+            raise fail(f"[{TRAIN_SECTION}] is the training recipe and belongs in the params file "
+                       "(NAME.params.cfg beside the spec), not the layer file; move it there", section.loc)
         if type_entry is None:
             raise fail(f"layer '{section.name}' has no type=; add one, e.g. type=conv "
                        f"(types: {', '.join(LAYER_TYPES)})", section.loc)
@@ -293,6 +308,8 @@ def _convert_item(item, key: Key, ctx: V.Ctx) -> Any:
         return V.to_int(item, ctx, None if key.minimum is None else int(key.minimum))
     if kind == "float":
         return V.to_float(item, ctx, key.minimum, key.below)
+    if kind == "share":
+        return V.to_share(item, ctx)
     if kind == "bool":
         return V.to_bool(item, ctx)
     if kind in ("word", "names"):

@@ -133,7 +133,8 @@ def prepare(ctx, src, out, size, quality, raw, workers, synsets):
 @main.command()
 @click.argument("spec", required=False, type=click.Path(dir_okay=False))
 @click.option("--params", "params_path", type=click.Path(dir_okay=False),
-              help="Layer-params file.  Default: NAME.params.cfg beside SPEC.")
+              help="Layer-params file.  Default: NAME.params.cfg or cuda-convnet's "
+                   "layer-params pairing beside SPEC, if one exists.")
 @click.option("--data", envvar="CONVSPEC_DATA", show_envvar=True, metavar="PATH",
               help="Training data: a prepared store, a CIFAR python folder, an image folder "
                    "(DIR/train/<class>/*, or DIR/<class>/*), or cifar10 / cifar100 (downloaded once).")
@@ -283,7 +284,8 @@ def eval_(ctx, checkpoint, data, labels, topk, views, devices, batch_size, per_c
 @main.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--params", "params_path", type=click.Path(dir_okay=False),
-              help="Layer-params file.  Default: NAME.params.cfg beside SPEC.")
+              help="Layer-params file.  Default: NAME.params.cfg or cuda-convnet's "
+                   "layer-params pairing beside SPEC, if one exists.")
 @click.option("--input", "input_shape", metavar="CxHxW", callback=_shape_option,
               help="Image size fed to the data layer, e.g. 3x224x224 (needed for original cuda-convnet files).")
 @click.option("--batch-size", type=click.IntRange(1), help="Images per step.  Default: [train] batchSize (128).")
@@ -358,8 +360,8 @@ def _per_class_rows(result, names: list[str]) -> list[dict]:
 def _guard(ctx: click.Context, fn) -> None:
     """Run a command body: a SpecError is one message and exit status 1, and so are
     OS errors (a path that cannot be written, a full disk) and running out of memory.
-    Anything else is a case convspec did not foresee: one line too (exit status 2)
-    that says so, because a bare traceback reads as the user's fault; --debug shows it."""
+    Anything else is a case convspec did not foresee: one line too (exit status 3;
+    2 is click's usage errors) that says so, because a bare traceback reads as the user's fault; --debug shows it."""
     debug = bool(ctx.obj and ctx.obj.get("debug"))
     try:
         fn()
@@ -385,7 +387,7 @@ def _guard(ctx: click.Context, fn) -> None:
             sys.exit(1)
         click.echo(f"error: unexpected {type(err).__name__}: {detail}. This is a convspec bug or a case it "
                    "does not handle: rerun with --debug for the traceback, and report it", err=True)
-        sys.exit(2)
+        sys.exit(3)
 
 
 from .show_command import show  # noqa: E402

@@ -26,7 +26,7 @@ REQUIRED = object()
 @dataclass(frozen=True)
 class Key:
     name: str
-    kind: str  # int, float, bool, word, neuron, schedule, shape, names, ints
+    kind: str  # int, float, share (above 0, at most 1), bool, word, neuron, schedule, shape, names, ints
     default: Any = None
     per_input: bool = False  # a comma list with one value per input (one value is repeated)
     minimum: float | None = None
@@ -426,9 +426,9 @@ LAYER_TYPES: dict[str, LayerType] = {
         ), pool_shape, num_inputs=1, module="Pool", doc="max or average pooling"),
         LayerType("neuron", (), same_shape, num_inputs=1, module="NeuronLayer", doc="activation function"),
         LayerType("softmax", (), flat_shape, num_inputs=1, module="Softmax"),
-        LayerType("dropout", (Key("keep", "float", 0.5, minimum=0), Key("enable", "bool", True)),
+        LayerType("dropout", (Key("keep", "share", 0.5), Key("enable", "bool", True)),
                   same_shape, num_inputs=1, module="Dropout", doc="scales by 1/keep while training"),
-        LayerType("dropout2", (Key("keep", "float", 0.5, minimum=0), Key("enable", "bool", True)),
+        LayerType("dropout2", (Key("keep", "share", 0.5), Key("enable", "bool", True)),
                   same_shape, num_inputs=1, module="Dropout", doc="scales by keep at test time"),
         LayerType("cmrnorm", _NORM_KEYS, same_image_shape, num_inputs=1, module="CrossMapNorm"),
         LayerType("rnorm", _NORM_KEYS, same_image_shape, num_inputs=1, module="ResponseNorm"),

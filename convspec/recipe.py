@@ -43,7 +43,7 @@ class Recipe:
     split_seed: int = 0
     seed: int = 0
     crop: int | None = None  # None: the data layer's size
-    image_size: int | None = None  # None: 256 with randomCrop (the paper), else the crop
+    image_size: int | None = None  # None: crop * 256/224 with randomCrop (224 -> 256, the paper), else the crop
     flip: bool = False
     random_crop: bool = False
     pca_noise: float = 0.0

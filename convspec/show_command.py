@@ -22,9 +22,9 @@ def _picture_list(ctx, param, value):
 
 
 @click.command()
-@click.argument("run_dir", required=False, type=click.Path())
+@click.argument("run_dir", required=False, type=click.Path(), metavar="[RUN]")
 @click.option("--out", type=click.Path(file_okay=False), help="Folder for the PNGs and index.html.  "
-                                                             "Default: RUN_DIR/show.")
+                                                             "Default: RUN/show (beside a .pt file: its folder's show/).")
 @click.option("--only", callback=_picture_list, metavar="LIST",
               help=f"Comma list of pictures: {','.join(PICTURES)}.  Default: all of them, skipping "
                    "(with a note) any the run cannot give.")
@@ -51,13 +51,13 @@ def show(ctx, run_dir, out, only, compare, layers, data, synsets, count, queries
          devices):
     """Draw a trained run as PNG pictures and one static index.html.
 
-    RUN_DIR is a folder convspec train wrote (default: the newest under
-    runs/).  The pictures: curves (error and loss per epoch, learning-rate
+    RUN is a folder convspec train wrote (default: the newest under runs/),
+    or one of its .pt checkpoints.  The pictures: curves (error and loss per epoch, learning-rate
     changes marked), filters (learned kernels as tiles, like the AlexNet
     paper's Figure 3), preds (test images with their top-5 classes, Figure 4
     left), neighbours (training images nearest in the last hidden layer,
     Figure 4 right) and net (the layer graph, coloured by gpu= group).  Open
-    RUN_DIR/show/index.html in a browser: no server needed.
+    RUN/show/index.html in a browser: no server needed.
 
     \b
     Examples:

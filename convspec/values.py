@@ -149,6 +149,14 @@ def to_float(item, ctx: Ctx, minimum: float | None = None, below: float | None =
     return value
 
 
+def to_share(item, ctx: Ctx) -> float:
+    """A share of something kept, such as dropout's keep: 0 keeps nothing (and divides by 0)."""
+    value = to_float(item, ctx)
+    if not 0 < value <= 1:
+        raise fail(f"{ctx.where()}={item.text} must be above 0 and at most 1 (the share kept)", item.loc)
+    return value
+
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 

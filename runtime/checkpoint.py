@@ -69,6 +69,10 @@ def load(path: str | Path, map_location="cpu") -> dict:
     if path.stat().st_size == 0:
         raise fail("checkpoint is empty (0 bytes), probably cut off while being written; "
                    "use an older one from the same run", Location(str(path)))
+    with path.open("rb") as head:
+        if head.read(4) != b"PK\x03\x04":  # every zip, cut off or not, starts so; a spec or an image does not
+            raise fail("not a checkpoint (convspec checkpoints are the .pt files convspec train writes); "
+                       "give a run folder or one of its .pt files", Location(str(path)))
     if not zipfile.is_zipfile(path):  # torch.save writes a zip; a cut-off one has no directory
         raise fail("checkpoint is truncated or corrupted (not a complete torch zip file); "
                    "use an older one from the same run", Location(str(path)))

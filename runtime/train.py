@@ -192,6 +192,7 @@ class Trainer:
             raise fail(f"no training data: pass --data PATH (a prepared store, a CIFAR python folder, an image "
                        f"folder with one sub-folder per class, or cifar10/cifar100 to download it) or set {DATA_ENV}")
         self._output_layer()  # no cost layer: say so before reading any data
+        self._check_learning_rules()
         self.replicas = data_parallel_replicas(self.net_spec)
         self._open_data()
         self._build()
@@ -284,6 +285,15 @@ class Trainer:
             raise fail("the spec has no cost.logreg layer to train against; add one "
                        "(type=cost.logreg, inputs=labels,probs)", Location(self.net_spec.path))
         return self.net_spec.layers[cost.inputs[1]].inputs[0]
+
+    def _check_learning_rules(self) -> None:
+        from convspec.check import layers_without_learning_rules
+
+        untrainable = layers_without_learning_rules(self.net_spec)
+        if untrainable:
+            where = self.net_spec.params_path or f"{self.net_spec.path} (no params file found beside it)"
+            raise fail(f"no learning rate or momentum for {', '.join(untrainable)}: set epsW, epsB, momW and momB "
+                       "in the params file (NAME.params.cfg beside the spec, or --params FILE)", Location(where))
 
     def _output_count(self) -> int:
         return self.net_spec.layers[self._output_layer()].shape[0]

@@ -202,6 +202,24 @@ def test_a_spec_of_only_a_data_layer_is_refused_by_bench_and_train(tmp_path):
                                                     "against; add one (type=cost.logreg, inputs=labels,probs)\n")
 
 
+def test_train_refuses_a_spec_without_learning_rules_before_reading_data(tmp_path):
+    """check notes what train needs; train says it before it reads any data (a minute for ImageNet)."""
+    spec = tmp_path / "lonely.cfg"
+    spec.write_text((ROOT / "specs" / "cifar10-80sec.cfg").read_text())  # no params file beside it
+    result = invoke("check", str(spec))
+    assert ("note: epsW, epsB, momW or momB not set (they belong in the params file); needed to train: "
+            "conv1, conv2, conv3, fc64, fc10") in result.output
+    result = invoke("train", str(spec), "--data", str(tmp_path / "not-read"), "--out", str(tmp_path / "run"))
+    assert (result.exit_code, result.output) == (1, f"{spec} (no params file found beside it): no learning rate or "
+                                                    "momentum for conv1, conv2, conv3, fc64, fc10: set epsW, epsB, "
+                                                    "momW and momB in the params file (NAME.params.cfg beside the "
+                                                    "spec, or --params FILE)\n")
+    no_cost = tmp_path / "no-cost.cfg"
+    no_cost.write_text("[data]\ntype=data\ninputSize=3x8x8\n[fc]\ntype=fc\ninputs=data\noutputs=2\n")
+    assert "note: no cost.logreg layer; needed to train (type=cost.logreg, inputs=labels,probs)" in \
+        invoke("check", str(no_cost)).output
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
 def test_bench_on_missing_cuda_is_one_line():
     result = invoke("bench", CIFAR, "--devices", "cuda:0")

@@ -216,6 +216,11 @@ ERRORS = [
      "linear[base=B;tgtFactor=F], exp[base=B;tgtFactor=F], dexp[base=B;tgtFactor=F;numSteps=N]"),
     (CONV + FC + TAIL, "[c]\nepsW=dexp[base=0.1;tgtFactor=10]\n",
      "p.cfg:2:6: layer 'c': epsW: dexp schedule needs numSteps (as dexp[base=...;tgtFactor=...;numSteps=...])"),
+    (CONV + FC + TAIL + "[train]\nepochs=2\n", None,
+     "s.cfg:24:2: [train] is the training recipe and belongs in the params file (NAME.params.cfg beside the "
+     "spec), not the layer file; move it there"),
+    ("[d]\ntype=dropout\ninputs=data\nkeep=1.5\n" + FC.replace("inputs=c", "inputs=d") + TAIL, None,
+     "s.cfg:11:6: layer 'd': keep=1.5 must be above 0 and at most 1 (the share kept)"),
     (CONV + FC + TAIL, "[c]\nmomW=2\n", "p.cfg:2:6: layer 'c': momW=2 must be below 1"),
     (CONV + FC + TAIL, "[c]\nmomB=1.0\n", "p.cfg:2:6: layer 'c': momB=1.0 must be below 1"),
     (CONV + FC + TAIL, "[c]\nfilters=16\n",

@@ -31,10 +31,12 @@ def test_truncated_and_corrupted_files_name_the_file(tmp_path):
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
     (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "junk.pt").write_bytes(os.urandom(2000))
-    for name, words in (("cut.pt", "truncated or corrupted"), ("empty.pt", "is empty"), ("junk.pt", "truncated or corrupted")):
+    (tmp_path / "spec.cfg").write_text("[data]\ntype=data\n")
+    for name, words in (("cut.pt", "checkpoint is truncated or corrupted"), ("empty.pt", "checkpoint is empty"),
+                        ("junk.pt", "not a checkpoint"), ("spec.cfg", "not a checkpoint")):
         with pytest.raises(SpecError) as err:
             load(tmp_path / name)
-        assert str(err.value).startswith(f"{tmp_path / name}: checkpoint") and words in str(err.value)
+        assert str(err.value).startswith(f"{tmp_path / name}: {words}")
     assert load(tmp_path / "good.pt")["epoch"] == 3  # the older file is untouched
 
 

@@ -348,7 +348,7 @@ def test_an_unforeseen_error_is_one_line_and_debug_shows_it(tmp_path, monkeypatc
     plant(monkeypatch, RuntimeError("required rank 4 tensor\nto use channels_last format"))
     path = write(tmp_path, TINY)
     result = invoke("check", path)
-    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
+    assert result.exit_code == 3 and isinstance(result.exception, SystemExit)
     assert result.output == ("error: unexpected RuntimeError: required rank 4 tensor to use channels_last format. "
                              "This is a convspec bug or a case it does not handle: rerun with --debug for the "
                              "traceback, and report it\n")
