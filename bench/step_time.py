@@ -11,7 +11,9 @@ and get the built net's weights copied in, so both compute the same thing:
 * ``alexnet``:          specs/alexnet.cfg vs ``AlexNetGrouped`` (``alexnet_from_built``);
 * ``alexnet-unfused``:  the same, built with ``fuse=False``, to show what tower fusion buys;
 * ``cifar10-80sec``:    specs/cifar10-80sec.cfg vs ``Cifar80Sec`` (``copy_by_name``);
-* ``cifar10-18pct``:    specs/cifar10-18pct.cfg vs ``Cifar18PctPooled``.
+* ``cifar10-18pct``:    specs/cifar10-18pct.cfg vs ``Cifar18PctPooled``;
+* ``cifar10-11pct``:    specs/cifar10-11pct.cfg vs ``Cifar11Pct`` (torch's local_response_norm and an
+                        unfold + einsum locally connected layer, as a user would write them).
 
 Both models train (dropout active) on the same random batch (fixed seed), in
 one process with the same threads.  Steps are interleaved: step i times the
@@ -65,7 +67,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # reference_nets: the hand-written peer
 sys.path.insert(0, str(ROOT))  # convspec itself, without installing it
 
 import reference_nets  # noqa: E402
-from convspec.builder import build  # noqa: E402
+from convspec.builder import build, channels_last_in_place  # noqa: E402
 from convspec.check import check_paths  # noqa: E402
 
 
@@ -85,6 +87,8 @@ NETS = {
     "alexnet-unfused": Bench("specs/alexnet.cfg", False, reference_nets.alexnet_from_built, 64, 10),
     "cifar10-18pct": Bench("specs/cifar10-18pct.cfg", True,
                            lambda net: reference_nets.copy_by_name(net, reference_nets.Cifar18PctPooled()), 128, 30),
+    "cifar10-11pct": Bench("specs/cifar10-11pct.cfg", True,
+                           lambda net: reference_nets.copy_by_name(net, reference_nets.Cifar11Pct()), 128, 10),
 }
 
 
@@ -151,7 +155,7 @@ def run(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     labels = torch.randint(0, net.spec.layers[net.output_name].shape[0], (batch,), device=device)
     diff = max_abs_diff(net, ref, images)
     if args.channels_last:
-        net, ref = net.to_channels_last(), ref.to(memory_format=torch.channels_last)
+        net, ref = net.to_channels_last(), channels_last_in_place(ref)  # ref: 11pct's local weights are 5-D
         images = images.contiguous(memory_format=torch.channels_last)
 
     if args.precision == "bf16":

@@ -52,6 +52,19 @@ def module_name(layer_name: str) -> str:
     return layer_name.replace(".", "_")
 
 
+def channels_last_in_place(module: nn.Module) -> nn.Module:
+    """Store every 4-D parameter and buffer of ``module`` NHWC (channels_last), in place.
+
+    ``Module.to(memory_format=torch.channels_last)`` refuses the whole module as
+    soon as one tensor is not 4-D, and a local layer's unshared filters are 5-D;
+    only the convolutions' kernels care about the layout."""
+    with torch.no_grad():
+        for tensor in (*module.parameters(), *module.buffers()):
+            if tensor.dim() == 4:
+                tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
+    return module
+
+
 class CompiledNet(nn.Module):
     def __init__(self, net: CheckedNet, devices: Sequence[str | torch.device] | None = None,
                  fuse: bool = True):
@@ -83,16 +96,8 @@ class CompiledNet(nn.Module):
             self.steps((self.output_name,))
 
     def to_channels_last(self) -> "CompiledNet":
-        """Store every 4-D parameter and buffer NHWC (channels_last), in place.
-
-        ``Module.to(memory_format=torch.channels_last)`` would refuse the whole
-        net as soon as one tensor is not 4-D, and a local layer's unshared
-        filters are 5-D; only the convolutions' kernels care about the layout."""
-        with torch.no_grad():
-            for tensor in (*self.parameters(), *self.buffers()):
-                if tensor.dim() == 4:
-                    tensor.data = tensor.data.contiguous(memory_format=torch.channels_last)
-        return self
+        """Store every 4-D parameter and buffer NHWC (channels_last), in place."""
+        return channels_last_in_place(self)
 
     # --- planning -------------------------------------------------------------------
 

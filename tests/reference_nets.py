@@ -138,6 +138,45 @@ class Cifar18PctPooled(Cifar18Pct):
         return self.fc10(x.flatten(1))
 
 
+class LocallyConnected(nn.Module):
+    """An unshared-filter layer as users write one (PyTorch has none): F.unfold's
+    columns and an einsum; weight (locations, filters, channels, k, k) as convspec's."""
+
+    def __init__(self, channels: int, filters: int, out_size: int, kernel: int, padding: int):
+        super().__init__()
+        self.kernel, self.padding, self.out_size = kernel, padding, out_size
+        self.weight = nn.Parameter(torch.zeros(out_size * out_size, filters, channels, kernel, kernel))
+        self.bias = nn.Parameter(torch.zeros(filters, out_size, out_size))
+
+    def forward(self, x):
+        cols = F.unfold(x, self.kernel, padding=self.padding)  # (N, C*k*k, L)
+        w = self.weight.flatten(2)  # (L, F, C*k*k)
+        out = torch.einsum("ncl,lfc->nfl", cols, w)
+        return out.reshape(x.shape[0], -1, self.out_size, self.out_size) + self.bias
+
+
+class Cifar11Pct(nn.Module):
+    """cuda-convnet's conv + local CIFAR-10 net (layers-conv-local-11pct.cfg) on 24x24
+    crops, by hand: cmrnorm is torch's own local_response_norm (the same formula:
+    minDiv + scale/size * sum of squares over the channel window, to the -pow)."""
+
+    def __init__(self, scale=0.001, power=0.75):
+        super().__init__()
+        self.scale, self.power = scale, power
+        self.conv1 = nn.Conv2d(3, 64, 5, padding=2)
+        self.conv2 = nn.Conv2d(64, 64, 5, padding=2)
+        self.local3 = LocallyConnected(64, 64, 6, 3, 1)
+        self.local4 = LocallyConnected(64, 32, 6, 3, 1)
+        self.fc10 = nn.Linear(32 * 6 * 6, 10)
+
+    def forward(self, x):
+        norm = lambda t: F.local_response_norm(t, 9, alpha=self.scale, beta=self.power, k=1.0)
+        x = norm(F.max_pool2d(F.relu(self.conv1(x)), 3, 2, ceil_mode=True))
+        x = F.max_pool2d(norm(F.relu(self.conv2(x))), 3, 2, ceil_mode=True)
+        x = F.relu(self.local4(F.relu(self.local3(x))))
+        return self.fc10(x.flatten(1))
+
+
 def copy_by_name(net, ref: nn.Module) -> nn.Module:
     """Copy weights whose state-dict names match (the CIFAR nets use the spec's names)."""
     ref = ref.to(next(net.parameters()).dtype)

@@ -12,7 +12,7 @@ from convspec.parse import parse_text
 from convspec.values import Schedule
 
 from conftest import REFERENCE_SPECS, ROOT
-from reference_nets import Cifar18Pct, Cifar18PctPooled, Cifar80Sec, alexnet_from_built, copy_by_name
+from reference_nets import Cifar11Pct, Cifar18Pct, Cifar18PctPooled, Cifar80Sec, alexnet_from_built, copy_by_name
 
 SPECS = ROOT / "specs"
 
@@ -87,11 +87,11 @@ def test_towers_on_two_devices_match_one_device():
 
 
 @pytest.mark.parametrize("spec, reference", [("cifar10-80sec.cfg", Cifar80Sec), ("cifar10-18pct.cfg", Cifar18Pct),
-                                             ("cifar10-18pct.cfg", Cifar18PctPooled)])
+                                             ("cifar10-18pct.cfg", Cifar18PctPooled), ("cifar10-11pct.cfg", Cifar11Pct)])
 def test_cifar_nets_equal_hand_written(spec, reference):
     net = randomize(build(check_paths(SPECS / spec)).double())
     ref = copy_by_name(net, reference()).eval()
-    x = rand(3, 3, 32, 32) * 30
+    x = rand(3, *net.spec.layers["data"].shape) * 30
     torch.testing.assert_close(net(x), ref(x), rtol=1e-10, atol=1e-10)
 
 
