@@ -188,10 +188,7 @@ class CompiledNet(nn.Module):
             y = first.conv(x, weight, 0, groups=groups, bias=torch.cat([m.bias for m in mods], dim=0))
             return ops.apply_neuron(first.neuron, y)
         if layer.type == "cmrnorm":
-            # The channel window must not cross towers: fold towers into the batch.
-            n, c, h, w = x.shape
-            k = len(mods)
-            return first([x.reshape(n * k, c // k, h, w)]).reshape(n, c, h, w)
+            return first([x], towers=len(mods))  # the channel window must not cross towers
         # pool, neuron, dropout, rnorm, cnorm: the same work on every channel.
         return first([x])
 

@@ -307,9 +307,12 @@ class CrossMapNorm(_Norm):
         # 64x12x12 maps, 1 thread), and exact.  Not saved: it follows from the spec.
         self.register_buffer("window", window.float()[:, :, None, None], persistent=False)
 
-    def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
-        x = as_images(inputs[0], self.image_inputs[0])
-        sums = F.conv2d(x * x, self.window.to(x.dtype))
+    def forward(self, inputs: list[torch.Tensor], towers: int = 1) -> torch.Tensor:
+        """``towers``: x holds that many copies of this layer's channels side by side (fused
+        towers, convspec.fuse); each is normalised on its own, as a grouped convolution."""
+        x = inputs[0] if towers > 1 else as_images(inputs[0], self.image_inputs[0])
+        window = self.window.to(x.dtype)
+        sums = F.conv2d(x * x, window.repeat(towers, 1, 1, 1) if towers > 1 else window, groups=towers)
         return apply_neuron(self.neuron, x * _neg_power(self.min_div + (self.scale / self.size) * sums, self.pow))
 
 
