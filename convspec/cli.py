@@ -138,16 +138,17 @@ def prepare(ctx, src, out, size, quality, raw, workers, synsets):
 @click.option("--data", envvar="CONVSPEC_DATA", show_envvar=True, metavar="PATH",
               help="Training data: a prepared store, a CIFAR python folder, an image folder "
                    "(DIR/train/<class>/*, or DIR/<class>/*), or cifar10 / cifar100 (downloaded once).")
-@click.option("--val-data", metavar="PATH", help="Validation data (same kinds).  Default: valFraction of the training "
-                                 "split, held out by splitSeed.")
+@click.option("--val-data", metavar="PATH",
+              help="Validation data (same kinds).  Default: valFraction of the training split, held out by splitSeed.")
 @click.option("--epochs", type=click.IntRange(1), help="Override [train] epochs.")
 @click.option("--batch-size", type=click.IntRange(1), help="Global minibatch, split across data-parallel "
                                                            "ranks.  Override [train] batchSize (default 128).")
 @click.option("--out", metavar="RUN", help="Run folder.  Default: a new runs/<spec>-<date>-<time>.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out (default: the newest under runs/) "
                                              "from its last checkpoint.")
-@click.option("--devices", metavar="DEVICES", help="Comma list, e.g. cpu, cuda:0 or cuda:0,cuda:1: the spec's gpu= groups "
-                                "fold onto them.  Default: every GPU, else the CPU.")
+@click.option("--devices", metavar="DEVICES",
+              help="Comma list, e.g. cpu, cuda:0 or cuda:0,cuda:1: the spec's gpu= groups fold onto them.  "
+                   "Default: every GPU, else the CPU.")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), help="Override [train] seed (weights, data order, augmentation).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="bf16 runs the layers under autocast (changes results slightly; the loss stays fp32).")
@@ -217,7 +218,8 @@ def train(ctx, spec, params_path, data, val_data, epochs, batch_size, out, resum
         last = summary.history[-1] if summary.history else None
         if last is not None and last["val_top1_error"] is not None:
             click.echo(f"done: {summary.run_dir}  val top-1 {100 * last['val_top1_error']:.2f}%  "
-                       f"top-{last.get('k', 5)} {100 * last['val_top5_error']:.2f}%  training {summary.train_seconds:.1f} s")
+                       f"top-{last.get('k', 5)} {100 * last['val_top5_error']:.2f}%  "
+                       f"training {summary.train_seconds:.1f} s")
         else:
             click.echo(f"done: {summary.run_dir}  training {summary.train_seconds:.1f} s")
 
@@ -225,17 +227,20 @@ def train(ctx, spec, params_path, data, val_data, epochs, batch_size, out, resum
 
 
 @main.command(name="eval")
-@click.option("--checkpoint", "checkpoint", metavar="RUN|FILE", help="A run folder (its best.pt, else its newest checkpoint) or a "
-                                                 ".pt file.  Default: the newest run under runs/.")
-@click.option("--data", metavar="PATH", help="Score every image under PATH instead of the run's validation split "
-                             "(class folders are mapped through the run's class list).")
+@click.option("--checkpoint", "checkpoint", metavar="RUN|FILE",
+              help="A run folder (its best.pt, else its newest checkpoint) or a .pt file.  "
+                   "Default: the newest run under runs/.")
+@click.option("--data", metavar="PATH",
+              help="Score every image under PATH instead of the run's validation split "
+                   "(class folders are mapped through the run's class list).")
 @click.option("--labels", type=click.Path(dir_okay=False, exists=True),
               help="For a flat folder of images: 'filename class' lines (ILSVRC's validation layout).")
 @click.option("--topk", default=5, show_default=True, type=click.IntRange(1), help="k of the top-k error.")
 @click.option("--views", type=click.Choice(["center", "10"]),
               help="centre crop, or the paper's 10 views with their softmax averaged.  "
                    "Default: the run's [train] testViews.")
-@click.option("--devices", metavar="DEVICES", help="Where to run, e.g. cpu or cuda:0.  Default: cuda:0 if present, else cpu.")
+@click.option("--devices", metavar="DEVICES",
+              help="Where to run, e.g. cpu or cuda:0.  Default: cuda:0 if present, else cpu.")
 @click.option("--batch-size", type=click.IntRange(1), help="Images per forward pass (default: the run's).")
 @click.option("--per-class", is_flag=True, help="Also print each class's error.")
 @click.option("--json", "as_json", is_flag=True,
@@ -293,7 +298,8 @@ def eval_(ctx, checkpoint, data, labels, topk, views, devices, batch_size, per_c
               help="Timed iterations; the report gives medians.")
 @click.option("--warmup", default=2, show_default=True, type=click.IntRange(0),
               help="Untimed iterations first (allocator, kernel choice, caches).")
-@click.option("--devices", metavar="DEVICES", help="As for train: cpu, cuda:0 or cuda:0,cuda:1.  Default: every GPU, else the CPU.")
+@click.option("--devices", metavar="DEVICES",
+              help="As for train: cpu, cuda:0 or cuda:0,cuda:1.  Default: every GPU, else the CPU.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="bf16: layers under autocast, as train --precision bf16.")
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True,
@@ -361,7 +367,8 @@ def _guard(ctx: click.Context, fn) -> None:
     """Run a command body: a SpecError is one message and exit status 1, and so are
     OS errors (a path that cannot be written, a full disk) and running out of memory.
     Anything else is a case convspec did not foresee: one line too (exit status 3;
-    2 is click's usage errors) that says so, because a bare traceback reads as the user's fault; --debug shows it."""
+    2 is click's usage errors) that says so, because a bare traceback reads as the
+    user's fault; --debug shows it."""
     debug = bool(ctx.obj and ctx.obj.get("debug"))
     try:
         fn()

@@ -23,8 +23,8 @@ def _picture_list(ctx, param, value):
 
 @click.command()
 @click.argument("run_dir", required=False, type=click.Path(), metavar="[RUN]")
-@click.option("--out", type=click.Path(file_okay=False), help="Folder for the PNGs and index.html.  "
-                                                             "Default: RUN/show (beside a .pt file: its folder's show/).")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Folder for the PNGs and index.html.  Default: RUN/show (for a .pt file: its folder's show/).")
 @click.option("--only", callback=_picture_list, metavar="LIST",
               help=f"Comma list of pictures: {','.join(PICTURES)}.  Default: all of them, skipping "
                    "(with a note) any the run cannot give.")
@@ -45,7 +45,8 @@ def _picture_list(ctx, param, value):
 @click.option("--errors-only", is_flag=True, help="preds and neighbours: only images the net gets wrong (top-1).")
 @click.option("--search-limit", default=10_000, show_default=True, type=click.IntRange(0),
               help="neighbours: search this many training images (a fixed random subset); 0 searches all.")
-@click.option("--devices", metavar="DEVICES", help="Where to run the net, e.g. cpu or cuda:0.  Default: cuda:0 if present, else cpu.")
+@click.option("--devices", metavar="DEVICES",
+              help="Where to run the net, e.g. cpu or cuda:0.  Default: cuda:0 if present, else cpu.")
 @click.pass_context
 def show(ctx, run_dir, out, only, compare, layers, data, synsets, count, queries, errors_only, search_limit,
          devices):

@@ -602,7 +602,8 @@ class Trainer:
         devices = ",".join(str(d) for d in dict.fromkeys(self.devices))
         ranks = f" x {self.cluster.world} ranks" if self.cluster.distributed else ""
         return (f"{self.run_dir}: {where}; {len(self.train_idx):,} training images, {val}, "
-                f"{len(self.classes)} classes; {plural(r.epochs, 'epoch')} of {plural(len(self.batches), 'batch', 'batches')} "
+                f"{len(self.classes)} classes; {plural(r.epochs, 'epoch')} of "
+                f"{plural(len(self.batches), 'batch', 'batches')} "
                 f"of {r.batch_size}; "
                 f"{self.crop}x{self.crop} crops; {devices}{ranks}, {self.precision}"
                 f"{', channels_last' if self.channels_last else ''}{', compiled' if self.compile else ''}")

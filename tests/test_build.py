@@ -87,7 +87,8 @@ def test_towers_on_two_devices_match_one_device():
 
 
 @pytest.mark.parametrize("spec, reference", [("cifar10-80sec.cfg", Cifar80Sec), ("cifar10-18pct.cfg", Cifar18Pct),
-                                             ("cifar10-18pct.cfg", Cifar18PctPooled), ("cifar10-11pct.cfg", Cifar11Pct)])
+                                             ("cifar10-18pct.cfg", Cifar18PctPooled),
+                                             ("cifar10-11pct.cfg", Cifar11Pct)])
 def test_cifar_nets_equal_hand_written(spec, reference):
     net = randomize(build(check_paths(SPECS / spec)).double())
     ref = copy_by_name(net, reference()).eval()

@@ -503,7 +503,8 @@ def test_resume_says_which_given_options_it_ignores(setup, tmp_path):
     assert res.exit_code == 0
     assert res.output.splitlines()[0] == f"note: resuming {out} as recorded; ignoring SPEC, --train-limit"
     # 4 classes: the closing line names the top-k it measured, as the epoch lines do
-    assert res.output.splitlines()[-1].startswith(f"done: {out}  val top-1 ") and " top-4 " in res.output.splitlines()[-1]
+    done = res.output.splitlines()[-1]
+    assert done.startswith(f"done: {out}  val top-1 ") and " top-4 " in done
 
 
 def test_a_signal_during_validation_stops_after_that_epoch(setup, tmp_path, monkeypatch):
