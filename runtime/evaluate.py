@@ -79,10 +79,14 @@ def evaluate(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device
 
 
 def evaluation_images(recorded: dict, data: str | None = None, labels: str | None = None,
-                      in_memory: bool = True, where: str = "checkpoint", progress: bool = False):
+                      where: str = "checkpoint"):
     """(source, indices, description) of the images a run is scored on: every
     image under ``data``, else the run's validation data or held-out images.
-    ``recorded`` is a checkpoint's ``data`` entry."""
+    ``recorded`` is a checkpoint's ``data`` entry.
+
+    Image folders stay on disk: scoring reads each image once, so reading them
+    all into memory first would only add work (all 50,000 CIFAR JPEGs to score
+    the 5,000 held out) and memory."""
     from pathlib import Path
 
     import numpy as np
@@ -92,17 +96,17 @@ def evaluation_images(recorded: dict, data: str | None = None, labels: str | Non
     classes, size = recorded["classes"], recorded["size"]
     if data is not None:
         source = open_source(data, "val", classes=classes, size=size, labels_file=Path(labels) if labels else None,
-                             stats=False, in_memory=in_memory, progress=progress)
+                             stats=False, in_memory=False)
         return source, np.arange(len(source)), str(data)
     indices = recorded["val_indices"].numpy()
     if recorded["val_path"]:
         source = open_source(recorded["val_path"], "val", classes=classes, size=size, stats=False,
-                             in_memory=in_memory, progress=progress)
+                             in_memory=False)
         return source, indices, f"{recorded['val_path']} (the run's validation data)"
     if len(indices) == 0:
         raise fail("the run held out no validation images (valFraction=0); give --data PATH to evaluate on",
                    Location(where))
-    source = open_source(recorded["path"], "train", size=size, stats=False, in_memory=in_memory, progress=progress)
+    source = open_source(recorded["path"], "train", size=size, stats=False, in_memory=False)
     return source, indices, f"{recorded['path']} ({len(indices):,} held-out validation images)"
 
 
@@ -137,7 +141,7 @@ def evaluate_checkpoint(checkpoint: str | None = None, data: str | None = None, 
     device_list = devices or (["cuda:0"] if torch.cuda.is_available() else ["cpu"])
     net = runs.net_from_checkpoint(state, device_list, str(path))
     mean = recorded["mean"].numpy()
-    source, indices, shown = evaluation_images(recorded, data, labels, where=str(path), progress=progress)
+    source, indices, shown = evaluation_images(recorded, data, labels, where=str(path))
     views = views or state["recipe"]["test_views"]
     batch = batch_size or recorded.get("eval_batch", 128)
     batches = eval_batches(source, indices, batch, recorded["crop"], ten_views=views == 10, mean=mean)

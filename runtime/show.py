@@ -249,7 +249,7 @@ def images_to_show(run: Run, data: str | None) -> ImageSet:
     if not data and not d["val_path"] and len(d["val_indices"]) == 0:
         raise Unavailable("the run held out no validation images (valFraction=0); give --data PATH "
                           "to show predictions on", run.where())
-    return ImageSet(*evaluation_images(d, data, in_memory=False))
+    return ImageSet(*evaluation_images(d, data))
 
 
 @torch.no_grad()
