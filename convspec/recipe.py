@@ -70,6 +70,14 @@ def _fraction(item, ctx):
     return value
 
 
+def _drop_factor(item, ctx):
+    value = V.to_float(item, ctx)
+    if not 0 < value <= 1:  # 0 would stop learning at the first drop; above 1 is not a drop
+        raise fail(f"{ctx.where()}={item.text} must be above 0 and at most 1 (each drop multiplies the "
+                   "learning rates by it)", item.loc)
+    return value
+
+
 def _views(item, ctx):
     value = V.to_int(item, ctx)
     if value not in (1, 10):
@@ -87,7 +95,7 @@ _KEYS = {
     "epochs": ("epochs", _positive_int, False),
     "batchSize": ("batch_size", _positive_int, False),
     "lrDrops": ("lr_drops", _positive_int, True),
-    "lrFactor": ("lr_factor", lambda item, ctx: V.to_float(item, ctx, minimum=0.0), False),
+    "lrFactor": ("lr_factor", _drop_factor, False),
     "plateau": ("plateau", lambda item, ctx: V.to_int(item, ctx, minimum=0), False),
     "valFraction": ("val_fraction", _fraction, False),
     "splitSeed": ("split_seed", lambda item, ctx: V.to_int(item, ctx, minimum=0, maximum=MAX_SEED), False),

@@ -363,6 +363,8 @@ def test_train_section_data_keys_and_crop_override():
     ("[train]\nepochs=2.5\n", "p.cfg:2:8: [train]: epochs must be a whole number, not '2.5'"),
     ("[train]\nlrDrops=130,120\n", "p.cfg:2:9: [train]: lrDrops must list increasing epochs, e.g. lrDrops=120,130"),
     ("[train]\nvalFraction=1\n", "p.cfg:2:13: [train]: valFraction=1 must be below 1 (a share of the training split)"),
+    ("[train]\nlrFactor=0\n",
+     "p.cfg:2:10: [train]: lrFactor=0 must be above 0 and at most 1 (each drop multiplies the learning rates by it)"),
     ("[train]\nbatchSize=128,256\n", "p.cfg:2:11: [train]: batchSize takes one value"),
     ("[train]\nepochs=2\nEPOCHS=3\n", "p.cfg:3:1: [train]: epochs is set twice (first at line 2); keep one"),
 ])
