@@ -38,10 +38,12 @@ def _picture_list(ctx, param, value):
                    "mapped through the run's classes).  Default: the run's validation images.")
 @click.option("--synsets", type=click.Path(dir_okay=False, exists=True),
               help="'wnid name' lines giving readable class names (ImageNet's synsets file).")
-@click.option("--count", type=click.IntRange(1), help="preds: how many test images (default 16); "
-                                                       "neighbours: how many neighbours per image (default 6).")
-@click.option("--queries", default=5, show_default=True, type=click.IntRange(1),
-              help="neighbours: how many test images (rows).")
+# The caps keep one picture drawable: each image is a tile of the same PNG.
+@click.option("--count", type=click.IntRange(1, 256), help="preds: how many test images (default 16, at most "
+                                                            "256); neighbours: how many neighbours per image "
+                                                            "(default 6).")
+@click.option("--queries", default=5, show_default=True, type=click.IntRange(1, 64),
+              help="neighbours: how many test images (rows; at most 64).")
 @click.option("--errors-only", is_flag=True, help="preds and neighbours: only images the net gets wrong (top-1).")
 @click.option("--search-limit", default=10_000, show_default=True, type=click.IntRange(0),
               help="neighbours: search this many training images (a fixed random subset); 0 searches all.")

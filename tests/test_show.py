@@ -181,6 +181,12 @@ def test_unknown_picture_name_suggests_the_nearest():
     assert res.exit_code == 2 and "no picture 'filtres'; did you mean 'filters'?" in res.output
 
 
+@pytest.mark.parametrize("option, value, cap", [("--count", "100000", 256), ("--queries", "65", 64)])
+def test_picture_sizes_are_capped_before_anything_is_read(option, value, cap):
+    res = _show(option, value)  # no run exists: the cap is checked first
+    assert res.exit_code == 2 and f"{value} is not in the range 1<=x<={cap}" in res.output
+
+
 def test_cli_and_library_list_the_same_pictures():
     from convspec.show_command import PICTURES as CLI_PICTURES
 
