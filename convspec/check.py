@@ -128,7 +128,7 @@ def check(spec: SpecFile, params: SpecFile | None = None,
         net.notes.append("no cost.logreg layer; needed to train (type=cost.logreg, inputs=labels,probs)")
     unused = [l.name for l in net.layers.values()
               if not l.type.startswith("cost.") and not net.consumers(l.name)
-              and not (l.type == "data" and l["dataIdx"] == 1)]
+              and not _is_labels(l)]
     if unused and any(l.type.startswith("cost.") for l in net.layers.values()):
         net.notes.append(f"unused layers (nothing reads them): {', '.join(unused)}")
     return net
@@ -326,7 +326,28 @@ def _convert_item(item, key: Key, ctx: V.Ctx) -> Any:
 # --- pass 4: inputs and order ---------------------------------------------------------
 
 
+def _is_labels(layer: Layer) -> bool:
+    return layer.type == "data" and layer["dataIdx"] == 1  # cuda-convnet's providers put labels at 1
+
+
+def _check_data_layers(layers: dict[str, Layer]) -> None:
+    # A [labels] section that forgot dataIdx=1 is read as a second image layer
+    # (dataIdx defaults to 0), which would only fail later as a missing image size.
+    first: dict[int, Layer] = {}
+    for layer in layers.values():
+        if layer.type != "data":
+            continue
+        index = layer["dataIdx"]
+        if index in first:
+            kind, fix = {0: ("the images", "the labels are dataIdx=1"),
+                         1: ("the labels", "keep one labels layer")}.get(index, (f"item {index}", "keep one"))
+            raise fail(f"layer '{layer.name}': dataIdx={index} ({kind}) is already read by layer "
+                       f"'{first[index].name}'; {fix}", layer.loc_of("dataIdx"))
+        first[index] = layer
+
+
 def _check_inputs(layers: dict[str, Layer]) -> None:
+    _check_data_layers(layers)
     for layer in layers.values():
         ltype = LAYER_TYPES[layer.type]
         if ltype.num_inputs == 0:
@@ -340,6 +361,9 @@ def _check_inputs(layers: dict[str, Layer]) -> None:
             if layers[name].type.startswith("cost."):
                 raise fail(f"layer '{layer.name}': input '{name}' is a cost layer, which has no output",
                            layer.loc_of("inputs", i))
+            if _is_labels(layers[name]) and not layer.type.startswith("cost."):
+                raise fail(f"layer '{layer.name}': input '{name}' is the labels (dataIdx=1), which only a cost "
+                           "layer reads; give the layer whose output this one takes", layer.loc_of("inputs", i))
             if name in seen and layer.type not in ("eltsum", "eltmax", "concat"):
                 raise fail(f"layer '{layer.name}': input '{name}' is listed twice", layer.loc_of("inputs", i))
             seen.add(name)

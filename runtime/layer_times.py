@@ -148,6 +148,9 @@ def bench(net: CompiledNet, batch: int, iterations: int = 10, warmup: int = 2, p
         notes.append(f"update not timed: {err}")
     if len(set(devices)) > 1:
         notes.append("copies between devices are in the whole-net times, not in the rows")
+    if net.cost is None:
+        notes.append("the spec has no cost layer: the loss row times cross-entropy on the last layer's output "
+                     "(train needs type=cost.logreg)")
 
     steps = net.steps((net.output_name,))
     step_names = ["+".join(s.members) for s in steps]
@@ -186,8 +189,11 @@ def bench(net: CompiledNet, batch: int, iterations: int = 10, warmup: int = 2, p
                     return net.run_step(step, inputs)
 
             forward_ms, y = clock.time(forward)
-            grad = torch.randn_like(y)
-            backward_ms, _ = clock.time(lambda: y.backward(grad))
+            if y.requires_grad:
+                grad = torch.randn_like(y)
+                backward_ms, _ = clock.time(lambda: y.backward(grad))
+            else:
+                backward_ms = 0.0  # weightless and fed by the data: training computes no gradient here
             times.append((forward_ms, backward_ms))
         logits = values[net.output_name].detach().float().requires_grad_(True)
         forward_ms, loss = clock.time(lambda: net.loss(logits, labels))

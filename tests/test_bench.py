@@ -132,6 +132,20 @@ def test_a_slow_layer_carries_its_time_and_no_other_row_does():
     assert result.forward_ms >= 1000 * SLEEP_S and result.backward_ms >= 1000 * SLEEP_S
 
 
+def test_a_weightless_layer_on_the_data_has_no_backward_and_a_missing_cost_is_noted():
+    # pool1 reads the images: training computes no gradient there, so its row has none to time.
+    spec = check(parse_text("[data]\ntype=data\ninputSize=3x8x8\n[pool1]\ntype=pool\npool=max\ninputs=data\n"
+                            "sizeX=2\nstride=2\n[fc]\ntype=fc\ninputs=pool1\noutputs=4\n", "s.cfg"))
+    result = bench(build(spec, devices=["cpu"]), batch=2, iterations=1, warmup=0, progress=False)
+    rows = {row.name: row for row in result.layers}
+    assert rows["pool1"].backward_ms == 0 and rows["fc"].backward_ms > 0
+    assert rows["loss"].type == "cross-entropy"
+    assert result.notes == ["update not timed: parameter 'fc.weight' has no learning rate or momentum: set "
+                            "epsW/epsB and momW/momB in the params file",
+                            "the spec has no cost layer: the loss row times cross-entropy on the last layer's "
+                            "output (train needs type=cost.logreg)"]
+
+
 def test_fused_towers_are_one_row_and_towers_on_two_devices_are_two():
     spec = check(parse_text(TWO_TOWERS, "towers.cfg"))
     fused = bench(build(spec, devices=["cpu"]), batch=2, iterations=1, warmup=0, progress=False)

@@ -167,7 +167,7 @@ CONV = "[c]\ntype=conv\ninputs=data\nfilters=16\nfilterSize=5\n"
 FC = "[fc]\ntype=fc\ninputs=c\noutputs=10\n"
 
 ERRORS = [
-    # (spec body after HEAD, params or None, first line of the error)
+    # (spec body after HEAD, params or None, first line of the error[, a HEAD of its own])
     ("[c]\ntype=conv\ninputs=dta\nfilters=16\nfilterSize=5\n" + FC + TAIL, None,
      "s.cfg:10:8: layer 'c': input 'dta' is not defined; did you mean 'data'?"),
     (CONV + "[c]\ntype=fc\ninputs=data\noutputs=3\n" + FC + TAIL, None,
@@ -229,13 +229,21 @@ ERRORS = [
      "[cost]\ntype=cost.logreg\ninputs=probs,labels\n", None,
      "s.cfg:22:8: layer 'cost': the first input of cost.logreg must be the labels (a data layer with dataIdx=1), "
      "but 'probs' has 10 outputs"),
+    (CONV + "[fc]\ntype=fc\ninputs=labels\noutputs=10\n" + TAIL, None,
+     "s.cfg:15:8: layer 'fc': input 'labels' is the labels (dataIdx=1), which only a cost layer reads; "
+     "give the layer whose output this one takes"),
+    (CONV + FC + TAIL, None, "s.cfg:5:2: layer 'labels': dataIdx=0 (the images) is already read by layer 'data'; "
+     "the labels are dataIdx=1", "[data]\ntype=data\ninputSize=3x32x32\n\n[labels]\ntype=data\n"),
+    (CONV + FC + TAIL, None, "s.cfg:10:9: layer 'labels2': dataIdx=1 (the labels) is already read by layer "
+     "'labels'; keep one labels layer", HEAD + "[labels2]\ntype=data\ndataIdx=1\n"),
 ]
 
 
-@pytest.mark.parametrize("body, params, message", ERRORS, ids=[m.split(": ", 1)[1][:50] for _, _, m in ERRORS])
-def test_error_messages(body, params, message):
+@pytest.mark.parametrize("body, params, message, head", [(*e, HEAD)[:4] for e in ERRORS],
+                         ids=[e[2].split(": ", 1)[1][:50] for e in ERRORS])
+def test_error_messages(body, params, message, head):
     with pytest.raises(SpecError) as err:
-        checked(body, params)
+        checked(body, params, head=head)
     assert str(err.value).split("\n")[0] == message
 
 
