@@ -75,3 +75,20 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
 def plural(count: int, noun: str, nouns: str | None = None) -> str:
     """``"1 layer"``, ``"2 layers"``, ``"1,024 batches"``: counts in messages read as English."""
     return f"{count:,} {noun if count == 1 else nouns or noun + 's'}"
+
+
+def decode_utf8(data: bytes, shown: str) -> str:
+    """Text a user wrote (a spec, a labels or synsets file), or one line naming
+    the file, line and column of the first byte that is not UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line_start = data.rfind(b"\n", 0, err.start) + 1
+        raise fail(f"is not UTF-8 text (bad byte 0x{data[err.start]:02x}); save it as UTF-8",
+                   Location(shown, data[: err.start].count(b"\n") + 1, err.start - line_start + 1)) from None
+
+
+def read_utf8(path) -> str:
+    """``Path.read_text`` for files users give, with :func:`decode_utf8`'s error."""
+    with open(path, "rb") as f:
+        return decode_utf8(f.read(), str(path))

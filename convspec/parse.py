@@ -19,7 +19,7 @@ from typing import Union
 
 import lark
 
-from .errors import Location, SpecError, fail
+from .errors import Location, SpecError, decode_utf8, fail
 
 
 @dataclass(frozen=True)
@@ -271,13 +271,7 @@ def read_spec_text(path: str | os.PathLike) -> str:
     if b"\0" in data:
         raise fail("is a binary file, not a spec; a spec is text of [section] and key=value lines",
                    Location(shown, 1, 1))
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        raise fail(f"is not UTF-8 text (bad byte 0x{data[err.start]:02x}); save it as UTF-8",
-                   Location(shown, line, 1)) from None
-    return text
+    return decode_utf8(data, shown)
 
 
 def parse_file(path: str | os.PathLike) -> SpecFile:

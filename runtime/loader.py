@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from convspec.errors import Location, fail
+from convspec.errors import Location, SpecError, fail
 
 from . import cifar
 from .preprocess import Augment, Stats, augment_batch, eval_views, load_square
@@ -303,7 +303,18 @@ class Batches:
         loader = DataLoader(_Skip(data, start), batch_size=None, shuffle=False, num_workers=workers,
                             pin_memory=self.pin_memory, persistent_workers=False, prefetch_factor=4,
                             generator=torch.Generator().manual_seed(self.seed))
-        yield from loader
+        for item in loader:
+            if isinstance(item, _WorkerFailure):
+                raise fail(item.message, item.location)
+            yield item
+
+
+@dataclass
+class _WorkerFailure:
+    """A worker's one-line error, passed back as a value: raised in a worker, it
+    would reach the user wrapped in the worker's traceback (and lose its location)."""
+    message: str
+    location: Location | None
 
 
 class _Skip(Dataset):
@@ -314,7 +325,10 @@ class _Skip(Dataset):
         return len(self.data) - self.start
 
     def __getitem__(self, b: int):
-        return self.data[b + self.start]
+        try:
+            return self.data[b + self.start]
+        except SpecError as err:
+            return _WorkerFailure(err.message, err.location)
 
 
 def eval_batches(source: ImageSource, indices: np.ndarray, batch_size: int, crop: int,

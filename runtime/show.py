@@ -28,7 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from convspec.errors import Location, SpecError, did_you_mean, fail
+from convspec.errors import Location, SpecError, did_you_mean, fail, read_utf8
 from convspec.layers import Layer
 
 from . import checkpoint as ckpt
@@ -123,7 +123,7 @@ class Run:
         path = self.dir / runs.METRICS
         records = []
         if path.is_file():
-            for n, line in enumerate(path.read_text().splitlines(), 1):
+            for n, line in enumerate(read_utf8(path).splitlines(), 1):
                 if not line.strip():
                     continue
                 try:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from convspec.errors import Location, did_you_mean, fail
+from convspec.errors import Location, did_you_mean, fail, read_utf8
 
 from .cifar import is_cifar_dir
 
@@ -95,7 +95,7 @@ def list_flat(root: Path, labels_file: Path, classes: list[str]) -> ImageList:
     """A flat folder and a ``filename class`` file, the class being a folder name (wnid) from training."""
     index = {name: i for i, name in enumerate(classes)}
     labels: dict[str, int] = {}
-    for n, line in enumerate(labels_file.read_text().splitlines(), 1):
+    for n, line in enumerate(read_utf8(labels_file).splitlines(), 1):
         parts = line.split()
         if not parts or line.lstrip().startswith("#"):
             continue
@@ -117,7 +117,7 @@ def list_flat(root: Path, labels_file: Path, classes: list[str]) -> ImageList:
 def read_synsets(path: Path) -> dict[str, str]:
     """``wnid name`` per line -> {wnid: name}."""
     names = {}
-    for line in path.read_text().splitlines():
+    for line in read_utf8(path).splitlines():
         parts = line.strip().split(maxsplit=1)
         if parts:
             names[parts[0]] = parts[1] if len(parts) > 1 else parts[0]

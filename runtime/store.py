@@ -109,6 +109,7 @@ def prepare(source: Path, out: Path, options: PrepareOptions, synsets: Path | No
     splits = _splits(source, options)
     _refuse_upscaling_everything(splits[0][1], options)
     fingerprint = options.fingerprint(source)
+    names = read_synsets(synsets) if synsets else {}  # before writing anything: a bad file leaves OUT as it was
     out.mkdir(parents=True, exist_ok=True)
     if (out / "prepare.json").is_file():
         previous = json.loads((out / "prepare.json").read_text())
@@ -122,7 +123,6 @@ def prepare(source: Path, out: Path, options: PrepareOptions, synsets: Path | No
         raise fail("is not empty and holds no convspec store; choose an empty or new folder", Location(str(out)))
     (out / "prepare.json").write_text(json.dumps(fingerprint, indent=1))
 
-    names = read_synsets(synsets) if synsets else {}
     classes = splits[0][1].classes
     meta = {**fingerprint, "classes": [{"index": i, "folder": c, "name": names.get(c, c)}
                                        for i, c in enumerate(classes)], "splits": {}, "skipped": 0}
@@ -256,26 +256,32 @@ class StoreSplit:
         if not meta_path.is_file():
             raise fail("is not a complete convspec store (no store.json); run convspec prepare again to finish it",
                        Location(str(root)))
-        self.meta = json.loads(meta_path.read_text())
-        if self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:
+        self.meta = _damaged_if_unreadable(meta_path, lambda: json.loads(meta_path.read_text()))
+        if not isinstance(self.meta, dict) or self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:
             raise fail(f"store.json is not a {FORMAT} v{VERSION} store", Location(str(meta_path)))
         if split not in self.meta["splits"]:
             raise fail(f"store has no '{split}' split (it has {', '.join(self.meta['splits'])})", Location(str(root)))
         self.kind = self.meta["kind"]
         self.classes = [c["folder"] for c in self.meta["classes"]]
         self.class_names = [c["name"] for c in self.meta["classes"]]
-        self.mean = np.load(root / "mean.npy")
-        pca = np.load(root / "pca.npz")
+        self.mean = _load(root / "mean.npy")
+        pca = _load(root / "pca.npz")
         self.eigvals, self.eigvecs = pca["eigvals"], pca["eigvecs"]
-        labels, self._shards, starts = [], [], [0]
+        labels, self._shards, self._shard_paths, starts = [], [], [], [0]
         for name in self.meta["splits"][split]["shards"]:
-            shard_labels = np.load(root / f"{name}.labels.npy")
+            shard_labels = _load(root / f"{name}.labels.npy")
             labels.append(shard_labels)
             if self.kind == "raw":
-                self._shards.append(np.load(root / f"{name}.raw.npy", mmap_mode="r"))
+                self._shard_paths.append(root / f"{name}.raw.npy")
+                self._shards.append(_load(self._shard_paths[-1], mmap_mode="r"))
             else:
-                self._shards.append((np.load(root / f"{name}.jpeg.npy", mmap_mode="r"),
-                                     np.load(root / f"{name}.offsets.npy")))
+                self._shard_paths.append(root / f"{name}.jpeg.npy")
+                self._shards.append((_load(self._shard_paths[-1], mmap_mode="r"),
+                                     _load(root / f"{name}.offsets.npy")))
+            count = len(self._shards[-1]) if self.kind == "raw" else len(self._shards[-1][1]) - 1
+            if count != len(shard_labels):
+                raise fail(f"holds a different number of images than its labels ({len(shard_labels):,}); "
+                           f"{DAMAGED_FIX}", Location(str(self._shard_paths[-1])))
             starts.append(starts[-1] + len(shard_labels))
         self.labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
         self._starts = np.asarray(starts)
@@ -287,7 +293,8 @@ class StoreSplit:
     @staticmethod
     def has_split(root: Path, split: str) -> bool:
         meta = Path(root) / STORE_MARKER
-        return meta.is_file() and split in json.loads(meta.read_text()).get("splits", {})
+        return meta.is_file() and split in _damaged_if_unreadable(meta, lambda: json.loads(meta.read_text())
+                                                                   ).get("splits", {})
 
     def image(self, i: int) -> np.ndarray:
         shard = int(np.searchsorted(self._starts, i, side="right") - 1)
@@ -327,5 +334,26 @@ class StoreSplit:
 
     def _decode(self, shard: int, j: int) -> np.ndarray:
         data, offsets = self._shards[shard]
-        with Image.open(io.BytesIO(data[offsets[j]:offsets[j + 1]].tobytes())) as img:
-            return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+        try:
+            with Image.open(io.BytesIO(data[offsets[j]:offsets[j + 1]].tobytes())) as img:
+                return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+        except Exception as err:  # noqa: BLE001 - PIL raises several kinds for damaged bytes
+            raise fail(f"image {j:,} of this shard cannot be decoded ({type(err).__name__}); {DAMAGED_FIX}",
+                       Location(str(self._shard_paths[shard]))) from None
+
+
+DAMAGED_FIX = "the store is damaged: run convspec prepare again into a new folder"
+
+
+def _damaged_if_unreadable(path: Path, read):
+    try:
+        return read()
+    except OSError:
+        raise  # a missing file or a permission: the CLI names the path and says what to check
+    except Exception as err:  # noqa: BLE001 - numpy and json raise several kinds for damaged bytes
+        detail = " ".join(str(err).split())[:120]
+        raise fail(f"cannot be read ({type(err).__name__}: {detail}); {DAMAGED_FIX}", Location(str(path))) from None
+
+
+def _load(path: Path, **kw):
+    return _damaged_if_unreadable(path, lambda: np.load(path, **kw))

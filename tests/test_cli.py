@@ -218,7 +218,7 @@ def test_missing_params_file(tmp_path):
      "{path}:1:1: empty spec: no [layer] sections; a spec starts with e.g. [data] and type=data"),
     (b"[a]\nx=\x001\n", "{path}:1:1: is a binary file, not a spec; a spec is text of [section] and key=value lines"),
     (bytes(range(256)), "{path}:1:1: is a binary file, not a spec; a spec is text of [section] and key=value lines"),
-    (b"[a]\ntype=caf\xe9\n", "{path}:2:1: is not UTF-8 text (bad byte 0xe9); save it as UTF-8"),
+    (b"[a]\ntype=caf\xe9\n", "{path}:2:9: is not UTF-8 text (bad byte 0xe9); save it as UTF-8"),
 ])
 def test_unreadable_files(tmp_path, data, message):
     path = write(tmp_path, data)

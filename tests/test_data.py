@@ -15,6 +15,7 @@ from runtime import cifar
 from runtime.loader import ArraySource, Batches, eval_batches, holdout, open_source
 from runtime.preprocess import Augment, Stats, augment_batch, eval_views, load_square
 from runtime.store import PrepareOptions, StoreSplit, prepare
+from runtime.sources import list_flat, read_synsets
 
 from conftest import SHARED
 
@@ -347,6 +348,47 @@ def test_workers_do_not_change_the_batches(tmp_path):
     make = lambda w: Batches(source, np.arange(6), 2, Augment(12, flip=True, random_crop=True, pca_std=0.1),
                              seed=0, workers=w)
     assert all(torch.equal(a[0], b[0]) for a, b in zip(make(0).epoch(0), make(2).epoch(0)))
+
+
+def test_labels_and_synsets_files_that_are_not_utf8_are_one_located_line(tmp_path):
+    latin1 = tmp_path / "synsets.txt"
+    latin1.write_bytes(b"n01 tabby\nn02 caf\xe9 au lait\n")  # saved as Latin-1
+    expected = f"{latin1}:2:8: is not UTF-8 text (bad byte 0xe9); save it as UTF-8"
+    for read in (lambda: read_synsets(latin1), lambda: list_flat(tmp_path, latin1, ["n01", "n02"])):
+        with pytest.raises(SpecError) as err:
+            read()
+        assert str(err.value) == expected
+
+
+def test_a_damaged_store_is_one_line_naming_the_file(tmp_path):
+    root = _image_folder(tmp_path, bad=False)
+    raw, jpeg = tmp_path / "raw", tmp_path / "jpeg"
+    prepare(root, raw, PrepareOptions(size=16, raw=True, workers=1), progress=False)
+    prepare(root, jpeg, PrepareOptions(size=16, workers=1), progress=False)
+    fix = "the store is damaged: run convspec prepare again into a new folder"
+    shard = raw / "train-00000.raw.npy"
+    shard.write_bytes(shard.read_bytes()[:1000])  # cut short, as a full disk or a bad copy leaves it
+    with pytest.raises(SpecError) as err:
+        open_source(raw, "train")
+    assert str(err.value).startswith(f"{shard}: cannot be read (ValueError: ") and str(err.value).endswith(fix)
+    (raw / "store.json").write_text("{not json")
+    with pytest.raises(SpecError, match=r"store.json: cannot be read \(JSONDecodeError: .*the store is damaged"):
+        open_source(raw, "train")
+
+    # Bytes of one JPEG overwritten: decoding it fails in-process and in a DataLoader worker alike,
+    # as one line naming the shard (a worker's error used to arrive wrapped in its traceback).
+    data = bytearray((jpeg / "train-00000.jpeg.npy").read_bytes())
+    offsets = np.load(jpeg / "train-00000.offsets.npy")
+    start = len(data) - int(offsets[-1])  # the .npy header comes first
+    data[start + int(offsets[2]): start + int(offsets[3])] = bytes(int(offsets[3] - offsets[2]))
+    (jpeg / "train-00000.jpeg.npy").write_bytes(bytes(data))
+    source = open_source(jpeg, "train")
+    expected = f"{jpeg / 'train-00000.jpeg.npy'}: image 2 of this shard cannot be decoded (UnidentifiedImageError); {fix}"
+    for workers in (0, 1):
+        batches = Batches(source, np.arange(6), 6, Augment(16), seed=0, shuffle=False, workers=workers)
+        with pytest.raises(SpecError) as err:
+            list(batches.epoch(0))
+        assert str(err.value) == expected, workers
 
 
 def test_eval_batches_and_open_source_kinds(tmp_path):
