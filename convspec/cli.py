@@ -196,10 +196,18 @@ def train(ctx, spec, params_path, data, val_data, epochs, batch_size, out, resum
     """
     from runtime.train import TrainingStopped, TrainOptions, parse_devices, train as run_train
 
+    def unless_defaulted_on_resume(name, value):
+        # A resumed run keeps its recorded precision and layout unless they are typed.
+        typed = ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+        return value if typed or not resume else None
+
     def run():
         options = TrainOptions(spec=spec, params=params_path, data=data, val_data=val_data, out=out,
-                               resume=resume, devices=parse_devices(devices), precision=precision,
-                               channels_last=channels_last, compile=compile_net, overrides=list(overrides),
+                               resume=resume, devices=parse_devices(devices),
+                               precision=unless_defaulted_on_resume("precision", precision),
+                               channels_last=unless_defaulted_on_resume("channels_last", channels_last),
+                               compile=unless_defaulted_on_resume("compile_net", compile_net),
+                               overrides=list(overrides),
                                epochs=epochs,
                                batch_size=batch_size, seed=seed, train_limit=train_limit, synsets=synsets,
                                keep=keep, workers=workers, deterministic=deterministic, progress=not quiet,

@@ -64,9 +64,10 @@ class TrainOptions:
     out: str | None = None
     resume: bool = False
     devices: list[str] | None = None
-    precision: str = "fp32"
-    channels_last: bool = False
-    compile: bool = False  # torch.compile the net for training (validation runs it eagerly)
+    # None: fp32, NCHW and eager for a new run; on --resume, the run's own (a value is checked against it).
+    precision: str | None = None
+    channels_last: bool | None = None
+    compile: bool | None = None  # torch.compile the net for training (validation runs it eagerly)
     overrides: list[str] = field(default_factory=list)
     epochs: int | None = None
     batch_size: int | None = None
@@ -187,7 +188,8 @@ class Trainer:
             self.data_path = o.data or os.environ.get(DATA_ENV)
             self.val_path = o.val_data
             self.train_limit = o.train_limit
-            self.precision, self.channels_last, self.compile = o.precision, o.channels_last, o.compile
+            self.precision, self.channels_last, self.compile = o.precision or "fp32", bool(o.channels_last), \
+                bool(o.compile)
         if not self.data_path:
             raise fail(f"no training data: pass --data PATH (a prepared store, a CIFAR python folder, an image "
                        f"folder with one sub-folder per class, or cifar10/cifar100 to download it) or set {DATA_ENV}")
@@ -214,11 +216,49 @@ class Trainer:
         self.precision = s["options"]["precision"]
         self.channels_last = s["options"]["channels_last"]
         self.compile = s["options"].get("compile", False)  # runs from before --compile existed
-        given = {"spec": "SPEC", "params": "--params", "val_data": "--val-data", "batch_size": "--batch-size",
-                 "seed": "--seed", "train_limit": "--train-limit"}
-        ignored = [shown for name, shown in given.items() if getattr(o, name)] + (["--set"] if o.overrides else [])
-        if ignored:
-            self.say(f"note: resuming {self.run_dir} as recorded; ignoring {', '.join(ignored)}")
+        self._refuse_changes_on_resume()
+
+    def _refuse_changes_on_resume(self) -> None:
+        """Options that would change a resumed run are refused, not ignored: an
+        ablation (--set, another SPEC) silently not applied wastes the whole run.
+        The same values as recorded (the first command retyped with --resume) pass."""
+        from convspec.parse import read_spec_text
+
+        s, o, d = self.state, self.o, self.state["data"]
+        spec, recipe, options = s["spec"], s["recipe"], s["options"]
+        folder_spec = self.run_dir / "spec.cfg"
+        if folder_spec.is_file() and read_spec_text(folder_spec) != spec["text"]:
+            raise fail(f"was trained from another spec than this run folder's spec.cfg (copied in from another "
+                       f"run?); move it out of {self.run_dir} and --resume again", Location(str(self.resumed_from)))
+
+        def resolved(path):
+            return str(Path(path).resolve()) if path else None
+
+        changed = [
+            (o.spec is not None and read_spec_text(o.spec) != spec["text"], f"SPEC (the run's is {spec['path']})"),
+            (o.params is not None and read_spec_text(o.params) != spec["params_text"],
+             f"--params (the run's is {spec['params_path']})"),
+            (bool(o.overrides) and list(o.overrides) != list(spec.get("overrides", [])),
+             f"--set (the run's: {' '.join(spec.get('overrides', [])) or 'none'})"),
+            (o.val_data is not None and resolved(o.val_data) != resolved(d["val_path"]),
+             f"--val-data (the run's: {d['val_path'] or 'held out of the training data'})"),
+            (o.batch_size is not None and o.batch_size != recipe["batch_size"],
+             f"--batch-size {o.batch_size} (the run's: {recipe['batch_size']})"),
+            (o.seed is not None and o.seed != recipe["seed"], f"--seed {o.seed} (the run's: {recipe['seed']})"),
+            (o.train_limit is not None and o.train_limit != d["train_limit"],
+             f"--train-limit {o.train_limit} (the run's: {d['train_limit'] or 'none'})"),
+            (o.precision is not None and o.precision != self.precision,
+             f"--precision {o.precision} (the run's: {self.precision})"),
+            (o.channels_last is not None and o.channels_last != self.channels_last,
+             f"--{'' if o.channels_last else 'no-'}channels-last (the run's: "
+             f"{'channels_last' if self.channels_last else 'NCHW'})"),
+            (o.compile is not None and o.compile != self.compile, f"--compile (the run's: {self.compile})"),
+        ]
+        differing = [text for differs, text in changed if differs]
+        if differing:
+            raise fail(f"a resumed run keeps the settings it recorded, and these differ: {'; '.join(differing)}; "
+                       "drop them to continue the run, or train a new run with another --out",
+                       Location(str(self.run_dir)))
 
     def _open_data(self) -> None:
         r, c = self.recipe, self.cluster
@@ -365,7 +405,7 @@ class Trainer:
             self._write_run_files()
         self.say(self._banner(epoch0, batch0))
         late = [str(d) for d in r.lr_drops if d >= r.epochs]
-        if late:  # e.g. the 18pct spec (drops after 120, 130) tried with --epochs 10
+        if late and self.state is None:  # e.g. the 18pct spec (drops after 120, 130) tried with --epochs 10
             self.say(f"note: lrDrops={','.join(late)} come at or after the last of {plural(r.epochs, 'epoch')}: "
                      "those drops never happen; change them with --set train.lrDrops=N")
         steps_per_epoch = len(self.batches)

@@ -19,6 +19,7 @@ from click.testing import CliRunner
 
 import convspec
 from convspec.cli import main
+from convspec.errors import SpecError
 from runtime import checkpoint as ckpt
 from runtime import cifar
 from runtime.evaluate import evaluate_checkpoint
@@ -492,19 +493,56 @@ def test_channels_last_and_compile_train_the_same_net(setup, tmp_path, option):
     assert json.loads((tmp_path / option / "run.json").read_text())[option] is True
 
 
-def test_resume_says_which_given_options_it_ignores(setup, tmp_path):
-    """A resumed run trains what it recorded; options that would change that are named, not dropped silently."""
+def test_resume_refuses_options_that_would_change_the_run(setup, tmp_path):
+    """A resumed run trains what it recorded.  Retyping the first command with --resume passes; an
+    option that would change the run (an ablation by --set, another SPEC) is refused, not dropped."""
     spec, data = setup
     out = tmp_path / "run"
-    assert CliRunner().invoke(main, ["train", str(spec), "--data", str(data), "--out", str(out), "--epochs", "1",
-                                     "--quiet"]).exit_code == 0
-    res = CliRunner().invoke(main, ["train", str(spec), "--resume", "--out", str(out), "--epochs", "2",
-                                    "--train-limit", "50", "--quiet"])
-    assert res.exit_code == 0
-    assert res.output.splitlines()[0] == f"note: resuming {out} as recorded; ignoring SPEC, --train-limit"
+    first = ["train", str(spec), "--data", str(data), "--out", str(out), "--quiet", "--set", "fc1.outputs=12"]
+    assert CliRunner().invoke(main, first + ["--epochs", "1"]).exit_code == 0
+    other = tmp_path / "other.cfg"
+    other.write_text(SPEC.replace("outputs=16", "outputs=8"))
+
+    def refused(*args):
+        res = CliRunner().invoke(main, ["train", "--resume", "--out", str(out), "--epochs", "2", *args])
+        assert res.exit_code == 1, res.output
+        return res.output.strip()
+
+    keeps = (f"{out}: a resumed run keeps the settings it recorded, and these differ: {{}}; drop them to continue "
+             "the run, or train a new run with another --out")
+    assert refused(str(other)) == keeps.format(f"SPEC (the run's is {spec})")
+    assert refused("--set", "fc1.outputs=20", "--seed", "3") == keeps.format(
+        "--set (the run's: fc1.outputs=12); --seed 3 (the run's: 0)")
+    assert refused("--precision", "bf16", "--no-channels-last") == keeps.format(
+        "--precision bf16 (the run's: fp32); --no-channels-last (the run's: channels_last)")
+    assert refused("--train-limit", "50") == keeps.format("--train-limit 50 (the run's: none)")
+    assert [p.name for p in out.glob("epoch-*.pt")] == ["epoch-0001.pt"]  # nothing trained, nothing lost
+
+    res = CliRunner().invoke(main, first + ["--epochs", "2", "--resume"])
+    assert res.exit_code == 0, res.output
+    assert not res.output.startswith("note:")
     # 4 classes: the closing line names the top-k it measured, as the epoch lines do
     done = res.output.splitlines()[-1]
     assert done.startswith(f"done: {out}  val top-1 ") and " top-4 " in done
+
+
+def test_resume_refuses_a_checkpoint_from_another_run(setup, tmp_path):
+    """A checkpoint copied into a run folder from a run of another spec is not adopted (it used to be,
+    and the folder's spec.cfg, metrics and best.pt were rewritten as the other run's)."""
+    spec, data = setup
+    other_spec = tmp_path / "other.cfg"
+    other_spec.write_text(SPEC.replace("outputs=16", "outputs=8"))
+    (tmp_path / "other.params.cfg").write_text(PARAMS)
+    run, other = tmp_path / "run", tmp_path / "other"
+    train(_quiet(spec=str(spec), data=str(data), out=str(run), epochs=1))
+    train(_quiet(spec=str(other_spec), data=str(data), out=str(other), epochs=2))
+    (run / "epoch-0002.pt").write_bytes((other / "epoch-0002.pt").read_bytes())
+    metrics = (run / "metrics.jsonl").read_text()
+    with pytest.raises(SpecError) as err:
+        train(_quiet(out=str(run), resume=True, epochs=3))
+    assert str(err.value) == (f"{run / 'epoch-0002.pt'}: was trained from another spec than this run folder's "
+                              f"spec.cfg (copied in from another run?); move it out of {run} and --resume again")
+    assert (run / "metrics.jsonl").read_text() == metrics and (run / "spec.cfg").read_text() == SPEC
 
 
 def test_a_signal_during_validation_stops_after_that_epoch(setup, tmp_path, monkeypatch):
