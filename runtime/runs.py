@@ -54,6 +54,17 @@ def check_can_create(run_dir: Path) -> None:
     if parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK):
         raise fail(f"cannot make the run folder: {parent} is not writable; choose another --out",
                    Location(str(run_dir)))
+    if run_dir.is_dir():
+        # Only what a run that stopped before its first checkpoint leaves may be overwritten:
+        # a run writes run.json and spec.cfg, and would overwrite a user's files of those names.
+        foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_START_FILES)
+        if foreign:
+            raise fail(f"is not empty and holds no convspec run (it has {', '.join(foreign[:3])}"
+                       f"{', ...' if len(foreign) > 3 else ''}); choose an empty or new --out", Location(str(run_dir)))
+
+
+# What a run writes before its first epoch ends.
+RUN_START_FILES = {"run.json", "spec.cfg", "spec.params.cfg"}
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:

@@ -309,6 +309,8 @@ ERRORS = [
     (["--batch-size", "1000"], "training images make no full batch of 1000; use a smaller --batch-size"),
     (["--out", "{tmp}/tiny.cfg/run"], "{tmp}/tiny.cfg/run: cannot make the run folder: {tmp}/tiny.cfg is a file; "
                                       "choose another --out"),
+    (["--out", "{tmp}"], "{tmp}: is not empty and holds no convspec run (it has data, tiny.cfg, tiny.params.cfg); "
+                         "choose an empty or new --out"),
 ]
 
 
