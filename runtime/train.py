@@ -281,11 +281,20 @@ class Trainer:
             raise fail(f"this data differs from the data the run was trained on (fingerprint {self.fingerprint}, "
                        f"recorded {self.state['data']['fingerprint']}); resume on the same data",
                        Location(str(self.data_path)))
+        if len(self.classes) < 2:
+            raise fail(f"holds only one class ({self.classes[0]}); a classifier needs at least 2: give the folder "
+                       "that holds the class folders", Location(str(self.data_path)))
+        if self.state is None and not self.val_path and (self.resolved_data / "train").is_dir() \
+                and (self.resolved_data / "val").is_dir():
+            self.say(f"note: training holds out {self.recipe.val_fraction:g} of {self.data_path}/train for "
+                     f"validation; {self.data_path}/val is not read (pass --val-data {self.data_path} to "
+                     "validate on it)")
         outputs = self._output_count()
         if outputs != len(self.classes):
             out_layer = self._output_layer()
             raise fail(f"the net ends in {outputs} outputs (layer '{out_layer}') but the data has "
-                       f"{len(self.classes)} classes; set outputs={len(self.classes)} on '{out_layer}' "
+                       f"{plural(len(self.classes), 'class', 'classes')}; set outputs={len(self.classes)} "
+                       f"on '{out_layer}' "
                        f"(e.g. --set {out_layer}.outputs={len(self.classes)})", Location(self.net_spec.path))
         n = len(self.train_source)
         if self.state is not None:

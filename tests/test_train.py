@@ -327,6 +327,32 @@ def test_train_errors_are_one_line(setup, tmp_path, args, expected):
     assert len(res.output.strip().splitlines()) == 1
 
 
+def _class_folders(root: Path, classes: list[str], per_class: int = 8) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def test_one_class_is_refused_and_an_unread_val_folder_is_noted(setup, tmp_path):
+    spec, _ = setup
+    one = _class_folders(tmp_path / "one", ["cat"])
+    res = CliRunner().invoke(main, ["train", str(spec), "--data", str(one), "--out", str(tmp_path / "r1"), "--quiet"])
+    assert (res.exit_code, res.output) == (1, f"{one}: holds only one class (cat); a classifier needs at least 2: "
+                                              "give the folder that holds the class folders\n")
+    split = tmp_path / "split"
+    _class_folders(split / "train", ["cat", "dog"]), _class_folders(split / "val", ["cat", "dog"], 2)
+    res = CliRunner().invoke(main, ["train", str(spec), "--data", str(split), "--out", str(tmp_path / "r2"),
+                                    "--quiet", "--epochs", "1", "--set", "fc2.outputs=2", "--batch-size", "4"])
+    assert res.exit_code == 0, res.output
+    assert res.output.splitlines()[0] == (f"note: training holds out 0.25 of {split}/train for validation; "
+                                          f"{split}/val is not read (pass --val-data {split} to validate on it)")
+
+
 def test_missing_data_and_runs_say_what_to_pass(setup, tmp_path, monkeypatch):
     spec, data = setup
     monkeypatch.delenv("CONVSPEC_DATA", raising=False)
