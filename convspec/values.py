@@ -225,17 +225,22 @@ def to_schedule(item, ctx: Ctx) -> Schedule:
                 f"{ctx.where()}: {kind} takes {';'.join(w + '=' for w in wanted)} arguments, not '{arg.key or arg.value.text}'",
                 arg.loc,
             )
+        if key in given:
+            raise fail(f"{ctx.where()}: {kind} has {key}= twice; keep one", arg.loc)
         given[key] = arg
     missing = [w for w in wanted if w not in given]
     if missing:
         raise fail(f"{ctx.where()}: {kind} schedule needs {', '.join(missing)} (as {kind}[{';'.join(w + '=...' for w in wanted)}])", item.loc)
-    base = to_float(given["base"].value, ctx, minimum=0.0)
+    def arg(name):  # errors name the argument: "layer 'conv1': epsW: numSteps=0 must be at least 1"
+        return given[name].value, Ctx(ctx.layer, f"{ctx.key}: {name}")
+
+    base = to_float(*arg("base"), minimum=0.0)
     if kind == "const":
         return Schedule(kind, base)
-    tgt = to_float(given["tgtFactor"].value, ctx)
+    tgt = to_float(*arg("tgtFactor"))
     if tgt <= 0:
         raise fail(f"{ctx.where()}: tgtFactor must be positive", given["tgtFactor"].value.loc)
-    steps = to_int(given["numSteps"].value, ctx, minimum=1) if kind == "dexp" else 1
+    steps = to_int(*arg("numSteps"), minimum=1) if kind == "dexp" else 1
     return Schedule(kind, base, tgt, steps)
 
 

@@ -216,6 +216,12 @@ ERRORS = [
      "linear[base=B;tgtFactor=F], exp[base=B;tgtFactor=F], dexp[base=B;tgtFactor=F;numSteps=N]"),
     (CONV + FC + TAIL, "[c]\nepsW=dexp[base=0.1;tgtFactor=10]\n",
      "p.cfg:2:6: layer 'c': epsW: dexp schedule needs numSteps (as dexp[base=...;tgtFactor=...;numSteps=...])"),
+    (CONV + FC + TAIL, "[c]\nepsW=dexp[base=0.1;tgtFactor=10;numSteps=0]\n",
+     "p.cfg:2:42: layer 'c': epsW: numSteps=0 must be at least 1"),
+    (CONV + FC + TAIL, "[c]\nepsW=exp[base=0.1;tgtFactor=10;base=0.2]\n",
+     "p.cfg:2:32: layer 'c': epsW: exp has base= twice; keep one"),
+    (CONV + FC + TAIL, "[c]\nepsW=exp[base=nan;tgtFactor=10]\n",
+     "p.cfg:2:15: layer 'c': epsW: base must be a number, not 'nan'"),
     (CONV + FC + TAIL + "[train]\nepochs=2\n", None,
      "s.cfg:24:2: [train] is the training recipe and belongs in the params file (NAME.params.cfg beside the "
      "spec), not the layer file; move it there"),
