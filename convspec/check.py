@@ -435,6 +435,9 @@ def _data_shape(layer: Layer, net: CheckedNet, input_shape) -> tuple[int, ...]:
     crop = net.recipe.crop
     if layer["inputSize"] is not None:
         c, h, w = layer["inputSize"]
+        if w in (1, 3) and c == h > 3:  # a square image written as HxWxC, as PyTorch users often do
+            raise fail(f"layer '{layer.name}': inputSize={c}x{h}x{w} is read as channels x height x width "
+                       f"({c} channels of {h}x{w}); did you mean inputSize={w}x{c}x{h}?", layer.loc_of("inputSize"))
         return (c, crop, crop) if crop else (c, h, w)
     if crop:
         return (3, crop, crop)

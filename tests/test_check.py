@@ -218,6 +218,8 @@ ERRORS = [
      "p.cfg:2:6: layer 'c': epsW: dexp schedule needs numSteps (as dexp[base=...;tgtFactor=...;numSteps=...])"),
     (CONV + FC + TAIL, "[c]\nepsW=dexp[base=0.1;tgtFactor=10;numSteps=0]\n",
      "p.cfg:2:42: layer 'c': epsW: numSteps=0 must be at least 1"),
+    (CONV + FC + TAIL, None, "s.cfg:3:11: layer 'data': inputSize=32x32x3 is read as channels x height x width "
+     "(32 channels of 32x3); did you mean inputSize=3x32x32?", HEAD.replace("3x32x32", "32x32x3")),
     (CONV + FC + TAIL, "[c]\nepsW=exp[base=0.1;tgtFactor=10;base=0.2]\n",
      "p.cfg:2:32: layer 'c': epsW: exp has base= twice; keep one"),
     (CONV + FC + TAIL, "[c]\nepsW=exp[base=nan;tgtFactor=10]\n",
