@@ -202,7 +202,10 @@ def train(ctx, spec, params_path, data, val_data, epochs, batch_size, out, resum
         return value if typed or not resume else None
 
     def run():
-        options = TrainOptions(spec=spec, params=params_path, data=data, val_data=val_data, out=out,
+        # From $CONVSPEC_DATA, the path is left to train, whose errors then say where it came from.
+        from_env = ctx.get_parameter_source("data") is click.core.ParameterSource.ENVIRONMENT
+        options = TrainOptions(spec=spec, params=params_path, data=None if from_env else data, val_data=val_data,
+                               out=out,
                                resume=resume, devices=parse_devices(devices),
                                precision=unless_defaulted_on_resume("precision", precision),
                                channels_last=unless_defaulted_on_resume("channels_last", channels_last),

@@ -92,6 +92,7 @@ def evaluation_images(recorded: dict, data: str | None = None, labels: str | Non
     import numpy as np
 
     from .loader import open_source
+    from .runs import recorded_data_path
 
     classes, size = recorded["classes"], recorded["size"]
     if data is not None:
@@ -106,8 +107,10 @@ def evaluation_images(recorded: dict, data: str | None = None, labels: str | Non
     if len(indices) == 0:
         raise fail("the run held out no validation images (valFraction=0); give --data PATH to evaluate on",
                    Location(where))
-    source = open_source(recorded["path"], "train", size=size, stats=False, in_memory=False)
-    return source, indices, f"{recorded['path']} ({len(indices):,} held-out validation images)"
+    path = recorded_data_path(recorded, "put it back to score the held-out images (--data PATH scores every "
+                                        "image under PATH instead)")
+    source = open_source(path, "train", size=size, stats=False, in_memory=False)
+    return source, indices, f"{path} ({len(indices):,} held-out validation images)"
 
 
 @dataclass

@@ -112,6 +112,20 @@ def eval_checkpoint(path: str | Path | None, root: Path = RUNS_ROOT) -> Path:
     raise fail("holds no checkpoint (best.pt or epoch-*.pt)", Location(str(path)))
 
 
+def recorded_data_path(recorded: dict, fix: str) -> str:
+    """The training data a checkpoint's ``data`` entry names: the path as typed when it
+    still leads there (a dataset name such as cifar10 always does), else the absolute path
+    recorded beside it (the run was started from another folder), else one line with ``fix``."""
+    from .download import DATASETS
+
+    path, absolute = recorded["path"], recorded.get("resolved")
+    if path in DATASETS or Path(path).exists():
+        return path
+    if absolute and Path(absolute).exists():
+        return absolute
+    raise fail(f"the run's training data is not there any more (moved or deleted?); {fix}", Location(path))
+
+
 def checked_net_from(state: dict):
     """The checked spec as trained: the recorded texts with the recorded overrides."""
     from convspec.check import check

@@ -361,7 +361,9 @@ def _neighbours(run: Run, o: ShowOptions):
     d = run.state["data"]
     from .loader import open_source
 
-    pool_source = open_source(d["path"], "train", classes=list(d["classes"]), size=int(d["size"]), stats=False,
+    path = runs.recorded_data_path(d, "put it back to search it for neighbours, or leave neighbours out "
+                                      "(--only curves,filters,preds,net)")
+    pool_source = open_source(path, "train", classes=list(d["classes"]), size=int(d["size"]), stats=False,
                               in_memory=False)  # only the searched subset is decoded
     pool = d["train_indices"].numpy()
     searched_all = not o.search_limit or len(pool) <= o.search_limit

@@ -57,6 +57,9 @@ def detect(path: Path) -> str:
         return "classfolders"
     if any(is_image(p) for p in path.iterdir()):
         return "flat"
+    if (path / "prepare.json").is_file():  # what an interrupted convspec prepare leaves
+        raise fail("is an unfinished convspec store (no store.json); run the same convspec prepare command "
+                   "again to finish it", Location(str(path)))
     raise fail("holds no images, class folders, CIFAR batches or prepared store", Location(str(path)))
 
 

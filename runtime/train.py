@@ -40,6 +40,7 @@ from .evaluate import EvalResult, autocast, evaluate
 from .loader import Batches, augment_for, eval_batches, holdout, open_source
 from .optim import ConvnetSGD
 from .progress import Progress
+from .download import DATASETS
 from .sources import fingerprint, read_synsets, resolve
 
 DATA_ENV = "CONVSPEC_DATA"
@@ -186,6 +187,9 @@ class Trainer:
                            Location(str(self.run_dir)))
             runs.check_can_create(self.run_dir)
             self.data_path = o.data or os.environ.get(DATA_ENV)
+            if not o.data and self.data_path and self.data_path not in DATASETS and not Path(self.data_path).exists():
+                raise fail(f"no such dataset path (from ${DATA_ENV}); set {DATA_ENV} to a dataset folder or "
+                           "pass --data PATH", Location(self.data_path))
             self.val_path = o.val_data
             self.train_limit = o.train_limit
             self.precision, self.channels_last, self.compile = o.precision or "fp32", bool(o.channels_last), \
@@ -210,7 +214,7 @@ class Trainer:
         d = s["data"]
         if o.data and str(Path(o.data).resolve()) != d["resolved"]:
             self.say(f"note: training data is {o.data}, the run started on {d['path']}")
-        self.data_path = o.data or d["path"]
+        self.data_path = o.data or runs.recorded_data_path(d, "pass --data PATH where the same data is now")
         self.val_path = d["val_path"]
         self.train_limit = d["train_limit"]
         self.precision = s["options"]["precision"]

@@ -214,6 +214,10 @@ def test_interrupted_prepare_finishes_on_rerun(tmp_path):
     (out / "train-00000.raw.npy.tmp").write_bytes(b"partial")
     with pytest.raises(SpecError, match="not a complete convspec store"):
         StoreSplit(out, "train")
+    with pytest.raises(SpecError) as err:  # as --data
+        open_source(out, "train")
+    assert str(err.value) == (f"{out}: is an unfinished convspec store (no store.json); run the same convspec "
+                              "prepare command again to finish it")
     prepare(root, out, PrepareOptions(size=16, raw=True, workers=1), progress=False)
     assert np.array_equal(StoreSplit(out, "train").images(range(6)), complete)
     assert len(StoreSplit(out, "val")) == 6

@@ -377,6 +377,30 @@ def test_missing_data_and_runs_say_what_to_pass(setup, tmp_path, monkeypatch):
     assert [json.loads(x)["epoch"] for x in Path("runs/a/metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
+def test_data_that_moved_or_an_unset_path_is_named_with_the_fix(setup, tmp_path, monkeypatch):
+    spec, data = setup
+    monkeypatch.setenv("CONVSPEC_DATA", str(tmp_path / "nope"))
+    res = CliRunner().invoke(main, ["train", str(spec), "--out", str(tmp_path / "r0")])
+    assert (res.exit_code, res.output) == (1, f"{tmp_path / 'nope'}: no such dataset path (from $CONVSPEC_DATA); "
+                                              "set CONVSPEC_DATA to a dataset folder or pass --data PATH\n")
+    monkeypatch.delenv("CONVSPEC_DATA")
+    # A run started from another folder records the path as typed and its absolute form: eval still finds it.
+    monkeypatch.chdir(tmp_path)
+    train(_quiet(spec=str(spec), data="data", out="run", epochs=1))
+    monkeypatch.chdir(tmp_path / "run")
+    assert evaluate_checkpoint(".", k=2).result.images == 48
+    moved = data.rename(tmp_path / "moved")
+    gone = "data: the run's training data is not there any more (moved or deleted?); "
+    res = CliRunner().invoke(main, ["eval", "--checkpoint", "."])
+    assert (res.exit_code, res.output) == (1, f"{gone}put it back to score the held-out images (--data PATH "
+                                              "scores every image under PATH instead)\n")
+    res = CliRunner().invoke(main, ["train", "--resume", "--out", ".", "--epochs", "2", "--quiet"])
+    assert (res.exit_code, res.output) == (1, f"{gone}pass --data PATH where the same data is now\n")
+    res = CliRunner().invoke(main, ["train", "--resume", "--out", ".", "--epochs", "2", "--quiet", "--data",
+                                    str(moved)])
+    assert res.exit_code == 0, res.output
+
+
 def test_corrupt_checkpoint_is_named_and_older_ones_work(setup, tmp_path):
     spec, data = setup
     out = tmp_path / "run"
