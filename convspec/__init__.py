@@ -34,7 +34,7 @@ def load(run_or_checkpoint, devices=None):
     from runtime import checkpoint, runs
 
     path = runs.eval_checkpoint(Path(run_or_checkpoint))
-    return runs.net_from_checkpoint(checkpoint.load(path), devices or ["cpu"], str(path))
+    return runs.net_from_checkpoint(checkpoint.load_training(path), devices or ["cpu"], str(path))
 
 
 __all__ = ["CheckedNet", "Location", "SpecError", "build", "check", "check_paths", "find_params_file", "load"]

@@ -99,6 +99,18 @@ def load(path: str | Path, map_location="cpu") -> dict:
     return state
 
 
+NOT_TRAINING = ("not a convspec training checkpoint (a torch file from elsewhere?); give a run folder or one of "
+                "the .pt files convspec train writes")
+
+
+def load_training(path: str | Path, map_location="cpu") -> dict:
+    """:func:`load`, for a checkpoint that convspec train wrote (eval, show, resume, convspec.load)."""
+    state = load(path, map_location)
+    if state.get("format") != FORMAT:
+        raise fail(NOT_TRAINING, Location(str(path)))
+    return state
+
+
 def prune(run_dir: str | Path, keep: int) -> list[Path]:
     """Delete all but the newest ``keep`` epoch checkpoints; returns the deleted."""
     files = sorted(Path(run_dir).glob(EPOCH_PATTERN))

@@ -137,9 +137,7 @@ def evaluate_checkpoint(checkpoint: str | None = None, data: str | None = None, 
     from .loader import eval_batches
 
     path = runs.eval_checkpoint(checkpoint, Path(runs_root))
-    state = ckpt.load(path)
-    if state.get("format") != ckpt.FORMAT:
-        raise fail("not a convspec training checkpoint", Location(str(path)))
+    state = ckpt.load_training(path)
     recorded = state["data"]
     device_list = devices or (["cuda:0"] if torch.cuda.is_available() else ["cpu"])
     net = runs.net_from_checkpoint(state, device_list, str(path))

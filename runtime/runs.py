@@ -82,6 +82,9 @@ def newest_run(root: Path = RUNS_ROOT, name_it: str = "--checkpoint") -> Path:
 def resume_checkpoint(run_dir: Path) -> Path:
     """The checkpoint furthest into training: the newest epoch file, or
     interrupted.pt when it was written after it."""
+    if run_dir.is_file():
+        raise fail(f"is a file; --resume continues a run folder from its furthest checkpoint: --out {run_dir.parent}",
+                   Location(str(run_dir)))
     if not run_dir.is_dir():
         raise fail("no such run folder to resume; give the --out folder of an earlier run", Location(str(run_dir)))
     epochs = sorted(run_dir.glob(ckpt.EPOCH_PATTERN))
@@ -142,7 +145,7 @@ def net_from_checkpoint(state: dict, devices=None, path: str = "checkpoint"):
     from convspec.builder import build
 
     if state.get("format") != ckpt.FORMAT:
-        raise fail("not a convspec training checkpoint (no 'format' entry)", Location(path))
+        raise fail(ckpt.NOT_TRAINING, Location(path))
     net = build(checked_net_from(state), devices)
     try:
         net.load_state_dict(state["model"])

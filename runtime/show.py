@@ -148,7 +148,7 @@ class Run:
 
     @cached_property
     def state(self) -> dict:
-        return ckpt.load(self.checkpoint)
+        return ckpt.load_training(self.checkpoint)
 
     @cached_property
     def checked(self):

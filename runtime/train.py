@@ -161,7 +161,7 @@ class Trainer:
             self.run_dir = Path(o.out) if o.out else runs.newest_run(Path(o.runs_root), "--out")
             self.resumed_from = runs.resume_checkpoint(self.run_dir)
             try:
-                self.state = ckpt.load(self.resumed_from)
+                self.state = ckpt.load_training(self.resumed_from)
             except SpecError as err:
                 # --resume takes a folder, so "use an older one" needs the step that gets there.
                 older = [p for p in sorted(self.run_dir.glob(ckpt.EPOCH_PATTERN)) if p != self.resumed_from]
@@ -170,8 +170,6 @@ class Trainer:
                 raise fail(f"{err.message.rsplit('; ', 1)[0]}; to resume from {older[-1].name} instead, move "
                            f"{self.resumed_from.name} out of the run folder and --resume again",
                            err.location) from None
-            if self.state.get("format") != ckpt.FORMAT:
-                raise fail("not a convspec training checkpoint", Location(str(self.resumed_from)))
             self._from_checkpoint()
         else:
             if o.spec is None:

@@ -377,6 +377,22 @@ def test_missing_data_and_runs_say_what_to_pass(setup, tmp_path, monkeypatch):
     assert [json.loads(x)["epoch"] for x in Path("runs/a/metrics.jsonl").read_text().splitlines()] == [1, 2]
 
 
+def test_a_torch_file_from_elsewhere_and_a_file_as_run_folder_are_named(setup, tmp_path):
+    spec, data = setup
+    out = tmp_path / "run"
+    train(_quiet(spec=str(spec), data=str(data), out=str(out), epochs=1))
+    foreign = tmp_path / "resnet.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, foreign)
+    not_ours = (f"{foreign}: not a convspec training checkpoint (a torch file from elsewhere?); give a run folder "
+                "or one of the .pt files convspec train writes\n")
+    for command in (["eval", "--checkpoint", str(foreign)], ["show", str(foreign), "--only", "curves"]):
+        res = CliRunner().invoke(main, command)
+        assert (res.exit_code, res.output) == (1, not_ours), command
+    res = CliRunner().invoke(main, ["train", "--resume", "--out", str(out / "best.pt"), "--epochs", "2"])
+    assert (res.exit_code, res.output) == (1, f"{out / 'best.pt'}: is a file; --resume continues a run folder from "
+                                              f"its furthest checkpoint: --out {out}\n")
+
+
 def test_data_that_moved_or_an_unset_path_is_named_with_the_fix(setup, tmp_path, monkeypatch):
     spec, data = setup
     monkeypatch.setenv("CONVSPEC_DATA", str(tmp_path / "nope"))
