@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import textwrap
 
 import click
 
@@ -205,16 +206,13 @@ def train(ctx, spec, params_path, data, val_data, epochs, batch_size, out, resum
         # From $CONVSPEC_DATA, the path is left to train, whose errors then say where it came from.
         from_env = ctx.get_parameter_source("data") is click.core.ParameterSource.ENVIRONMENT
         options = TrainOptions(spec=spec, params=params_path, data=None if from_env else data, val_data=val_data,
-                               out=out,
-                               resume=resume, devices=parse_devices(devices),
+                               out=out, resume=resume, devices=parse_devices(devices),
                                precision=unless_defaulted_on_resume("precision", precision),
                                channels_last=unless_defaulted_on_resume("channels_last", channels_last),
                                compile=unless_defaulted_on_resume("compile_net", compile_net),
-                               overrides=list(overrides),
-                               epochs=epochs,
-                               batch_size=batch_size, seed=seed, train_limit=train_limit, synsets=synsets,
-                               keep=keep, workers=workers, deterministic=deterministic, progress=not quiet,
-                               echo=click.echo)
+                               overrides=list(overrides), epochs=epochs, batch_size=batch_size, seed=seed,
+                               train_limit=train_limit, synsets=synsets, keep=keep, workers=workers,
+                               deterministic=deterministic, progress=not quiet, echo=_echo_while_read)
         try:
             summary = run_train(options)
         except TrainingStopped as stop:
@@ -374,6 +372,16 @@ def _per_class_rows(result, names: list[str]) -> list[dict]:
     return rows
 
 
+def _echo_while_read(text: str) -> None:
+    """click.echo for training's lines, which outlive their reader: after
+    ``convspec train ... | head`` closes the pipe, training goes on unheard
+    (a broken pipe used to stop it after the first epoch)."""
+    try:
+        click.echo(text)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
 def _guard(ctx: click.Context, fn) -> None:
     """Run a command body: a SpecError is one message and exit status 1, and so are
     OS errors (a path that cannot be written, a full disk) and running out of memory.
@@ -400,8 +408,9 @@ def _guard(ctx: click.Context, fn) -> None:
         detail = " ".join(str(err).split()) or "(no message)"
         if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" \
                 or "can't allocate memory" in detail:
-            click.echo(f"error: out of memory ({detail[:160]}); use a smaller --batch-size, or check the "
-                       "layer sizes with convspec check SPEC", err=True)
+            click.echo(f"error: out of memory ({textwrap.shorten(detail, 160, placeholder=' ...')}); use a smaller "
+                       "--batch-size, or check the layer sizes (a huge fc layer's weights) with convspec check SPEC",
+                       err=True)
             sys.exit(1)
         click.echo(f"error: unexpected {type(err).__name__}: {detail}. This is a convspec bug or a case it "
                    "does not handle: rerun with --debug for the traceback, and report it", err=True)

@@ -378,7 +378,8 @@ def test_out_of_memory_says_what_to_shrink(tmp_path, monkeypatch):
                                     "allocate memory)"))
     result = invoke("check", write(tmp_path, TINY))
     assert result.exit_code == 1
-    assert result.output.startswith("error: out of memory ([enforce fail at alloc_cpu.cpp:121] data. "
-                                    "DefaultCPUAllocator: can't allocate memory")
-    assert result.output.endswith("); use a smaller --batch-size, or check the layer sizes with convspec check "
-                                  "SPEC\n")
+    # Cut at a word, not mid-word ("Error code 12 (Cannot all").
+    assert result.output == ("error: out of memory ([enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: "
+                             "can't allocate memory: you tried to allocate 409599999999995904 bytes. Error code 12 "
+                             "(Cannot ...); use a smaller --batch-size, or check the layer sizes (a huge fc layer's "
+                             "weights) with convspec check SPEC\n")

@@ -193,6 +193,18 @@ def _run_cli(args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def test_training_goes_on_when_its_reader_leaves(setup, tmp_path):
+    """`convspec train ... | head -1`: the pipe closes after the first line, and training still finishes."""
+    spec, data = setup
+    out = tmp_path / "run"
+    proc = _run_cli(["train", str(spec), "--data", str(data), "--out", str(out), "--quiet"])
+    proc.stdout.readline()
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
 def _wait_for(path: Path, proc, timeout=120):
     start = time.time()
     while not path.exists():
