@@ -26,7 +26,7 @@ from .layers import (
     IGNORED_KEYS, LAYER_TYPES, LEGACY_SPELLINGS, REFUSED_KEYS, REQUIRED, UNSUPPORTED_TYPES,
     Key, Layer, LayerType, numel,
 )
-from .overrides import apply_overrides, parse_override
+from .overrides import ORIGIN, apply_overrides, parse_override
 from .parse import Entry, Section, SpecFile, parse_file
 from .recipe import Recipe, parse_train
 
@@ -100,9 +100,22 @@ def check_paths(spec_path: str | Path, params_path: str | Path | None = None,
 
 def check(spec: SpecFile, params: SpecFile | None = None,
           input_shape: tuple[int, int, int] | None = None, overrides: Sequence[str] = ()) -> CheckedNet:
+    if isinstance(overrides, str):  # one override from Python, not a sequence of its characters
+        overrides = [overrides]
     net = CheckedNet(spec.path, {}, params.path if params else None, spec.text,
                      params.text if params else "", overrides=list(overrides))
     spec, params = apply_overrides(spec, params, [parse_override(o) for o in overrides])
+    try:
+        return _check(net, spec, params, input_shape)
+    except SpecError as err:
+        if overrides and err.location is not None and err.location.path != ORIGIN:
+            # The file's line is as edited by --set, which may be what needs changing.
+            err.message += f" (the file as changed by --set {' --set '.join(overrides)})"
+        raise
+
+
+def _check(net: CheckedNet, spec: SpecFile, params: SpecFile | None,
+           input_shape: tuple[int, int, int] | None) -> CheckedNet:
     layers = _sections_to_layers(spec, net.notes)
     if params is not None:
         net.train = _merge_params(layers, params, net.notes)
@@ -405,7 +418,10 @@ def _cycle_error(layers: dict[str, Layer], stuck: set[str]) -> SpecError:
         name = next(src for src in layers[name].inputs if src in stuck)
     cycle = path[path.index(name):] + [name]
     first = layers[cycle[0]]
-    return fail(f"layer '{first.name}': inputs form a cycle: {' -> '.join(reversed(cycle))}; "
+    names = list(reversed(cycle))
+    if len(names) > 12:  # one line, even for a generated spec's 3,000-layer loop
+        names = names[:5] + [f"... ({len(names) - 10} more)"] + names[-5:]
+    return fail(f"layer '{first.name}': inputs form a cycle: {' -> '.join(names)}; "
                 "a layer cannot read its own output", first.loc_of("inputs", first.inputs.index(cycle[1])))
 
 

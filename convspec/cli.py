@@ -16,7 +16,7 @@ import textwrap
 import click
 
 from . import __version__
-from .errors import SpecError
+from .errors import SpecError, fail
 from .values import parse_shape
 
 
@@ -120,6 +120,8 @@ def prepare(ctx, src, out, size, quality, raw, workers, synsets):
     from runtime.store import PrepareOptions, prepare as run_prepare
 
     def run():
+        if raw and ctx.get_parameter_source("quality") is not click.core.ParameterSource.DEFAULT:
+            raise fail("--quality sets the JPEG quality, and --raw stores no JPEG; drop one")
         options = PrepareOptions(size=size, raw=raw, quality=quality, workers=workers)
         meta = run_prepare(Path(src), Path(out), options, Path(synsets) if synsets else None)
         counts = ", ".join(f"{split} {info['count']:,}" for split, info in meta["splits"].items())
@@ -268,6 +270,8 @@ def eval_(ctx, checkpoint, data, labels, topk, views, devices, batch_size, per_c
     from runtime.train import parse_devices
 
     def run():
+        if labels and not data:
+            raise fail("--labels names the classes of a flat folder given with --data; give --data PATH too")
         done = evaluate_checkpoint(checkpoint, data, labels, topk, {"center": 1, "10": 10}.get(views),
                                    parse_devices(devices), batch_size, progress=not as_json)
         r = done.result

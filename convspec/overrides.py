@@ -74,7 +74,12 @@ def apply_overrides(spec: SpecFile, params: SpecFile | None,
     if params is not None:
         params = SpecFile(params.path, params.text, [Section(s.name, s.loc, list(s.entries)) for s in params.sections])
     layers = {s.name: s for s in spec.sections}
+    seen: dict[tuple[str, str], Override] = {}
     for override in overrides:
+        first = seen.setdefault((override.section, override.key.lower()), override)
+        if first is not override:  # the same key twice in a file is an error too
+            raise fail(f"--set {override.section}.{override.key} is given twice ({first.text} and {override.text}); "
+                       "keep one")
         if override.section == TRAIN and TRAIN not in layers:
             if params is None:
                 params = SpecFile(ORIGIN, "", [])

@@ -104,7 +104,8 @@ def eval_checkpoint(path: str | Path | None, root: Path = RUNS_ROOT) -> Path:
     if path.is_file():
         return path
     if not path.is_dir():
-        raise fail("no such checkpoint or run folder", Location(str(path)))
+        raise fail("no such checkpoint or run folder; give a folder that convspec train wrote (runs/NAME) or one "
+                   "of its .pt files", Location(str(path)))
     if (path / BEST).is_file():
         return path / BEST
     found = sorted(path.glob(ckpt.EPOCH_PATTERN))

@@ -100,6 +100,8 @@ def parse_devices(text: str | None) -> list[str] | None:
     if text is None:
         return None
     devices = [d.strip() for d in text.split(",") if d.strip()]
+    if not devices:
+        raise fail("--devices is empty; write e.g. cpu, cuda:0 or cuda:0,cuda:1, or leave it out for the default")
     for d in devices:
         try:
             dev = torch.device(d)
@@ -177,6 +179,12 @@ class Trainer:
                            "or --resume to continue a run")
             from convspec.check import check_paths
 
+            set_keys = {text.partition("=")[0].strip().lower(): text for text in o.overrides}
+            for value, key, option in ((o.epochs, "epochs", "--epochs"), (o.batch_size, "batchSize", "--batch-size"),
+                                       (o.seed, "seed", "--seed")):
+                if value is not None and f"train.{key.lower()}" in set_keys:
+                    raise fail(f"{option} {value} and --set {set_keys[f'train.{key.lower()}']} both set [train] "
+                               f"{key}; keep one")
             self.net_spec = check_paths(o.spec, o.params, overrides=o.overrides)
             self.recipe = self.net_spec.recipe.with_options(epochs=o.epochs, batch_size=o.batch_size, seed=o.seed)
             self.run_dir = Path(o.out) if o.out else runs.new_run_dir(o.spec, Path(o.runs_root))

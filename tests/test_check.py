@@ -307,6 +307,15 @@ def _chain_spec(n_layers: int) -> str:
     return "".join(body)
 
 
+def test_a_long_cycle_is_one_short_line():
+    body = _chain_spec(100).replace("inputs=data\nneuron", "inputs=n99\nneuron", 1)
+    with pytest.raises(SpecError) as err:
+        checked(body, head="")
+    assert str(err.value).split("\n")[0] == (
+        "s.cfg:10:8: layer 'n0': inputs form a cycle: n0 -> n1 -> n2 -> n3 -> n4 -> ... (91 more) -> n96 -> n97 -> "
+        "n98 -> n99 -> n0; a layer cannot read its own output")
+
+
 def test_check_is_fast():
     start = time.perf_counter()
     check_paths(SPECS / "alexnet.cfg")
@@ -338,6 +347,11 @@ def test_train_section_recipe_keys():
                           "or train for the recipe"),
     (["train.epochs=0"], "--set:1:14: [train]: epochs=0 must be at least 1"),
     (["train.epoch=3"], "--set:1:7: [train]: unknown key 'epoch'; did you mean 'epochs'?"),
+    (["c.filters=3", "c.FILTERS=5"], "--set c.FILTERS is given twice (c.filters=3 and c.FILTERS=5); keep one"),
+    # An error the override causes elsewhere is located in the file, and says the file was changed.
+    (["data.inputSize=3x4x4", "fc.outputs=10"], "s.cfg:12:12: layer 'c': filterSize=5 is larger than the 4x4 input "
+     "of 'data' plus padding=0; use a smaller filterSize or more padding (the file as changed by --set "
+     "data.inputSize=3x4x4 --set fc.outputs=10)"),
 ])
 def test_override_errors_point_into_the_option(overrides, message):
     from convspec.check import check as check_files

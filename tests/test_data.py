@@ -387,7 +387,8 @@ def test_a_damaged_store_is_one_line_naming_the_file(tmp_path):
     data[start + int(offsets[2]): start + int(offsets[3])] = bytes(int(offsets[3] - offsets[2]))
     (jpeg / "train-00000.jpeg.npy").write_bytes(bytes(data))
     source = open_source(jpeg, "train")
-    expected = f"{jpeg / 'train-00000.jpeg.npy'}: image 2 of this shard cannot be decoded (UnidentifiedImageError); {fix}"
+    expected = (f"{jpeg / 'train-00000.jpeg.npy'}: image 2 of this shard cannot be decoded "
+                f"(UnidentifiedImageError); {fix}")
     for workers in (0, 1):
         batches = Batches(source, np.arange(6), 6, Augment(16), seed=0, shuffle=False, workers=workers)
         with pytest.raises(SpecError) as err:

@@ -321,6 +321,8 @@ ERRORS = [
     (["--batch-size", "1000"], "training images make no full batch of 1000; use a smaller --batch-size"),
     (["--out", "{tmp}/tiny.cfg/run"], "{tmp}/tiny.cfg/run: cannot make the run folder: {tmp}/tiny.cfg is a file; "
                                       "choose another --out"),
+    (["--epochs", "1", "--set", "train.epochs=2"],
+     "error: --epochs 1 and --set train.epochs=2 both set [train] epochs; keep one"),
     (["--out", "{tmp}"], "{tmp}: is not empty and holds no convspec run (it has data, tiny.cfg, tiny.params.cfg); "
                          "choose an empty or new --out"),
 ]
@@ -403,6 +405,29 @@ def test_a_torch_file_from_elsewhere_and_a_file_as_run_folder_are_named(setup, t
     res = CliRunner().invoke(main, ["train", "--resume", "--out", str(out / "best.pt"), "--epochs", "2"])
     assert (res.exit_code, res.output) == (1, f"{out / 'best.pt'}: is a file; --resume continues a run folder from "
                                               f"its furthest checkpoint: --out {out}\n")
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["prepare", "{data}", "{tmp}/store", "--raw", "--quality", "50"],
+     "error: --quality sets the JPEG quality, and --raw stores no JPEG; drop one"),
+    (["eval", "--labels", "{spec}"],
+     "error: --labels names the classes of a flat folder given with --data; give --data PATH too"),
+    (["eval", "--devices", ""],
+     "error: --devices is empty; write e.g. cpu, cuda:0 or cuda:0,cuda:1, or leave it out for the default"),
+    (["eval", "--checkpoint", "{tmp}/nope"], "{tmp}/nope: no such checkpoint or run folder; give a folder that "
+                                             "convspec train wrote (runs/NAME) or one of its .pt files"),
+])
+def test_options_that_contradict_or_are_empty_are_refused(setup, tmp_path, args, expected):
+    spec, data = setup
+    args = [a.format(tmp=tmp_path, data=data, spec=spec) for a in args]
+    res = CliRunner().invoke(main, args)
+    assert (res.exit_code, res.output) == (1, expected.format(tmp=tmp_path) + "\n")
+    assert not (tmp_path / "store").exists()
+
+
+def test_build_takes_one_override_as_a_string(setup):
+    spec, _ = setup
+    assert convspec.build(str(spec), overrides="fc1.outputs=12").fc1.weight.shape[0] == 12
 
 
 def test_data_that_moved_or_an_unset_path_is_named_with_the_fix(setup, tmp_path, monkeypatch):
