@@ -82,6 +82,10 @@ def show(o: ShowOptions) -> ShowResult:
     run = Run(o.run, o.runs_root, o.devices)
     run.metrics()  # no epoch finished yet: nothing worth showing
     out = Path(o.out) if o.out else run.dir / "show"
+    index = out / "index.html"
+    if index.is_file() and INDEX_MARK not in index.read_text(errors="replace")[:500]:
+        raise fail("was not written by convspec show and would be overwritten; choose another --out",
+                   Location(str(index)))
     out.mkdir(parents=True, exist_ok=True)
     wanted = PICTURES if o.only is None else tuple(o.only)
     drawers = {"curves": _curves, "filters": _filters, "preds": _preds, "neighbours": _neighbours, "net": _net}
@@ -99,7 +103,6 @@ def show(o: ShowOptions) -> ShowResult:
             image.save(out / picture.file, optimize=True)
             pictures.append(picture)
             o.echo(f"wrote {out / picture.file} ({picture.width}x{picture.height})")
-    index = out / "index.html"
     index.write_text(index_html(run, pictures, skipped))
     return ShowResult(out, pictures, skipped, index)
 
@@ -416,6 +419,9 @@ def _net(run: Run, o: ShowOptions):
 # --- index.html --------------------------------------------------------------------------
 
 
+INDEX_MARK = "convspec show:"  # in the title of every index.html show writes, so it overwrites only its own
+
+
 def index_html(run: Run, pictures: list[Picture], skipped: list[str]) -> str:
     records = run.metrics()
     last = records[-1]
@@ -429,7 +435,7 @@ def index_html(run: Run, pictures: list[Picture], skipped: list[str]) -> str:
     def pct(value):
         return "-" if value is None else f"{100 * value:.2f}%"
 
-    parts = [f"<!doctype html>\n<html lang='en'><head><meta charset='utf-8'><title>convspec show: {esc(run.name)}"
+    parts = [f"<!doctype html>\n<html lang='en'><head><meta charset='utf-8'><title>{INDEX_MARK} {esc(run.name)}"
              f"</title>\n<style>{_CSS}</style></head><body>\n<h1>{esc(run.name)}</h1>"]
     if state is not None:
         parts.append(f"<p>Checkpoint <code>{esc(str(run.checkpoint))}</code>, epoch {state['epoch']}, "

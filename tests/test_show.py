@@ -82,6 +82,18 @@ def test_default_out_is_run_show(run_dir, tmp_path):
     res = _show(copy, "--only", "curves,net")
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in (copy / "show").iterdir()) == ["curves.png", "index.html", "net.png"]
+    assert _show(copy, "--only", "curves").exit_code == 0  # its own index.html is replaced
+
+
+def test_an_index_html_show_did_not_write_is_not_overwritten(run_dir, tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text("<html><title>My lab page</title></html>")
+    res = _show(run_dir, "--only", "curves", "--out", site)
+    assert (res.exit_code, res.output) == (1, f"{site / 'index.html'}: was not written by convspec show and would "
+                                              "be overwritten; choose another --out\n")
+    assert (site / "index.html").read_text() == "<html><title>My lab page</title></html>"
+    assert not (site / "curves.png").exists()
 
 
 def _reference_tile(kernel: np.ndarray, scale: int) -> np.ndarray:
