@@ -105,17 +105,6 @@ def check(spec: SpecFile, params: SpecFile | None = None,
     net = CheckedNet(spec.path, {}, params.path if params else None, spec.text,
                      params.text if params else "", overrides=list(overrides))
     spec, params = apply_overrides(spec, params, [parse_override(o) for o in overrides])
-    try:
-        return _check(net, spec, params, input_shape)
-    except SpecError as err:
-        if overrides and err.location is not None and err.location.path != ORIGIN:
-            # The file's line is as edited by --set, which may be what needs changing.
-            err.message += f" (the file as changed by --set {' --set '.join(overrides)})"
-        raise
-
-
-def _check(net: CheckedNet, spec: SpecFile, params: SpecFile | None,
-           input_shape: tuple[int, int, int] | None) -> CheckedNet:
     layers = _sections_to_layers(spec, net.notes)
     if params is not None:
         net.train = _merge_params(layers, params, net.notes)
@@ -125,8 +114,14 @@ def _check(net: CheckedNet, spec: SpecFile, params: SpecFile | None,
     _check_inputs(layers)
     order = _topological_order(layers)
     net.layers = {name: layers[name] for name in order}
-    for layer in net.layers.values():
-        _infer(layer, net, input_shape)
+    try:
+        for layer in net.layers.values():
+            _infer(layer, net, input_shape)
+    except SpecError as err:
+        if overrides and err.location is not None and err.location.path != ORIGIN:
+            # A shape carries an override to later layers: the file's line may be fine, the --set not.
+            err.message += f" (the file as changed by --set {' --set '.join(overrides)})"
+        raise
     _plan_devices(net)
     unset = [l.name for l in net.layers.values()
              if l.type in ("cmrnorm", "rnorm", "cnorm") and (l["scale"] is None or l["pow"] is None)]

@@ -228,11 +228,11 @@ def train(ctx, spec, params_path, data, val_data, epochs, batch_size, out, resum
             return
         last = summary.history[-1] if summary.history else None
         if last is not None and last["val_top1_error"] is not None:
-            click.echo(f"done: {summary.run_dir}  val top-1 {100 * last['val_top1_error']:.2f}%  "
-                       f"top-{last.get('k', 5)} {100 * last['val_top5_error']:.2f}%  "
-                       f"training {summary.train_seconds:.1f} s")
+            _echo_while_read(f"done: {summary.run_dir}  val top-1 {100 * last['val_top1_error']:.2f}%  "
+                             f"top-{last.get('k', 5)} {100 * last['val_top5_error']:.2f}%  "
+                             f"training {summary.train_seconds:.1f} s")
         else:
-            click.echo(f"done: {summary.run_dir}  training {summary.train_seconds:.1f} s")
+            _echo_while_read(f"done: {summary.run_dir}  training {summary.train_seconds:.1f} s")
 
     _guard(ctx, run)
 
@@ -383,7 +383,9 @@ def _echo_while_read(text: str) -> None:
     try:
         click.echo(text)
     except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def _guard(ctx: click.Context, fn) -> None:

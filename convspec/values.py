@@ -231,16 +231,17 @@ def to_schedule(item, ctx: Ctx) -> Schedule:
     missing = [w for w in wanted if w not in given]
     if missing:
         raise fail(f"{ctx.where()}: {kind} schedule needs {', '.join(missing)} (as {kind}[{';'.join(w + '=...' for w in wanted)}])", item.loc)
-    def arg(name):  # errors name the argument: "layer 'conv1': epsW: numSteps=0 must be at least 1"
+
+    def argument(name):  # errors name the argument: "layer 'conv1': epsW: numSteps=0 must be at least 1"
         return given[name].value, Ctx(ctx.layer, f"{ctx.key}: {name}")
 
-    base = to_float(*arg("base"), minimum=0.0)
+    base = to_float(*argument("base"), minimum=0.0)
     if kind == "const":
         return Schedule(kind, base)
-    tgt = to_float(*arg("tgtFactor"))
+    tgt = to_float(*argument("tgtFactor"))
     if tgt <= 0:
         raise fail(f"{ctx.where()}: tgtFactor must be positive", given["tgtFactor"].value.loc)
-    steps = to_int(*arg("numSteps"), minimum=1) if kind == "dexp" else 1
+    steps = to_int(*argument("numSteps"), minimum=1) if kind == "dexp" else 1
     return Schedule(kind, base, tgt, steps)
 
 

@@ -34,7 +34,7 @@ def epoch_name(epoch: int) -> str:
 def save(path: str | Path, state: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}{PARTIAL}{os.getpid()}")
     try:
         try:
             with open(tmp, "wb") as f:
@@ -58,6 +58,14 @@ def save(path: str | Path, state: dict) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+PARTIAL = ".tmp-"  # in the name of a checkpoint being written: .epoch-0003.pt.tmp-PID
+
+
+def is_partial_write(path: Path) -> bool:
+    """A checkpoint's temporary file, left behind when a process was killed while writing it."""
+    return path.name.startswith(".") and PARTIAL in path.name
 
 
 def load(path: str | Path, map_location="cpu") -> dict:

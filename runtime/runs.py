@@ -17,6 +17,7 @@ list, the mean image and the crop, so it alone rebuilds the net
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from convspec.errors import Location, fail
+from convspec.errors import Location, SpecError, fail
 
 from . import checkpoint as ckpt
 
@@ -54,17 +55,47 @@ def check_can_create(run_dir: Path) -> None:
     if parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK):
         raise fail(f"cannot make the run folder: {parent} is not writable; choose another --out",
                    Location(str(run_dir)))
-    if run_dir.is_dir():
-        # Only what a run that stopped before its first checkpoint leaves may be overwritten:
-        # a run writes run.json and spec.cfg, and would overwrite a user's files of those names.
-        foreign = sorted(p.name for p in run_dir.iterdir() if p.name not in RUN_START_FILES)
-        if foreign:
-            raise fail(f"is not empty and holds no convspec run (it has {', '.join(foreign[:3])}"
-                       f"{', ...' if len(foreign) > 3 else ''}); choose an empty or new --out", Location(str(run_dir)))
+    if run_dir.is_dir() and not _a_run_that_stopped_before_its_first_checkpoint(run_dir):
+        names = sorted(p.name for p in run_dir.iterdir())
+        raise fail(f"is not empty and holds no convspec run (it has {', '.join(names[:3])}"
+                   f"{', ...' if len(names) > 3 else ''}); choose an empty or new --out", Location(str(run_dir)))
 
 
 # What a run writes before its first epoch ends.
 RUN_START_FILES = {"run.json", "spec.cfg", "spec.params.cfg"}
+
+
+def _a_run_that_stopped_before_its_first_checkpoint(run_dir: Path) -> bool:
+    """Empty, or only the files a run writes at its start (with a run.json convspec
+    wrote) and the temporary file of a checkpoint cut off while being written:
+    training may write over those, and over nothing else of the user's."""
+    names = {p.name for p in run_dir.iterdir() if not ckpt.is_partial_write(p)}
+    if not names:
+        return True
+    if not names <= RUN_START_FILES or "run.json" not in names:
+        return False
+    try:
+        info = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(info, dict) and {"recipe", "provenance"} <= info.keys()
+
+
+def checkpoint_fits_folder(state: dict, run_dir: Path) -> bool:
+    """Whether a checkpoint was written by the run whose files the folder holds: the
+    same layer file, params file and --set (one copied in from another run is not)."""
+    from convspec.errors import read_utf8
+
+    spec = state["spec"]
+    for name, text in (("spec.cfg", spec["text"]), ("spec.params.cfg", spec.get("params_text") or "")):
+        path = run_dir / name
+        if path.is_file() and read_utf8(path) != text:  # a file deleted by hand proves nothing
+            return False
+    try:
+        info = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return True  # the texts agree; run.json is for people and may be gone
+    return not isinstance(info, dict) or list(info.get("overrides", [])) == list(spec.get("overrides", []))
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:
@@ -116,28 +147,47 @@ def eval_checkpoint(path: str | Path | None, root: Path = RUNS_ROOT) -> Path:
     raise fail("holds no checkpoint (best.pt or epoch-*.pt)", Location(str(path)))
 
 
-def recorded_data_path(recorded: dict, fix: str) -> str:
-    """The training data a checkpoint's ``data`` entry names: the path as typed when it
-    still leads there (a dataset name such as cifar10 always does), else the absolute path
-    recorded beside it (the run was started from another folder), else one line with ``fix``."""
+def recorded_data_path(recorded: dict, fix: str, split: str = "training") -> str:
+    """The training (or, with ``split="validation"``, the --val-data) path a checkpoint's
+    ``data`` entry names.  The path as typed when it leads where it led (a dataset name
+    such as cifar10 always does); else the absolute path recorded beside it (the command
+    runs from another folder); else the typed path if its data has the recorded
+    fingerprint (the data moved along with the project); else one line ending in ``fix``."""
     from .download import DATASETS
+    from .sources import fingerprint, resolve
 
-    path, absolute = recorded["path"], recorded.get("resolved")
-    if path in DATASETS or Path(path).exists():
-        return path
+    typed, absolute = ((recorded["path"], recorded.get("resolved")) if split == "training"
+                       else (recorded["val_path"], recorded.get("val_resolved")))
+    if typed in DATASETS:
+        return typed
+    if Path(typed).exists() and (absolute is None or Path(typed).resolve() == Path(absolute)):
+        return typed
     if absolute and Path(absolute).exists():
         return absolute
-    raise fail(f"the run's training data is not there any more (moved or deleted?); {fix}", Location(path))
+    if Path(typed).exists():
+        if split == "training" and fingerprint(resolve(typed).resolve()) != recorded["fingerprint"]:
+            raise fail(f"is not the run's {split} data (that was {absolute}, which is gone; this folder's files "
+                       f"differ); {fix}", Location(typed))
+        return typed
+    raise fail(f"the run's {split} data is not there any more (moved or deleted?); {fix}", Location(typed))
 
 
-def checked_net_from(state: dict):
+def checked_net_from(state: dict, where: str = "checkpoint"):
     """The checked spec as trained: the recorded texts with the recorded overrides."""
     from convspec.check import check
     from convspec.parse import parse_text
 
     spec = state["spec"]
     params = parse_text(spec["params_text"], spec["params_path"]) if spec.get("params_text") else None
-    return check(parse_text(spec["text"], spec["path"]), params, None, spec.get("overrides", []))
+    # Runs from before a key given twice by --set was refused trained with the last value.
+    last = {text.partition("=")[0].strip().lower(): text for text in spec.get("overrides", [])}
+    try:
+        return check(parse_text(spec["text"], spec["path"]), params, None, list(last.values()))
+    except SpecError as err:  # a stricter check than the one the run passed
+        trained_by = state.get("provenance", {})
+        raise fail(f"the spec recorded here no longer passes this convspec's checks ({err.message}); open it with "
+                   f"the convspec that trained it (version {trained_by.get('convspec', '?')}, commit "
+                   f"{trained_by.get('git_commit', '?')})", Location(where)) from None
 
 
 def net_from_checkpoint(state: dict, devices=None, path: str = "checkpoint"):
@@ -147,7 +197,7 @@ def net_from_checkpoint(state: dict, devices=None, path: str = "checkpoint"):
 
     if state.get("format") != ckpt.FORMAT:
         raise fail(ckpt.NOT_TRAINING, Location(path))
-    net = build(checked_net_from(state), devices)
+    net = build(checked_net_from(state, path), devices)
     try:
         net.load_state_dict(state["model"])
     except RuntimeError as err:

@@ -155,7 +155,7 @@ class Run:
 
     @cached_property
     def checked(self):
-        return runs.checked_net_from(self.state)
+        return runs.checked_net_from(self.state, str(self.checkpoint))
 
     @cached_property
     def net(self):

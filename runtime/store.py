@@ -256,8 +256,8 @@ class StoreSplit:
         if not meta_path.is_file():
             raise fail("is not a complete convspec store (no store.json); run convspec prepare again to finish it",
                        Location(str(root)))
-        self.meta = _damaged_if_unreadable(meta_path, lambda: json.loads(meta_path.read_text()))
-        if not isinstance(self.meta, dict) or self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:
+        self.meta = _load_json(meta_path)
+        if self.meta.get("format") != FORMAT or self.meta.get("version") != VERSION:
             raise fail(f"store.json is not a {FORMAT} v{VERSION} store", Location(str(meta_path)))
         if split not in self.meta["splits"]:
             raise fail(f"store has no '{split}' split (it has {', '.join(self.meta['splits'])})", Location(str(root)))
@@ -293,8 +293,7 @@ class StoreSplit:
     @staticmethod
     def has_split(root: Path, split: str) -> bool:
         meta = Path(root) / STORE_MARKER
-        return meta.is_file() and split in _damaged_if_unreadable(meta, lambda: json.loads(meta.read_text())
-                                                                   ).get("splits", {})
+        return meta.is_file() and split in _load_json(meta).get("splits", {})
 
     def image(self, i: int) -> np.ndarray:
         shard = int(np.searchsorted(self._starts, i, side="right") - 1)
@@ -337,6 +336,8 @@ class StoreSplit:
         try:
             with Image.open(io.BytesIO(data[offsets[j]:offsets[j + 1]].tobytes())) as img:
                 return np.asarray(img if img.mode == "RGB" else img.convert("RGB"))
+        except MemoryError:
+            raise
         except Exception as err:  # noqa: BLE001 - PIL raises several kinds for damaged bytes
             raise fail(f"image {j:,} of this shard cannot be decoded ({type(err).__name__}); {DAMAGED_FIX}",
                        Location(str(self._shard_paths[shard]))) from None
@@ -348,7 +349,7 @@ DAMAGED_FIX = "the store is damaged: run convspec prepare again into a new folde
 def _damaged_if_unreadable(path: Path, read):
     try:
         return read()
-    except OSError:
+    except (OSError, MemoryError):
         raise  # a missing file or a permission: the CLI names the path and says what to check
     except Exception as err:  # noqa: BLE001 - numpy and json raise several kinds for damaged bytes
         detail = " ".join(str(err).split())[:120]
@@ -357,3 +358,10 @@ def _damaged_if_unreadable(path: Path, read):
 
 def _load(path: Path, **kw):
     return _damaged_if_unreadable(path, lambda: np.load(path, **kw))
+
+
+def _load_json(path: Path) -> dict:
+    meta = _damaged_if_unreadable(path, lambda: json.loads(path.read_text()))
+    if not isinstance(meta, dict):
+        raise fail(f"is not a store description (a JSON object); {DAMAGED_FIX}", Location(str(path)))
+    return meta

@@ -36,11 +36,11 @@ from convspec.errors import Location, SpecError, fail, plural
 from . import checkpoint as ckpt
 from . import distributed as D
 from . import runs
+from .download import DATASETS
 from .evaluate import EvalResult, autocast, evaluate
 from .loader import Batches, augment_for, eval_batches, holdout, open_source
 from .optim import ConvnetSGD
 from .progress import Progress
-from .download import DATASETS
 from .sources import fingerprint, read_synsets, resolve
 
 DATA_ENV = "CONVSPEC_DATA"
@@ -165,6 +165,9 @@ class Trainer:
             try:
                 self.state = ckpt.load_training(self.resumed_from)
             except SpecError as err:
+                if err.message == ckpt.NOT_TRAINING:  # a foreign file in the folder, newest by name or time
+                    raise fail(f"not a convspec training checkpoint (a torch file from elsewhere?); move it out of "
+                               f"{self.run_dir} and --resume again", err.location) from None
                 # --resume takes a folder, so "use an older one" needs the step that gets there.
                 older = [p for p in sorted(self.run_dir.glob(ckpt.EPOCH_PATTERN)) if p != self.resumed_from]
                 if not older or not err.message.endswith("use an older one from the same run"):
@@ -179,12 +182,14 @@ class Trainer:
                            "or --resume to continue a run")
             from convspec.check import check_paths
 
-            set_keys = {text.partition("=")[0].strip().lower(): text for text in o.overrides}
+            from convspec.overrides import TRAIN, parse_override
+
+            recipe_sets = {ov.key.lower(): ov.text for ov in map(parse_override, o.overrides) if ov.section == TRAIN}
             for value, key, option in ((o.epochs, "epochs", "--epochs"), (o.batch_size, "batchSize", "--batch-size"),
                                        (o.seed, "seed", "--seed")):
-                if value is not None and f"train.{key.lower()}" in set_keys:
-                    raise fail(f"{option} {value} and --set {set_keys[f'train.{key.lower()}']} both set [train] "
-                               f"{key}; keep one")
+                if value is not None and key.lower() in recipe_sets:
+                    raise fail(f"{option} {value} and --set {recipe_sets[key.lower()]} both set [train] {key}; "
+                               "keep one")
             self.net_spec = check_paths(o.spec, o.params, overrides=o.overrides)
             self.recipe = self.net_spec.recipe.with_options(epochs=o.epochs, batch_size=o.batch_size, seed=o.seed)
             self.run_dir = Path(o.out) if o.out else runs.new_run_dir(o.spec, Path(o.runs_root))
@@ -213,15 +218,16 @@ class Trainer:
         from convspec.recipe import Recipe
 
         s, o = self.state, self.o
-        self.net_spec = runs.checked_net_from(s)
+        self.net_spec = runs.checked_net_from(s, str(self.resumed_from))
         recorded = dict(s["recipe"])
         recorded["lr_drops"] = tuple(recorded["lr_drops"])
         self.recipe = Recipe(**recorded).with_options(epochs=o.epochs)  # more epochs may be asked for
         d = s["data"]
-        if o.data and str(Path(o.data).resolve()) != d["resolved"]:
+        if o.data and str(resolve(o.data).resolve()) != d["resolved"]:
             self.say(f"note: training data is {o.data}, the run started on {d['path']}")
         self.data_path = o.data or runs.recorded_data_path(d, "pass --data PATH where the same data is now")
-        self.val_path = d["val_path"]
+        self.val_path = d["val_path"] and runs.recorded_data_path(d, "pass --val-data PATH where it is now",
+                                                                  "validation")
         self.train_limit = d["train_limit"]
         self.precision = s["options"]["precision"]
         self.channels_last = s["options"]["channels_last"]
@@ -235,22 +241,29 @@ class Trainer:
         from convspec.parse import read_spec_text
 
         s, o, d = self.state, self.o, self.state["data"]
-        spec, recipe, options = s["spec"], s["recipe"], s["options"]
-        folder_spec = self.run_dir / "spec.cfg"
-        if folder_spec.is_file() and read_spec_text(folder_spec) != spec["text"]:
-            raise fail(f"was trained from another spec than this run folder's spec.cfg (copied in from another "
-                       f"run?); move it out of {self.run_dir} and --resume again", Location(str(self.resumed_from)))
+        spec, recipe = s["spec"], s["recipe"]
+        if not runs.checkpoint_fits_folder(s, self.run_dir):
+            raise fail(f"was trained from another spec, params file or --set than this run folder's (copied in "
+                       f"from another run?); move it out of {self.run_dir} and --resume again",
+                       Location(str(self.resumed_from)))
 
         def resolved(path):
             return str(Path(path).resolve()) if path else None
 
+        def edited_or_other(given, recorded_path, what):
+            # The same file edited since the run started is not "another" file.
+            if recorded_path and resolved(given) == resolved(recorded_path):
+                return f"{what} {given} (edited since the run started, which keeps its copy in the run folder)"
+            return f"{what} {given} (the run's is {recorded_path})"
+
         changed = [
-            (o.spec is not None and read_spec_text(o.spec) != spec["text"], f"SPEC (the run's is {spec['path']})"),
+            (o.spec is not None and read_spec_text(o.spec) != spec["text"],
+             o.spec and edited_or_other(o.spec, spec["path"], "SPEC")),
             (o.params is not None and read_spec_text(o.params) != spec["params_text"],
-             f"--params (the run's is {spec['params_path']})"),
+             o.params and edited_or_other(o.params, spec["params_path"], "--params")),
             (bool(o.overrides) and list(o.overrides) != list(spec.get("overrides", [])),
              f"--set (the run's: {' '.join(spec.get('overrides', [])) or 'none'})"),
-            (o.val_data is not None and resolved(o.val_data) != resolved(d["val_path"]),
+            (o.val_data is not None and resolved(o.val_data) != (d.get("val_resolved") or resolved(d["val_path"])),
              f"--val-data (the run's: {d['val_path'] or 'held out of the training data'})"),
             (o.batch_size is not None and o.batch_size != recipe["batch_size"],
              f"--batch-size {o.batch_size} (the run's: {recipe['batch_size']})"),
@@ -291,7 +304,7 @@ class Trainer:
             raise fail(f"this data differs from the data the run was trained on (fingerprint {self.fingerprint}, "
                        f"recorded {self.state['data']['fingerprint']}); resume on the same data",
                        Location(str(self.data_path)))
-        if len(self.classes) < 2:
+        if len(self.classes) == 1:
             raise fail(f"holds only one class ({self.classes[0]}); a classifier needs at least 2: give the folder "
                        "that holds the class folders", Location(str(self.data_path)))
         if self.state is None and not self.val_path and (self.resolved_data / "train").is_dir() \
@@ -424,7 +437,9 @@ class Trainer:
             self._write_run_files()
         self.say(self._banner(epoch0, batch0))
         late = [str(d) for d in r.lr_drops if d >= r.epochs]
-        if late and self.state is None:  # e.g. the 18pct spec (drops after 120, 130) tried with --epochs 10
+        # e.g. the 18pct spec (drops after 120, 130) tried with --epochs 10.  Said when the run starts, where
+        # --set train.lrDrops can still change it; a resume cannot, and the first run said it already.
+        if late and self.state is None:
             self.say(f"note: lrDrops={','.join(late)} come at or after the last of {plural(r.epochs, 'epoch')}: "
                      "those drops never happen; change them with --set train.lrDrops=N")
         steps_per_epoch = len(self.batches)
@@ -597,7 +612,8 @@ class Trainer:
         spec = self.net_spec
         src = self.train_source
         data = {"path": str(self.data_path), "resolved": str(self.resolved_data),
-                "val_path": self.val_path, "fingerprint": self.fingerprint, "images": len(src),
+                "val_path": self.val_path, "val_resolved": self.val_path and str(resolve(self.val_path).resolve()),
+                "fingerprint": self.fingerprint, "images": len(src),
                 "classes": self.classes, "class_names": self.class_names,
                 "size": int(src.size), "crop": int(self.crop), "pixel_scale": 1.0,
                 "mean": torch.from_numpy(np.asarray(src.mean, dtype=np.float32)),
@@ -639,9 +655,10 @@ class Trainer:
     def _write_run_files(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         spec = self.net_spec
-        (self.run_dir / "spec.cfg").write_text(spec.spec_text)
+        # Byte for byte as read (UTF-8, newlines as written): a resume compares them to the checkpoint's.
+        (self.run_dir / "spec.cfg").write_text(spec.spec_text, encoding="utf-8", newline="")
         if spec.params_text:
-            (self.run_dir / "spec.params.cfg").write_text(spec.params_text)
+            (self.run_dir / "spec.params.cfg").write_text(spec.params_text, encoding="utf-8", newline="")
         info = {"spec": spec.path, "params": spec.params_path, "overrides": spec.overrides,
                 "data": str(self.data_path), "val_data": self.val_path, "train_limit": self.train_limit,
                 "recipe": self.recipe.as_dict(), "precision": self.precision,

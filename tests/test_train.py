@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -425,6 +426,32 @@ def test_options_that_contradict_or_are_empty_are_refused(setup, tmp_path, args,
     assert not (tmp_path / "store").exists()
 
 
+def test_out_may_hold_what_a_run_killed_early_left_and_nothing_else(setup, tmp_path):
+    spec, data = setup
+    killed = tmp_path / "killed"  # stopped while writing its first checkpoint
+    train(_quiet(spec=str(spec), data=str(data), out=str(killed), epochs=1))
+    for name in ("epoch-0001.pt", "best.pt", "metrics.jsonl"):
+        (killed / name).unlink()
+    (killed / f".epoch-0001.pt{ckpt.PARTIAL}4242").write_bytes(b"PK\x03\x04cut")
+    train(_quiet(spec=str(spec), data=str(data), out=str(killed), epochs=1))
+    mine = tmp_path / "mine"  # a user's folder that happens to hold a spec.cfg
+    mine.mkdir()
+    (mine / "spec.cfg").write_text(SPEC)
+    with pytest.raises(SpecError, match="is not empty and holds no convspec run"):
+        train(_quiet(spec=str(spec), data=str(data), out=str(mine), epochs=1))
+
+
+def test_a_run_recorded_with_one_key_set_twice_still_loads(setup, tmp_path):
+    """Before --set refused a key given twice, the last value was trained: such runs still open."""
+    spec, data = setup
+    out = tmp_path / "run"
+    train(_quiet(spec=str(spec), data=str(data), out=str(out), epochs=1, overrides=["fc1.outputs=12"]))
+    state = ckpt.load(out / "best.pt")
+    state["spec"]["overrides"] = ["fc1.outputs=30", "fc1.outputs=12"]
+    ckpt.save(out / "best.pt", state)
+    assert convspec.load(out).fc1.weight.shape[0] == 12
+
+
 def test_build_takes_one_override_as_a_string(setup):
     spec, _ = setup
     assert convspec.build(str(spec), overrides="fc1.outputs=12").fc1.weight.shape[0] == 12
@@ -441,8 +468,19 @@ def test_data_that_moved_or_an_unset_path_is_named_with_the_fix(setup, tmp_path,
     monkeypatch.chdir(tmp_path)
     train(_quiet(spec=str(spec), data="data", out="run", epochs=1))
     monkeypatch.chdir(tmp_path / "run")
-    assert evaluate_checkpoint(".", k=2).result.images == 48
+    scored = evaluate_checkpoint(".", k=2).result
+    assert scored.images == 48
+    # Other data under the typed name here is not the run's: the recorded absolute path wins ...
+    make_data(tmp_path / "run" / "data", seed=1)
+    assert evaluate_checkpoint(".", k=2).result.top1_error == scored.top1_error
     moved = data.rename(tmp_path / "moved")
+    # ... and once that is gone, the other data is refused, not scored with the run's held-out indices.
+    res = CliRunner().invoke(main, ["eval", "--checkpoint", "."])
+    assert (res.exit_code, res.output) == (1, f"data: is not the run's training data (that was {data}, which is "
+                                              "gone; this folder's files differ); put it back to score the "
+                                              "held-out images (--data PATH scores every image under PATH "
+                                              "instead)\n")
+    shutil.rmtree(tmp_path / "run" / "data")
     gone = "data: the run's training data is not there any more (moved or deleted?); "
     res = CliRunner().invoke(main, ["eval", "--checkpoint", "."])
     assert (res.exit_code, res.output) == (1, f"{gone}put it back to score the held-out images (--data PATH "
@@ -615,13 +653,18 @@ def test_resume_refuses_options_that_would_change_the_run(setup, tmp_path):
 
     keeps = (f"{out}: a resumed run keeps the settings it recorded, and these differ: {{}}; drop them to continue "
              "the run, or train a new run with another --out")
-    assert refused(str(other)) == keeps.format(f"SPEC (the run's is {spec})")
+    assert refused(str(other)) == keeps.format(f"SPEC {other} (the run's is {spec})")
     assert refused("--set", "fc1.outputs=20", "--seed", "3") == keeps.format(
         "--set (the run's: fc1.outputs=12); --seed 3 (the run's: 0)")
     assert refused("--precision", "bf16", "--no-channels-last") == keeps.format(
         "--precision bf16 (the run's: fp32); --no-channels-last (the run's: channels_last)")
     assert refused("--train-limit", "50") == keeps.format("--train-limit 50 (the run's: none)")
     assert [p.name for p in out.glob("epoch-*.pt")] == ["epoch-0001.pt"]  # nothing trained, nothing lost
+    original = spec.read_text()
+    spec.write_text(original.replace("outputs=16", "outputs=14"))  # the same file, edited since
+    assert refused(str(spec)) == keeps.format(f"SPEC {spec} (edited since the run started, which keeps its copy "
+                                              "in the run folder)")
+    spec.write_text(original)
 
     res = CliRunner().invoke(main, first + ["--epochs", "2", "--resume"])
     assert res.exit_code == 0, res.output
@@ -645,9 +688,17 @@ def test_resume_refuses_a_checkpoint_from_another_run(setup, tmp_path):
     metrics = (run / "metrics.jsonl").read_text()
     with pytest.raises(SpecError) as err:
         train(_quiet(out=str(run), resume=True, epochs=3))
-    assert str(err.value) == (f"{run / 'epoch-0002.pt'}: was trained from another spec than this run folder's "
-                              f"spec.cfg (copied in from another run?); move it out of {run} and --resume again")
+    refused = (f"{run / 'epoch-0002.pt'}: was trained from another spec, params file or --set than this run "
+               f"folder's (copied in from another run?); move it out of {run} and --resume again")
+    assert str(err.value) == refused
     assert (run / "metrics.jsonl").read_text() == metrics and (run / "spec.cfg").read_text() == SPEC
+    # The same spec trained with another --set (the usual ablation) is another run too.
+    ablation = tmp_path / "ablation"
+    train(_quiet(spec=str(spec), data=str(data), out=str(ablation), epochs=2, overrides=["fc1.outputs=12"]))
+    (run / "epoch-0002.pt").write_bytes((ablation / "epoch-0002.pt").read_bytes())
+    with pytest.raises(SpecError) as err:
+        train(_quiet(out=str(run), resume=True, epochs=3))
+    assert str(err.value) == refused
 
 
 def test_a_signal_during_validation_stops_after_that_epoch(setup, tmp_path, monkeypatch):
