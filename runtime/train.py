@@ -181,7 +181,6 @@ class Trainer:
                 raise fail("give the spec to train (convspec train SPEC --data PATH), "
                            "or --resume to continue a run")
             from convspec.check import check_paths
-
             from convspec.overrides import TRAIN, parse_override
 
             recipe_sets = {ov.key.lower(): ov.text for ov in map(parse_override, o.overrides) if ov.section == TRAIN}
