@@ -120,7 +120,7 @@ def prepare(ctx, src, out, size, quality, raw, workers, synsets):
     from runtime.store import PrepareOptions, prepare as run_prepare
 
     def run():
-        if raw and ctx.get_parameter_source("quality") is not click.core.ParameterSource.DEFAULT:
+        if raw and _typed(ctx, "quality"):
             raise fail("--quality sets the JPEG quality, and --raw stores no JPEG; drop one")
         options = PrepareOptions(size=size, raw=raw, quality=quality, workers=workers)
         meta = run_prepare(Path(src), Path(out), options, Path(synsets) if synsets else None)
@@ -202,8 +202,7 @@ def train(ctx, spec, params_path, data, val_data, epochs, batch_size, out, resum
 
     def unless_defaulted_on_resume(name, value):
         # A resumed run keeps its recorded precision and layout unless they are typed.
-        typed = ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
-        return value if typed or not resume else None
+        return value if _typed(ctx, name) or not resume else None
 
     def run():
         # From $CONVSPEC_DATA, the path is left to train, whose errors then say where it came from.
@@ -375,6 +374,11 @@ def _per_class_rows(result, names: list[str]) -> list[dict]:
                      "top1_error": result.per_class_top1_wrong[i] / n if n else None,
                      "topk_error": result.per_class_topk_wrong[i] / n if n else None})
     return rows
+
+
+def _typed(ctx: click.Context, name: str) -> bool:
+    """Whether option ``name`` was given (on the command line or from the environment), not defaulted."""
+    return ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
 
 
 def _echo_while_read(text: str) -> None:

@@ -70,12 +70,8 @@ def _fraction(item, ctx):
     return value
 
 
-def _drop_factor(item, ctx):
-    value = V.to_float(item, ctx)
-    if not 0 < value <= 1:  # 0 would stop learning at the first drop; above 1 is not a drop
-        raise fail(f"{ctx.where()}={item.text} must be above 0 and at most 1 (each drop multiplies the "
-                   "learning rates by it)", item.loc)
-    return value
+def _drop_factor(item, ctx):  # 0 would stop learning at the first drop; above 1 is not a drop
+    return V.to_share(item, ctx, "each drop multiplies the learning rates by it")
 
 
 def _views(item, ctx):

@@ -149,11 +149,12 @@ def to_float(item, ctx: Ctx, minimum: float | None = None, below: float | None =
     return value
 
 
-def to_share(item, ctx: Ctx) -> float:
-    """A share of something kept, such as dropout's keep: 0 keeps nothing (and divides by 0)."""
+def to_share(item, ctx: Ctx, meaning: str = "the share kept") -> float:
+    """A share of something kept, such as dropout's keep (0 keeps nothing and divides
+    by 0) or the learning rate kept at a drop (0 stops learning)."""
     value = to_float(item, ctx)
     if not 0 < value <= 1:
-        raise fail(f"{ctx.where()}={item.text} must be above 0 and at most 1 (the share kept)", item.loc)
+        raise fail(f"{ctx.where()}={item.text} must be above 0 and at most 1 ({meaning})", item.loc)
     return value
 
 

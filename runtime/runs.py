@@ -72,13 +72,19 @@ def _a_run_that_stopped_before_its_first_checkpoint(run_dir: Path) -> bool:
     names = {p.name for p in run_dir.iterdir() if not ckpt.is_partial_write(p)}
     if not names:
         return True
-    if not names <= RUN_START_FILES or "run.json" not in names:
+    if not names <= RUN_START_FILES:
         return False
+    info = _run_info(run_dir)
+    return info is not None and {"recipe", "provenance"} <= info.keys()
+
+
+def _run_info(run_dir: Path) -> dict | None:
+    """run.json as a dict, or None when it is missing or not one (it is for people, not required)."""
     try:
         info = json.loads((run_dir / "run.json").read_text())
     except (OSError, ValueError):
-        return False
-    return isinstance(info, dict) and {"recipe", "provenance"} <= info.keys()
+        return None
+    return info if isinstance(info, dict) else None
 
 
 def checkpoint_fits_folder(state: dict, run_dir: Path) -> bool:
@@ -91,11 +97,8 @@ def checkpoint_fits_folder(state: dict, run_dir: Path) -> bool:
         path = run_dir / name
         if path.is_file() and read_utf8(path) != text:  # a file deleted by hand proves nothing
             return False
-    try:
-        info = json.loads((run_dir / "run.json").read_text())
-    except (OSError, ValueError):
-        return True  # the texts agree; run.json is for people and may be gone
-    return not isinstance(info, dict) or list(info.get("overrides", [])) == list(spec.get("overrides", []))
+    info = _run_info(run_dir)  # the texts agree; without a run.json there is nothing more to compare
+    return info is None or list(info.get("overrides", [])) == list(spec.get("overrides", []))
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:
