@@ -223,15 +223,20 @@ def test_interrupted_prepare_finishes_on_rerun(tmp_path):
     assert len(StoreSplit(out, "val")) == 6
 
 
-# Run prepare through the CLI with each image's encoding slowed, so that Ctrl-C lands mid-way.
-_SLOW_PREPARE = """
+# Run prepare through the CLI with each image's encoding held at a gate, so that Ctrl-C surely lands mid-way:
+# a worker marks "started" and waits until the test creates "open" (a fixed sleep raced prepare on a busy machine).
+_GATED_PREPARE = """
 import sys, time
+from pathlib import Path
 import runtime.store as store
-encode = store._encode
-def slow(job):
-    time.sleep(0.1)
+encode, gate = store._encode, Path(sys.argv[3])
+def gated(job):
+    (gate / "started").touch()
+    deadline = time.monotonic() + 120
+    while not (gate / "open").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
     return encode(job)
-store._encode = slow
+store._encode = gated
 from convspec.cli import main
 main(["prepare", sys.argv[1], sys.argv[2], "--size", "16", "--raw", "--workers", "2"], prog_name="convspec")
 """
@@ -251,15 +256,17 @@ def test_ctrl_c_stops_prepare_at_once_and_a_rerun_finishes(tmp_path):
         (root / cls).mkdir(parents=True)
         for i in range(60):
             _png(root / cls / f"{i}.png", rng.integers(0, 256, (20, 20, 3), dtype=np.uint8))
+    gate = tmp_path / "gate"
+    gate.mkdir()
     repo = Path(__file__).resolve().parents[1]
-    args = [sys.executable, "-c", _SLOW_PREPARE, str(root), str(out)]
+    args = [sys.executable, "-c", _GATED_PREPARE, str(root), str(out), str(gate)]
     proc = subprocess.Popen(args, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     deadline = time.monotonic() + 60
-    while not (out / "prepare.json").exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(1.0)  # some images in flight in the workers
-    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+    while not (gate / "started").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert (gate / "started").exists(), proc.stderr.read() if proc.poll() is not None else "no image started in 60 s"
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does, with an image in a worker's hands
     try:
         _, err = proc.communicate(timeout=30)
     except subprocess.TimeoutExpired:
@@ -269,6 +276,7 @@ def test_ctrl_c_stops_prepare_at_once_and_a_rerun_finishes(tmp_path):
     assert err.strip().splitlines()[-1] == (f"{out}: interrupted; the shards written so far are kept: "
                                             "run the same command again to finish")
     assert not (out / "store.json").exists()
+    (gate / "open").touch()  # the rerun goes through
     done = subprocess.run(args, cwd=repo, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert len(StoreSplit(out, "train")) == 120
