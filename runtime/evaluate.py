@@ -91,13 +91,15 @@ def evaluation_images(recorded: dict, data: str | None = None, labels: str | Non
 
     import numpy as np
 
-    from .loader import open_source
+    from .loader import open_source, refuse_other_size
     from .runs import recorded_data_path
 
     classes, size = recorded["classes"], recorded["size"]
     if data is not None:
         source = open_source(data, "val", classes=classes, size=size, labels_file=Path(labels) if labels else None,
                              stats=False, in_memory=False)
+        refuse_other_size(source, size, data, "the run's images were",
+                          f"give a store prepared with --size {size}, or the image folder (eval rescales it)")
         return source, np.arange(len(source)), str(data)
     indices = recorded["val_indices"].numpy()
     if recorded["val_path"]:

@@ -178,6 +178,14 @@ def open_source(path: str | Path, split: str = "train", classes: list[str] | Non
     return FolderSource(listing, size, stats)
 
 
+def refuse_other_size(source: ImageSource, size: int, path, trained: str, fix: str) -> None:
+    """A store or CIFAR folder has one fixed size (an image folder is rescaled to any):
+    its images and the mean image must be the same size, or every view is wrong."""
+    if source.size != size:
+        raise fail(f"holds {source.size}x{source.size} images but {trained} {size}x{size}; {fix}",
+                   Location(str(path)))
+
+
 def _read_into_memory(listing: ImageList, size: int, stats: bool, progress: bool) -> "ArraySource":
     folder = FolderSource(listing, size, stats=False)
     images = np.empty((len(folder), size, size, 3), np.uint8)

@@ -13,6 +13,7 @@ later maps its names through that list.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +36,9 @@ def resolve(path: str | Path) -> Path:
 
 
 def is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+    """An image file by its name.  A link whose target is gone counts too, so that
+    prepare lists it in report.txt (and training names it) instead of dropping it unseen."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and (path.is_file() or (path.is_symlink() and not path.exists()))
 
 
 def detect(path: Path) -> str:
@@ -127,6 +130,13 @@ def read_synsets(path: Path) -> dict[str, str]:
     return names
 
 
+def _size(file: str) -> int:
+    try:
+        return os.stat(file).st_size
+    except OSError:  # a link whose target is gone: listed, so that mending it changes the fingerprint
+        return -1
+
+
 def fingerprint(path: Path) -> str:
     """A short hash that changes when the dataset does: the store's
     description, or the names and sizes of the files (cheap: no pixel is read).
@@ -138,14 +148,11 @@ def fingerprint(path: Path) -> str:
     if (path / STORE_MARKER).is_file():
         digest.update((path / STORE_MARKER).read_bytes())
     else:
-        import os
-
         entries = []
         for folder, dirs, files in os.walk(path):
             dirs[:] = [d for d in dirs if not d.startswith(".")]
             rel = os.path.relpath(folder, path)
-            entries += [(os.path.join(rel, f), os.stat(os.path.join(folder, f)).st_size)
-                        for f in files if not f.startswith(".")]
+            entries += [(os.path.join(rel, f), _size(os.path.join(folder, f))) for f in files if not f.startswith(".")]
         for name, size in sorted(entries):
             digest.update(f"{name}\0{size}\n".encode())
     return digest.hexdigest()[:16]

@@ -78,7 +78,10 @@ def _encode(job: tuple[str, int, int, bool]):
     try:
         pixels = load_square(path, size)
     except Exception as err:  # PIL raises many types for broken files; each is reported
-        reason = "zero-byte file" if os.path.getsize(path) == 0 else f"{type(err).__name__}: {err}"
+        if not os.path.exists(path):  # a link whose target is gone
+            reason = f"a link to {os.readlink(path)}, which does not exist" if os.path.islink(path) else "missing"
+        else:
+            reason = "zero-byte file" if os.path.getsize(path) == 0 else f"{type(err).__name__}: {err}"
         return None, None, reason
     return pixels, None if raw else _jpeg(pixels, quality), None
 

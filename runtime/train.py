@@ -38,7 +38,7 @@ from . import distributed as D
 from . import runs
 from .download import DATASETS
 from .evaluate import EvalResult, autocast, evaluate
-from .loader import Batches, augment_for, eval_batches, holdout, open_source
+from .loader import Batches, augment_for, eval_batches, holdout, open_source, refuse_other_size
 from .optim import ConvnetSGD
 from .progress import Progress
 from .sources import fingerprint, read_synsets, resolve
@@ -291,6 +291,11 @@ class Trainer:
         self.crop = image_shape[1]
         size = r.image_size or (round(self.crop * 256 / 224) if r.random_crop else self.crop)
         self.train_source = open_source(self.data_path, "train", size=size, progress=self.main and self.o.progress)
+        if self.crop > self.train_source.size:
+            raise fail(f"holds {self.train_source.size}x{self.train_source.size} images but the net takes "
+                       f"{self.crop}x{self.crop} crops (inputSize in {self.net_spec.path}); prepare the data with "
+                       f"--size {self.crop} or more, or train a net with a smaller inputSize",
+                       Location(str(self.data_path)))
         self.classes = list(self.train_source.classes)
         names = getattr(self.train_source, "class_names", None) or self.classes
         if self.o.synsets:
@@ -332,6 +337,8 @@ class Trainer:
         if self.val_path:
             self.val_source = open_source(self.val_path, "val", classes=self.classes, size=self.train_source.size,
                                           stats=False)
+            refuse_other_size(self.val_source, self.train_source.size, self.val_path, "the training images are",
+                              "prepare both at one --size, or give the image folder (it is rescaled)")
             if self.val_idx is None:
                 self.val_idx = np.arange(len(self.val_source))
         else:

@@ -175,22 +175,44 @@ def _image_folder(tmp_path, bad=True):
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
         (root / "train" / "dog" / "cut.jpg").write_bytes(buf.getvalue()[:400])
+        (root / "train" / "cat" / "gone.jpg").symlink_to(tmp_path / "moved-away.jpg")  # a link left behind
     return root
 
 
 def test_prepare_raw_store(tmp_path):
     root = _image_folder(tmp_path)
     meta = prepare(root, tmp_path / "out", PrepareOptions(size=16, raw=True, workers=1), progress=False)
-    assert meta["splits"]["train"]["count"] == 6 and meta["splits"]["val"]["count"] == 6 and meta["skipped"] == 3
+    assert meta["splits"]["train"]["count"] == 6 and meta["splits"]["val"]["count"] == 6 and meta["skipped"] == 4
     report = (tmp_path / "out" / "report.txt").read_text().splitlines()
-    assert sorted(line.split("\t")[0].rsplit("/", 1)[1] for line in report) == ["cut.jpg", "empty.jpg", "junk.jpeg"]
+    assert sorted(line.split("\t")[0].rsplit("/", 1)[1] for line in report) == [
+        "cut.jpg", "empty.jpg", "gone.jpg", "junk.jpeg"]
     assert "zero-byte file" in next(line for line in report if "empty.jpg" in line)
+    assert next(line for line in report if "gone.jpg" in line).endswith(
+        f"a link to {tmp_path / 'moved-away.jpg'}, which does not exist")
     train = StoreSplit(tmp_path / "out", "train")
     assert train.classes == ["cat", "dog"] and list(train.labels) == [0, 0, 0, 1, 1, 1]
     assert np.array_equal(train.images([4])[0], load_square(str(root / "train" / "dog" / "1.PNG"), 16))
     pixels = np.stack([load_square(str(root / "train" / c / f"{i}.PNG"), 16) for c in ("cat", "dog") for i in range(3)])
     np.testing.assert_allclose(train.mean, pixels.mean(0), rtol=1e-5)  # the training split's mean only
     assert (tmp_path / "out" / "classes.tsv").read_text().splitlines()[1] == "1\tdog\tdog"
+
+
+def test_a_link_whose_image_is_gone_is_named_not_dropped_or_a_crash(tmp_path):
+    """A dangling link made the data's fingerprint crash (os.stat), and prepare dropped it unlisted."""
+    from runtime.sources import fingerprint
+
+    root = _image_folder(tmp_path, bad=False) / "train"
+    before = fingerprint(root)
+    (root / "cat" / "gone.jpg").symlink_to(tmp_path / "moved-away.jpg")
+    dangling = fingerprint(root)
+    with pytest.raises(SpecError) as err:
+        open_source(root, "train", size=16)
+    assert str(err.value) == (f"{root / 'cat' / 'gone.jpg'}: cannot read image (FileNotFoundError: [Errno 2] No such "
+                              f"file or directory: '{root / 'cat' / 'gone.jpg'}'); run convspec prepare to list and "
+                              "skip broken files")
+    _png(tmp_path / "moved-away.jpg", np.zeros((20, 20, 3), np.uint8))
+    assert len({before, dangling, fingerprint(root)}) == 3
+    assert len(open_source(root, "train", size=16)) == 7
 
 
 def test_prepare_jpeg_store_is_close_to_the_pixels(tmp_path):

@@ -585,6 +585,41 @@ def test_a_store_of_one_split_is_evaluated_whole(setup, tmp_path):
     assert json.loads(res.output)["images"] == 10
 
 
+def test_a_store_of_another_size_is_named_with_the_fix(setup, tmp_path):
+    """A store has one size; the mean image and crops need the run's.  eval on a 40 px store
+    crashed (numpy broadcasting), and too-small training images said so without file or fix."""
+    from PIL import Image
+
+    from runtime.store import PrepareOptions, prepare
+
+    spec, data = setup
+    out = tmp_path / "run"
+    train(_quiet(spec=str(spec), data=str(data), out=str(out), epochs=1))
+    folder = tmp_path / "folder"
+    images = cifar.load_cifar(data, "test")
+    for k, (image, label) in enumerate(zip(images.images[:12], images.labels[:12])):
+        (folder / images.classes[label]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).resize((48, 48)).save(folder / images.classes[label] / f"{k}.png")
+    for size in (16, 40):
+        prepare(folder, tmp_path / f"s{size}", PrepareOptions(size=size, raw=True, workers=1), progress=False)
+    for size in (16, 40):
+        res = CliRunner().invoke(main, ["eval", "--checkpoint", str(out), "--data", str(tmp_path / f"s{size}")])
+        assert (res.exit_code, res.output.strip()) == (1, (
+            f"{tmp_path / f's{size}'}: holds {size}x{size} images but the run's images were 32x32; give a store "
+            "prepared with --size 32, or the image folder (eval rescales it)"))
+    res = CliRunner().invoke(main, ["eval", "--checkpoint", str(out), "--data", str(folder)])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["train", str(spec), "--data", str(tmp_path / "s16"), "--out", str(tmp_path / "r")])
+    assert (res.exit_code, res.output.strip()) == (1, (
+        f"{tmp_path / 's16'}: holds 16x16 images but the net takes 32x32 crops (inputSize in {spec}); prepare "
+        "the data with --size 32 or more, or train a net with a smaller inputSize"))
+    res = CliRunner().invoke(main, ["train", str(spec), "--data", str(data), "--val-data", str(tmp_path / "s40"),
+                                    "--out", str(tmp_path / "r2")])
+    assert (res.exit_code, res.output.strip().splitlines()[-1]) == (1, (
+        f"{tmp_path / 's40'}: holds 40x40 images but the training images are 32x32; prepare both at one --size, "
+        "or give the image folder (it is rescaled)"))
+
+
 def test_training_on_a_flat_folder_says_what_training_needs(setup, tmp_path):
     from PIL import Image
 
