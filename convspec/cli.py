@@ -126,6 +126,8 @@ def prepare(ctx, src, out, size, quality, raw, workers, synsets):
         meta = run_prepare(Path(src), Path(out), options, Path(synsets) if synsets else None)
         counts = ", ".join(f"{split} {info['count']:,}" for split, info in meta["splits"].items())
         done = " (already complete; nothing to do)" if meta.get("already_complete") else ""
+        for note in meta.get("notes", []):
+            click.echo(note)
         click.echo(f"{out}: {meta['kind']} store of {meta['size']}x{meta['size']} images, "
                    f"{len(meta['classes'])} classes ({counts}); skipped {meta['skipped']} unreadable "
                    f"(see {Path(out) / 'report.txt'}){done}")

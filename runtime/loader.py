@@ -48,6 +48,8 @@ class ImageSource(Protocol):
 
 
 class _Sized:
+    loose: tuple = ()  # images beside the class folders, not read (set by open_source)
+
     def __len__(self) -> int:
         return len(self.labels)
 
@@ -174,8 +176,11 @@ def open_source(path: str | Path, split: str = "train", classes: list[str] | Non
                        Location(str(path)))
         listing = list_flat(path, labels_file, classes)
     if in_memory and len(listing.items) * size * size * 3 <= IN_MEMORY_BYTES:
-        return _read_into_memory(listing, size, stats, progress)
-    return FolderSource(listing, size, stats)
+        source = _read_into_memory(listing, size, stats, progress)
+    else:
+        source = FolderSource(listing, size, stats)
+    source.loose = listing.loose
+    return source
 
 
 def refuse_other_size(source: ImageSource, size: int, path, trained: str, fix: str) -> None:

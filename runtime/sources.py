@@ -14,7 +14,7 @@ later maps its names through that list.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from convspec.errors import Location, did_you_mean, fail, read_utf8
@@ -70,6 +70,17 @@ def detect(path: Path) -> str:
 class ImageList:
     items: list[tuple[Path, int]]  # (file, class index)
     classes: list[str]  # folder names (wnids), index order
+    loose: list[Path] = field(default_factory=list)  # images beside the class folders: they have no class
+
+
+def loose_note(loose: list[Path], action: str) -> str | None:
+    """A note for images beside the class folders (torchvision's ImageFolder skips them unseen)."""
+    if not loose:
+        return None
+    many = len(loose) > 1
+    return (f"note: {len(loose)} image{'s' * many} beside the class folders in {loose[0].parent} ({loose[0].name}"
+            f"{', ...' * many}) {'have' if many else 'has'} no class and {'are' if many else 'is'} not {action}; "
+            f"move {'them' if many else 'it'} into a class folder to use {'them' if many else 'it'}")
 
 
 def class_folders(root: Path) -> list[str]:
@@ -94,7 +105,7 @@ def list_class_folders(root: Path, classes: list[str] | None = None) -> ImageLis
         items += [(p, index[name]) for p in sorted((root / name).iterdir()) if is_image(p)]
     if not items:
         raise fail("has class folders but no .jpg/.jpeg/.png/.bmp images in them", Location(str(root)))
-    return ImageList(items, classes)
+    return ImageList(items, classes, [p for p in sorted(root.iterdir()) if is_image(p)])
 
 
 def list_flat(root: Path, labels_file: Path, classes: list[str]) -> ImageList:

@@ -38,7 +38,7 @@ from convspec.errors import Location, fail
 from . import cifar
 from .preprocess import Stats, load_square
 from .progress import Progress
-from .sources import STORE_MARKER, detect, list_class_folders, read_synsets, resolve
+from .sources import STORE_MARKER, detect, list_class_folders, loose_note, read_synsets, resolve
 
 FORMAT = "convspec-store"
 VERSION = 1
@@ -127,8 +127,10 @@ def prepare(source: Path, out: Path, options: PrepareOptions, synsets: Path | No
     (out / "prepare.json").write_text(json.dumps(fingerprint, indent=1))
 
     classes = splits[0][1].classes
+    notes = [loose_note(getattr(data, "loose", []), "stored") for _, data in splits]
     meta = {**fingerprint, "classes": [{"index": i, "folder": c, "name": names.get(c, c)}
-                                       for i, c in enumerate(classes)], "splits": {}, "skipped": 0}
+                                       for i, c in enumerate(classes)], "splits": {}, "skipped": 0,
+            "notes": [note for note in notes if note]}
     bad: list[str] = []
     total_stats = Stats.empty(options.size if not isinstance(splits[0][1], cifar.CifarSplit) else 32)
     workers = options.workers or os.cpu_count() or 1

@@ -41,7 +41,7 @@ from .evaluate import EvalResult, autocast, evaluate
 from .loader import Batches, augment_for, eval_batches, holdout, open_source, refuse_other_size
 from .optim import ConvnetSGD
 from .progress import Progress
-from .sources import fingerprint, read_synsets, resolve
+from .sources import fingerprint, loose_note, read_synsets, resolve
 
 DATA_ENV = "CONVSPEC_DATA"
 TOPK = 5
@@ -308,6 +308,8 @@ class Trainer:
             raise fail(f"this data differs from the data the run was trained on (fingerprint {self.fingerprint}, "
                        f"recorded {self.state['data']['fingerprint']}); resume on the same data",
                        Location(str(self.data_path)))
+        if self.state is None and loose_note(self.train_source.loose, "read"):
+            self.say(loose_note(self.train_source.loose, "read"))
         if len(self.classes) == 1:
             raise fail(f"holds only one class ({self.classes[0]}); a classifier needs at least 2: give the folder "
                        "that holds the class folders", Location(str(self.data_path)))

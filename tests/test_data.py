@@ -197,6 +197,17 @@ def test_prepare_raw_store(tmp_path):
     assert (tmp_path / "out" / "classes.tsv").read_text().splitlines()[1] == "1\tdog\tdog"
 
 
+def test_images_beside_the_class_folders_are_noted_not_stored(tmp_path):
+    root = _image_folder(tmp_path, bad=False) / "train"
+    for name in ("b.png", "a.png"):
+        _png(root / name, np.zeros((20, 20, 3), np.uint8))
+    meta = prepare(root, tmp_path / "out", PrepareOptions(size=16, raw=True, workers=1), progress=False)
+    assert meta["splits"]["train"]["count"] == 6 and meta["notes"] == [
+        f"note: 2 images beside the class folders in {root} (a.png, ...) have no class and are not stored; "
+        "move them into a class folder to use them"]
+    assert [p.name for p in open_source(root, "train", size=16).loose] == ["a.png", "b.png"]
+
+
 def test_a_link_whose_image_is_gone_is_named_not_dropped_or_a_crash(tmp_path):
     """A dangling link made the data's fingerprint crash (os.stat), and prepare dropped it unlisted."""
     from runtime.sources import fingerprint

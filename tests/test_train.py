@@ -366,6 +366,13 @@ def test_one_class_is_refused_and_an_unread_val_folder_is_noted(setup, tmp_path)
     assert res.exit_code == 0, res.output
     assert res.output.splitlines()[0] == (f"note: training holds out 0.25 of {split}/train for validation; "
                                           f"{split}/val is not read (pass --val-data {split} to validate on it)")
+    loose = _class_folders(tmp_path / "loose", ["cat", "dog"])
+    (loose / "cat" / "0.png").rename(loose / "stray.png")  # beside the class folders: it has no class
+    res = CliRunner().invoke(main, ["train", str(spec), "--data", str(loose), "--out", str(tmp_path / "r3"),
+                                    "--quiet", "--epochs", "1", "--set", "fc2.outputs=2", "--batch-size", "4"])
+    assert res.exit_code == 0, res.output
+    assert res.output.splitlines()[0] == (f"note: 1 image beside the class folders in {loose} (stray.png) has no "
+                                          "class and is not read; move it into a class folder to use it")
 
 
 def test_missing_data_and_runs_say_what_to_pass(setup, tmp_path, monkeypatch):
