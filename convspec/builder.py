@@ -88,7 +88,8 @@ class CompiledNet(nn.Module):
             softmax = net.layers[self.cost.inputs[1]]
             self.output_name = softmax.inputs[0]  # logits: the loss applies log-softmax itself
         else:
-            sinks = [l.name for l in net.layers.values() if l.type != "data" and not net.consumers(l.name)]
+            read = net.read_layers()
+            sinks = [l.name for l in net.layers.values() if l.type != "data" and l.name not in read]
             self.output_name = sinks[-1] if sinks else self.image_input
         self._plans: dict[tuple[str, ...], list[Step]] = {}
         if self.output_name is not None:

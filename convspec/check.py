@@ -75,6 +75,10 @@ class CheckedNet:
     def consumers(self, name: str) -> list[str]:
         return [l.name for l in self.layers.values() if name in l.inputs]
 
+    def read_layers(self) -> set[str]:
+        """The layers some layer reads: one pass, where asking consumers() of each layer is quadratic."""
+        return {name for l in self.layers.values() for name in l.inputs}
+
 
 def find_params_file(spec_path: str | Path) -> Path | None:
     """The params file beside a spec: ``NAME.params.cfg``, or cuda-convnet's
@@ -118,9 +122,11 @@ def check(spec: SpecFile, params: SpecFile | None = None,
         for layer in net.layers.values():
             _infer(layer, net, input_shape)
     except SpecError as err:
+        # A shape carries an override or --input to later layers: the file's line may be fine, the option not.
         if overrides and err.location is not None and err.location.path != ORIGIN:
-            # A shape carries an override to later layers: the file's line may be fine, the --set not.
             err.message += f" (the file as changed by --set {' --set '.join(overrides)})"
+        if input_shape is not None:
+            err.message += f" (with --input {'x'.join(map(str, input_shape))})"
         raise
     _plan_devices(net)
     unset = [l.name for l in net.layers.values()
@@ -134,9 +140,9 @@ def check(spec: SpecFile, params: SpecFile | None = None,
                          f"{', '.join(untrainable)}")
     if not any(l.type == "cost.logreg" for l in net.layers.values()):
         net.notes.append("no cost.logreg layer; needed to train (type=cost.logreg, inputs=labels,probs)")
+    read = net.read_layers()
     unused = [l.name for l in net.layers.values()
-              if not l.type.startswith("cost.") and not net.consumers(l.name)
-              and not _is_labels(l)]
+              if not l.type.startswith("cost.") and l.name not in read and not _is_labels(l)]
     if unused and any(l.type.startswith("cost.") for l in net.layers.values()):
         net.notes.append(f"unused layers (nothing reads them): {', '.join(unused)}")
     return net
