@@ -105,6 +105,10 @@ def _checkpoints(run_dir: Path) -> list[Path]:
     return sorted(run_dir.glob(ckpt.EPOCH_PATTERN)) + [p for p in (run_dir / INTERRUPTED,) if p.is_file()]
 
 
+def has_checkpoints(run_dir: Path) -> bool:
+    return bool(_checkpoints(run_dir))
+
+
 def newest_run(root: Path = RUNS_ROOT, name_it: str = "--checkpoint") -> Path:
     runs = [d for d in root.glob("*") if d.is_dir() and _checkpoints(d)] if root.is_dir() else []
     if not runs:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -35,6 +36,19 @@ from . import checkpoint as ckpt
 from . import draw, runs
 
 PICTURES = ("curves", "filters", "preds", "neighbours", "net")
+
+
+def _bad_metrics_record(record) -> str | None:
+    """What is wrong with one metrics.jsonl record, or None: the pictures need an
+    epoch number and finite numbers (json reads NaN and Infinity as floats)."""
+    if not isinstance(record, dict) or isinstance(record.get("epoch"), bool) \
+            or not isinstance(record.get("epoch"), int):
+        return 'is not a convspec metrics line (a JSON object with a whole "epoch")'
+    for key, value in record.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not math.isfinite(value)):
+            return f"{key} is {json.dumps(value)[:40]}, not a finite number"
+    return None
 
 
 @dataclass
@@ -130,13 +144,22 @@ class Run:
                 if not line.strip():
                     continue
                 try:
-                    records.append(json.loads(line))
+                    record = json.loads(line)
                 except json.JSONDecodeError:
                     raise fail("is not one JSON object per line (the run folder is damaged)",
                                Location(str(path), n, 1)) from None
+                problem = _bad_metrics_record(record)
+                if problem:
+                    raise fail(f"{problem}; the run folder is damaged: restore metrics.jsonl or delete the line",
+                               Location(str(path), n, 1))
+                records.append(record)
         if not records and self.given_checkpoint is not None:
             # A checkpoint copied out of its run folder still holds the history up to it.
             records = [dict(r) for r in self.state.get("history", [])]
+        elif not records and runs.has_checkpoints(self.dir):
+            # metrics.jsonl lost or emptied: the checkpoint furthest into training holds the same records.
+            latest = ckpt.load_training(runs.resume_checkpoint(self.dir))
+            records = [dict(r) for r in latest.get("history", [])]
         if not records:
             if not any(self.dir.glob("*.pt")):
                 raise fail("is not a run folder (no checkpoint, no metrics.jsonl); give a folder that convspec "

@@ -172,12 +172,32 @@ def test_a_checkpoint_copied_out_of_its_run_draws_its_curves_from_its_own_histor
     assert {"curves.png", "net.png"} <= set(_stated_images(tmp_path / "out" / "index.html"))
     assert Run(str(loose / "copied.pt")).metrics() == ckpt.load(run_dir / "epoch-0002.pt")["history"]
     assert [r["epoch"] for r in Run(str(loose / "copied.pt")).metrics()] == [1, 2]
-    # A run folder with a checkpoint whose metrics.jsonl is gone still says so.
-    (loose / "metrics.jsonl").write_text("")
-    res = _show(loose, "--only", "curves", "--out", tmp_path / "out2")
-    assert res.exit_code == 1 and res.stderr == (f"{loose}/metrics.jsonl: no metrics yet (metrics.jsonl is missing "
-                                                 "or empty): no epoch has finished; run convspec show again after "
-                                                 "the first epoch\n")
+    # A run whose metrics.jsonl is emptied draws from its newest checkpoint's history (it said "no metrics yet").
+    emptied = tmp_path / "emptied"
+    shutil.copytree(run_dir, emptied)
+    (emptied / "metrics.jsonl").write_text("")
+    res = _show(emptied, "--only", "curves", "--out", tmp_path / "out2")
+    assert res.exit_code == 0, res.output
+    assert [r["epoch"] for r in Run(str(emptied)).metrics()] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("line, problem", [
+    ('{"epoch": 3, "train_loss": NaN}', "train_loss is NaN, not a finite number"),
+    ('{"epoch": 3, "train_loss": Infinity}', "train_loss is Infinity, not a finite number"),
+    ('{"epoch": 3, "val_top1_error": "x"}', 'val_top1_error is "x", not a finite number'),
+    ('[1, 2]', 'is not a convspec metrics line (a JSON object with a whole "epoch")'),
+    ('{"train_loss": 1.0}', 'is not a convspec metrics line (a JSON object with a whole "epoch")'),
+])
+def test_a_damaged_metrics_line_is_named(run_dir, tmp_path, line, problem):
+    """Valid JSON with odd values crashed the curves (NaN to int, str <= int, a list's .get)."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run_dir, damaged)
+    n = len((damaged / "metrics.jsonl").read_text().splitlines()) + 1
+    with open(damaged / "metrics.jsonl", "a") as f:
+        f.write(line + "\n")
+    res = _show(damaged, "--only", "curves", "--out", tmp_path / "out")
+    assert (res.exit_code, res.stderr) == (1, f"{damaged}/metrics.jsonl:{n}:1: {problem}; the run folder is "
+                                              "damaged: restore metrics.jsonl or delete the line\n")
 
 
 def test_every_picture_skips_what_the_run_cannot_give(fc_run_dir, tmp_path):
