@@ -32,6 +32,8 @@ _ALLOWED = {
     ("numpy.core.multiarray", "scalar"),
     ("numpy._core.multiarray", "scalar"),
     ("_codecs", "encode"),  # how python 2 pickles bytes when read as latin1
+    ("builtins", "bytes"),  # how python 3 pickles b"" (an empty name, an empty batch),
+    ("__builtin__", "bytes"),  # ... spelled the python 2 way in protocol 2
 }
 
 
@@ -65,13 +67,39 @@ class CifarSplit:
 
 
 def _images(batch: dict, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The batch's images and labels, checked: a value cast to uint8 or int64
+    unchecked would wrap (300 -> 44) or crash far from the file."""
     data = np.asarray(batch.get("data"))
     labels = batch.get("labels", batch.get("fine_labels"))
     if data.ndim != 2 or data.shape[1] != 3072 or labels is None or len(labels) != len(data):
         raise fail("CIFAR batch has no 'data' of N x 3072 values with matching labels", Location(str(path)))
+    if data.dtype != np.uint8 and not (data.dtype.kind in "iu" and (data.size == 0 or
+                                                                    (data.min() >= 0 and data.max() <= 255))):
+        raise fail(f"CIFAR batch's 'data' must be whole numbers 0..255, not {data.dtype} values; re-download the "
+                   "python version", Location(str(path)))
+    try:
+        label_array = np.asarray(labels) if len(labels) else np.zeros(0, np.int64)
+    except (TypeError, ValueError):
+        label_array = np.asarray([], dtype=object)
+    if label_array.ndim != 1 or label_array.dtype.kind not in "iu":
+        shown = repr(next(iter(labels), None))[:30] if isinstance(labels, (list, tuple, np.ndarray)) else type(labels)
+        raise fail(f"CIFAR batch's 'labels' must be N whole numbers, not {shown}; re-download the python version",
+                   Location(str(path)))
     # Stored as N x (1024 red, 1024 green, 1024 blue), row-major 32x32 planes.
     images = data.astype(np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return np.ascontiguousarray(images), np.asarray(labels, dtype=np.int64)
+    return np.ascontiguousarray(images), label_array.astype(np.int64)
+
+
+def _class_names(meta: dict, key: str, path: Path) -> list[str]:
+    names = meta.get(key)
+    if not isinstance(names, (list, tuple)) or not all(isinstance(c, (str, bytes)) for c in names):
+        raise fail(f"'{key}' must be a list of class names; re-download the python version", Location(str(path)))
+    names = [c.decode("latin1") if isinstance(c, bytes) else c for c in names]
+    twice = sorted({c for c in names if names.count(c) > 1})
+    if twice:
+        raise fail(f"'{key}' names a class twice ({', '.join(twice[:3])}); re-download the python version",
+                   Location(str(path)))
+    return names
 
 
 def is_cifar_dir(path: Path) -> bool:
@@ -81,12 +109,10 @@ def is_cifar_dir(path: Path) -> bool:
 def load_cifar(path: Path, split: str) -> CifarSplit:
     """``split`` is "train" or "test"."""
     if (path / CIFAR10_META).is_file():
-        meta = load_batch(path / CIFAR10_META)
-        classes = [c.decode() if isinstance(c, bytes) else c for c in meta.get("label_names", [])]
+        classes = _class_names(load_batch(path / CIFAR10_META), "label_names", path / CIFAR10_META)
         names = CIFAR10_TRAIN if split == "train" else [CIFAR10_TEST]
     elif (path / CIFAR100_META).is_file():
-        meta = load_batch(path / CIFAR100_META)
-        classes = [c.decode() if isinstance(c, bytes) else c for c in meta.get("fine_label_names", [])]
+        classes = _class_names(load_batch(path / CIFAR100_META), "fine_label_names", path / CIFAR100_META)
         names = [CIFAR100_TRAIN if split == "train" else CIFAR100_TEST]
     else:
         raise fail("not a CIFAR folder: no batches.meta (CIFAR-10) or meta (CIFAR-100)", Location(str(path)))
@@ -100,6 +126,9 @@ def load_cifar(path: Path, split: str) -> CifarSplit:
     labels = np.concatenate([p[1] for p in parts])
     if not classes or labels.max(initial=0) >= len(classes):
         raise fail("CIFAR meta file lists fewer classes than the labels use", Location(str(path)))
+    if labels.min(initial=0) < 0:
+        raise fail(f"CIFAR batch has label {labels.min()}; labels are 0..{len(classes) - 1} (the classes in the "
+                   "meta file): re-download the python version", Location(str(path)))
     return CifarSplit(images, labels, classes)
 
 

@@ -156,9 +156,10 @@ def open_source(path: str | Path, split: str = "train", classes: list[str] | Non
         return _StoreSource(store)
     if kind == "cifar":
         data = cifar.load_cifar(path, "train" if split == "train" else "test")
-        if classes is not None and len(classes) != len(data.classes):
-            raise fail(f"holds {len(data.classes)} CIFAR classes but the run was trained on {len(classes)}",
-                       Location(str(path)))
+        if classes is not None and list(data.classes) != list(classes):
+            # Labels are indices into the class list: only the same list in the same order means the same classes.
+            raise fail(f"its classes ({_few(data.classes)}) are not the run's ({_few(classes)}); evaluate CIFAR "
+                       "batches of the classes the run was trained on", Location(str(path)))
         return ArraySource(data.images, data.labels, data.classes, stats=None if stats else False)
     if kind == "imagefolder":
         sub = path / ("train" if split == "train" else "val")
@@ -181,6 +182,10 @@ def open_source(path: str | Path, split: str = "train", classes: list[str] | Non
         source = FolderSource(listing, size, stats)
     source.loose = listing.loose
     return source
+
+
+def _few(names: list[str], shown: int = 4) -> str:
+    return ", ".join(names[:shown]) + (f", ... ({len(names)} in all)" if len(names) > shown else "")
 
 
 def refuse_other_size(source: ImageSource, size: int, path, trained: str, fix: str) -> None:

@@ -58,6 +58,54 @@ def test_cifar_plane_layout(tmp_path):
     assert (data[1], data[1024 + 1], data[2048 + 1]) == (10, 20, 30)
 
 
+_ZEROS = np.zeros((6, 3072), np.uint8)
+
+
+@pytest.mark.parametrize("batch, meta, message", [
+    ({b"data": _ZEROS, b"labels": ["x"] * 6}, None,
+     "data_batch_2: CIFAR batch's 'labels' must be N whole numbers, not 'x'; re-download the python version"),
+    ({b"data": _ZEROS, b"labels": [2 ** 70] * 6}, None,
+     "data_batch_2: CIFAR batch's 'labels' must be N whole numbers, not 1180591620717411303424; re-download the "
+     "python version"),
+    ({b"data": _ZEROS, b"labels": [0.5] * 6}, None,
+     "data_batch_2: CIFAR batch's 'labels' must be N whole numbers, not 0.5; re-download the python version"),
+    ({b"data": np.full((6, 3072), 300), b"labels": [0] * 6}, None,
+     "data_batch_2: CIFAR batch's 'data' must be whole numbers 0..255, not int64 values; re-download the python "
+     "version"),
+    ({b"data": np.full((6, 3072), 0.5), b"labels": [0] * 6}, None,
+     "data_batch_2: CIFAR batch's 'data' must be whole numbers 0..255, not float64 values; re-download the python "
+     "version"),
+    ({b"data": _ZEROS, b"labels": [-1] * 6}, None,
+     ": CIFAR batch has label -1; labels are 0..9 (the classes in the meta file): re-download the python version"),
+    (None, {b"label_names": None},
+     "batches.meta: 'label_names' must be a list of class names; re-download the python version"),
+    (None, {b"label_names": [[1], [2]]},
+     "batches.meta: 'label_names' must be a list of class names; re-download the python version"),
+    (None, {b"label_names": [b"cat", b"cat"] + [b"c%d" % i for i in range(8)]},
+     "batches.meta: 'label_names' names a class twice (cat); re-download the python version"),
+], ids=["str labels", "huge labels", "float labels", "data > 255", "float data", "negative label", "no names",
+        "nested names", "a name twice"])
+def test_bad_cifar_contents_are_named_not_cast(tmp_path, batch, meta, message):
+    """Each crashed (exit 3) or was cast silently: 300 wrapped to 44, 0.5 became class 0, -1 reached the loss."""
+    root, _, _ = _cifar_dir(tmp_path)
+    if batch is not None:
+        (root / "data_batch_2").write_bytes(pickle.dumps(batch, protocol=2))
+    if meta is not None:
+        (root / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
+    with pytest.raises(SpecError) as err:
+        cifar.load_cifar(root, "train")
+    assert str(err.value) == str(root) + (("/" + message) if not message.startswith(":") else message)
+
+
+def test_an_empty_batch_and_an_empty_name_are_plain_data(tmp_path):
+    """Python 3 pickles b"" as builtins.bytes, which the safe unpickler refused as if it were code."""
+    root, _, _ = _cifar_dir(tmp_path)
+    (root / "data_batch_2").write_bytes(pickle.dumps({b"data": np.zeros((0, 3072), np.uint8), b"labels": []}, 2))
+    (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b""] + [b"c%d" % i for i in range(1, 10)]}, 2))
+    train = cifar.load_cifar(root, "train")
+    assert len(train.labels) == 24 and train.classes[0] == ""
+
+
 class _Evil:
     def __reduce__(self):
         return (os.system, ("touch /tmp/convspec-pwned",))

@@ -562,6 +562,15 @@ def test_eval_data_maps_class_folders_through_the_runs_classes(setup, tmp_path):
     res = CliRunner().invoke(main, ["eval", "--checkpoint", str(out), "--data", str(folder), "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["images"] == 12
+    # CIFAR batches name their classes in batches.meta: another order is other classes (it was accepted).
+    renamed = tmp_path / "renamed"
+    shutil.copytree(data, renamed)
+    (renamed / "batches.meta").write_bytes(__import__("pickle").dumps(
+        {b"label_names": [b"class1", b"class0", b"class2", b"class3"]}, protocol=2))
+    res = CliRunner().invoke(main, ["eval", "--checkpoint", str(out), "--data", str(renamed)])
+    assert (res.exit_code, res.output.strip()) == (1, (
+        f"{renamed}: its classes (class1, class0, class2, class3) are not the run's (class0, class1, class2, class3); "
+        "evaluate CIFAR batches of the classes the run was trained on"))
     # Same images, same answers as through the CIFAR batches (PNG is lossless).
     direct = evaluate_checkpoint(str(out), str(data), k=2)
     assert direct.result.images == 32
