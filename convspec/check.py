@@ -290,9 +290,17 @@ def _resolve_keys(layer: Layer) -> None:
         layer.attrs[key.name] = _convert(layer, key, n_inputs)
 
 
+def _shown_default(default: Any) -> str:
+    return "none" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
+
+
 def _convert(layer: Layer, key: Key, n_inputs: int) -> Any:
     entry = layer.entries.get(key.name)
     ctx = V.Ctx(layer.name, key.name)
+    if entry is not None and not entry.value.items and key.default is not REQUIRED:
+        # Read as the default, "initW=" would train with 0.01 where the file seemed to say something else.
+        raise fail(f"layer '{layer.name}': {key.name}= has no value; give one or delete the line "
+                   f"(the default is {_shown_default(key.default)})", entry.value.loc)
     if entry is None or not entry.value.items:
         if key.default is REQUIRED:
             doc = f" ({key.doc})" if key.doc else ""

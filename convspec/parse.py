@@ -212,8 +212,13 @@ def _syntax_error(err: lark.exceptions.UnexpectedInput, path: str, lines: list[s
     column = max(getattr(err, "column", 1) or 1, 1)
     source = lines[line - 1] if line <= len(lines) else ""
     loc = Location(path, line, column, source)
+    char = source[column - 1] if column - 1 < len(source) else "?"
+    before = source[:column - 1]
+    if char in "#;" and before and not before[-1].isspace() and before.count("[") == before.count("]"):
+        # Not a comment (that needs a space before it): read as one, "inputs=a;b" would silently drop b.
+        return fail(f"{char!r} right after a value starts no comment (put a space before it); list items are "
+                    "separated by ','", loc)
     if isinstance(err, lark.exceptions.UnexpectedCharacters):
-        char = source[column - 1] if column - 1 < len(source) else "?"
         got = f"unexpected character {char!r}"
     elif isinstance(err, lark.exceptions.UnexpectedToken):
         tok = err.token

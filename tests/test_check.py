@@ -168,6 +168,11 @@ FC = "[fc]\ntype=fc\ninputs=c\noutputs=10\n"
 
 ERRORS = [
     # (spec body after HEAD, params or None, first line of the error[, a HEAD of its own])
+    # An empty value was read as the default: initW= trained with 0.01.
+    (CONV + "initW=\n" + FC + TAIL, None,
+     "s.cfg:13:7: layer 'c': initW= has no value; give one or delete the line (the default is 0.01)"),
+    (CONV + FC + TAIL, "[c]\nepsW=\n", "p.cfg:2:6: layer 'c': epsW= has no value; give one or delete the line "
+                                      "(the default is none)"),
     ("[c]\ntype=conv\ninputs=dta\nfilters=16\nfilterSize=5\n" + FC + TAIL, None,
      "s.cfg:10:8: layer 'c': input 'dta' is not defined; did you mean 'data'?"),
     (CONV + "[c]\ntype=fc\ninputs=data\noutputs=3\n" + FC + TAIL, None,

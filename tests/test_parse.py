@@ -31,7 +31,7 @@ def test_neuron_with_parameters_and_schedule():
 
 
 def test_comments_blank_lines_whitespace_and_missing_final_newline():
-    text = "# header\n; also a comment\n\n[a]   \n  key = 3x224x224   # trailing\nk2:value\n[b]\nz=1"
+    text = "# header\n; also a comment\n\n[a]   \n  key = 3x224x224   # trailing\nk2:value ;x\n[b] ;c\nz=1"
     v = entries(text)
     assert isinstance(v[("a", "key")].items[0], Word) and v[("a", "key")].raw == "3x224x224"
     assert v[("a", "k2")].raw == "value"
@@ -51,6 +51,13 @@ def test_locations_point_at_the_value():
     ("[a]\nx=tanh[1,2\n", "t.cfg:2:11: line ends too early; expected ',' or ';' or ']'"),
     ("[a]\n=3\n", "t.cfg:2:1: unexpected '='; a spec line is '[section]', 'key=value' or a comment starting with # or ;"),
     ("[a]\nkey value\n", "t.cfg:2:5: unexpected 'value'; expected '='"),
+    # A ';' or '#' glued to a value is no comment: "inputs=pool2a;pool2b" silently lost pool2b.
+    ("[a]\ninputs=pool2a;pool2b\n", "t.cfg:2:14: ';' right after a value starts no comment (put a space before it); "
+                                    "list items are separated by ','"),
+    ("[a]\nfilters=32#x\n", "t.cfg:2:11: '#' right after a value starts no comment (put a space before it); "
+                            "list items are separated by ','"),
+    ("[a]\nepsW=exp[base=1]#x\n", "t.cfg:2:17: '#' right after a value starts no comment (put a space before it); "
+                                  "list items are separated by ','"),
 ])
 def test_syntax_errors_are_located(text, message):
     with pytest.raises(SpecError) as err:
