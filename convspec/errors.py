@@ -89,6 +89,7 @@ def decode_utf8(data: bytes, shown: str) -> str:
 
 
 def read_utf8(path) -> str:
-    """``Path.read_text`` for files users give, with :func:`decode_utf8`'s error."""
+    """``Path.read_text`` for files users give, with :func:`decode_utf8`'s error.
+    A byte-order mark (Windows editors write one) is not part of the first line."""
     with open(path, "rb") as f:
-        return decode_utf8(f.read(), str(path))
+        return decode_utf8(f.read(), str(path)).removeprefix("\ufeff")

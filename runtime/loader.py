@@ -144,6 +144,9 @@ def open_source(path: str | Path, split: str = "train", classes: list[str] | Non
     """
     path = resolve(path)
     kind = detect(path)
+    if labels_file is not None and kind != "flat":
+        raise fail(f"holds {KIND_NAMES[kind]}, which carry their own classes; leave --labels out (it labels a flat "
+                   "folder of images)", Location(str(path)))
     if kind == "store":
         wanted = split if split != "test" else "val"
         if wanted == "val" and not StoreSplit.has_split(path, "val"):
@@ -182,6 +185,10 @@ def open_source(path: str | Path, split: str = "train", classes: list[str] | Non
         source = FolderSource(listing, size, stats)
     source.loose = listing.loose
     return source
+
+
+KIND_NAMES = {"store": "a prepared store", "cifar": "CIFAR batches", "imagefolder": "train/ and val/ class folders",
+              "classfolders": "class folders"}
 
 
 def _few(names: list[str], shown: int = 4) -> str:

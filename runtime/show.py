@@ -275,6 +275,12 @@ def images_to_show(run: Run, data: str | None) -> ImageSet:
     if not data and not d["val_path"] and len(d["val_indices"]) == 0:
         raise Unavailable("the run held out no validation images (valFraction=0); give --data PATH "
                           "to show predictions on", run.where())
+    if data:
+        from .sources import detect, resolve
+
+        if detect(resolve(data)) == "flat":  # eval's answer, --labels FILE, is not a show option
+            raise fail("is a flat folder of images; show needs each image's class: put them in class folders "
+                       "(convspec eval --labels FILE scores a flat folder)", Location(str(data)))
     return ImageSet(*evaluation_images(d, data))
 
 

@@ -112,16 +112,23 @@ def list_flat(root: Path, labels_file: Path, classes: list[str]) -> ImageList:
     """A flat folder and a ``filename class`` file, the class being a folder name (wnid) from training."""
     index = {name: i for i, name in enumerate(classes)}
     labels: dict[str, int] = {}
+    first_line: dict[str, int] = {}
     for n, line in enumerate(read_utf8(labels_file).splitlines(), 1):
-        parts = line.split()
+        parts = line.rsplit(None, 1)  # the class is the last word; a file name may hold spaces
         if not parts or line.lstrip().startswith("#"):
             continue
         if len(parts) != 2:
             raise fail("expected 'filename class' on each line", Location(str(labels_file), n, 1, line))
-        if parts[1] not in index:
-            raise fail(f"class '{parts[1]}' is not one of the {len(classes)} training classes"
-                       f"{did_you_mean(parts[1], classes)}", Location(str(labels_file), n, 1, line))
-        labels[parts[0]] = index[parts[1]]
+        name, cls = parts[0].strip(), parts[1]
+        if cls not in index:
+            numbered = " (classes are the run's class folder names, not numbers)" if cls.isdigit() else ""
+            raise fail(f"class '{cls}' is not one of the {len(classes)} training classes"
+                       f"{did_you_mean(cls, classes)}{numbered}", Location(str(labels_file), n, 1, line))
+        if name in first_line:
+            raise fail(f"'{name}' is labelled twice (first at line {first_line[name]}); keep one line",
+                       Location(str(labels_file), n, 1, line))
+        first_line[name] = n
+        labels[name] = index[cls]
     items = []
     for p in sorted(root.iterdir()):
         if is_image(p):

@@ -453,6 +453,33 @@ def test_labels_and_synsets_files_that_are_not_utf8_are_one_located_line(tmp_pat
         assert str(err.value) == expected
 
 
+def test_a_labels_file_bom_spaces_twice_numbers_and_the_wrong_folder(tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for name in ("a b.png", "c.png"):
+        _png(flat / name, np.zeros((8, 8, 3), np.uint8))
+    labels = tmp_path / "labels.txt"
+    labels.write_bytes("\ufeffa b.png dog\nc.png cat\n".encode())  # a BOM, and a file name with a space
+    listing = list_flat(flat, labels, ["cat", "dog"])
+    assert [(p.name, c) for p, c in listing.items] == [("a b.png", 1), ("c.png", 0)]
+    for text, message in [
+        ("c.png cat\na b.png dog\nc.png dog\n", f"{labels}:3:1: 'c.png' is labelled twice (first at line 1); "
+                                                "keep one line"),
+        ("c.png 1\n", f"{labels}:1:1: class '1' is not one of the 2 training classes (classes are the run's class "
+                      "folder names, not numbers)"),
+    ]:
+        labels.write_text(text)
+        with pytest.raises(SpecError) as err:
+            list_flat(flat, labels, ["cat", "dog"])
+        assert str(err.value).split("\n")[0] == message
+    # --labels beside data that has its own classes was ignored, even when the file was wrong.
+    folders = _image_folder(tmp_path / "f", bad=False) / "val"
+    with pytest.raises(SpecError) as err:
+        open_source(folders, "val", classes=["cat", "dog"], labels_file=labels)
+    assert str(err.value) == (f"{folders}: holds class folders, which carry their own classes; leave --labels out "
+                              "(it labels a flat folder of images)")
+
+
 def test_a_damaged_store_is_one_line_naming_the_file(tmp_path):
     root = _image_folder(tmp_path, bad=False)
     raw, jpeg = tmp_path / "raw", tmp_path / "jpeg"

@@ -200,6 +200,16 @@ def test_a_damaged_metrics_line_is_named(run_dir, tmp_path, line, problem):
                                               "damaged: restore metrics.jsonl or delete the line\n")
 
 
+def test_a_flat_folder_for_show_says_what_show_needs(run_dir, tmp_path):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.new("RGB", (32, 32)).save(flat / "a.png")
+    res = _show(run_dir, "--only", "preds", "--data", flat, "--out", tmp_path / "out")
+    assert (res.exit_code, res.stderr) == (1, f"{flat}: is a flat folder of images; show needs each image's class: "
+                                              "put them in class folders (convspec eval --labels FILE scores a "
+                                              "flat folder)\n")
+
+
 def test_every_picture_skips_what_the_run_cannot_give(fc_run_dir, tmp_path):
     res = _show(fc_run_dir, "--out", tmp_path, "--count", "2", "--queries", "1")
     assert res.exit_code == 0, res.output
