@@ -14,11 +14,21 @@ def _picture_list(ctx, param, value):
     if value is None:
         return None
     names = [n.strip() for n in value.split(",") if n.strip()]
+    if not names:  # drawing nothing would still replace index.html with an empty page
+        raise click.BadParameter(f"names no picture; choose from {', '.join(PICTURES)}")
     for name in names:
         if name not in PICTURES:
             raise click.BadParameter(f"no picture '{name}'{did_you_mean(name, PICTURES)} "
                                      f"(choose from {', '.join(PICTURES)})")
     return names
+
+
+def _one_name_each(ctx, param, value):
+    for name in value:
+        if "," in name:
+            repeated = " ".join(f"--layer {n.strip()}" for n in name.split(",") if n.strip())
+            raise click.BadParameter(f"takes one layer name; repeat it: {repeated}")
+    return value
 
 
 @click.command()
@@ -30,7 +40,7 @@ def _picture_list(ctx, param, value):
                    "(with a note) any the run cannot give.")
 @click.option("--compare", multiple=True, type=click.Path(), metavar="RUN",
               help="Another run folder whose curves go on the same plot.  Repeatable.")
-@click.option("--layer", "layers", multiple=True, metavar="NAME",
+@click.option("--layer", "layers", multiple=True, metavar="NAME", callback=_one_name_each,
               help="Conv layer whose filters to draw.  Repeatable.  Default: every conv layer fed by the data "
                    "layer (colour tiles); deeper layers are drawn as grey tiles, one per input channel.")
 @click.option("--data", metavar="PATH",

@@ -221,6 +221,12 @@ def test_every_picture_skips_what_the_run_cannot_give(fc_run_dir, tmp_path):
 def test_unknown_picture_name_suggests_the_nearest():
     res = _show("--only", "filtres")
     assert res.exit_code == 2 and "no picture 'filtres'; did you mean 'filters'?" in res.output
+    for empty in ("", ","):  # drew nothing, and replaced index.html with an empty page
+        res = _show("--only", empty)
+        assert res.exit_code == 2 and "names no picture; choose from curves, filters, preds, neighbours, net" \
+            in res.output
+    res = _show("--layer", "conv1,conv2")
+    assert res.exit_code == 2 and "takes one layer name; repeat it: --layer conv1 --layer conv2" in res.output
 
 
 @pytest.mark.parametrize("option, value, cap", [("--count", "100000", 256), ("--queries", "65", 64)])
