@@ -169,6 +169,9 @@ def _sections_to_layers(spec: SpecFile, notes: list[str]) -> dict[str, Layer]:
         if type_entry is None and section.name == TRAIN_SECTION:
             raise fail(f"[{TRAIN_SECTION}] is the training recipe and belongs in the params file "
                        "(NAME.params.cfg beside the spec), not the layer file; move it there", section.loc)
+        if type_entry is None and not any(e.key.lower() == "type" for s in spec.sections for e in s.entries):
+            raise fail("no section has type=, so this looks like a layer-params file; give the layer file as SPEC "
+                       "and this one with --params", section.loc)
         if type_entry is None:
             raise fail(f"layer '{section.name}' has no type=; add one, e.g. type=conv "
                        f"(types: {', '.join(LAYER_TYPES)})", section.loc)

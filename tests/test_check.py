@@ -168,6 +168,8 @@ FC = "[fc]\ntype=fc\ninputs=c\noutputs=10\n"
 
 ERRORS = [
     # (spec body after HEAD, params or None, first line of the error[, a HEAD of its own])
+    ("[conv1]\nepsW=0.001\n[fc]\nepsW=0.01\n", None, "s.cfg:1:2: no section has type=, so this looks like a "
+     "layer-params file; give the layer file as SPEC and this one with --params", ""),
     # An empty value was read as the default: initW= trained with 0.01.
     (CONV + "initW=\n" + FC + TAIL, None,
      "s.cfg:13:7: layer 'c': initW= has no value; give one or delete the line (the default is 0.01)"),
