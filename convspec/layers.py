@@ -237,7 +237,14 @@ def local_shape(layer: Layer) -> Shape:
             )
         f, p, s = layer.per_input("filterSize", i), layer.per_input("padding", i), layer.per_input("stride", i)
         if layer.attrs.get("modulesX"):
-            oh = ow = layer.attrs["modulesX"]
+            oh = ow = m = layer.attrs["modulesX"]
+            if -p + s * (m - 1) + f < max(h, w):  # cuda-convnet2's rule: more is zeros, fewer loses pixels
+                computed = 1 + math.ceil((2 * p + max(h, w) - f) / s)
+                raise fail(
+                    f"layer '{layer.name}': modulesX={m} output windows (stride={s}, padding={p}) do not cover the "
+                    f"{h}x{w} input of '{layer.inputs[i]}'; use modulesX={computed} or more, or leave it out",
+                    layer.loc_of("modulesX"),
+                )
         else:
             oh = 1 + math.ceil((2 * p + h - f) / s)
             ow = 1 + math.ceil((2 * p + w - f) / s)

@@ -170,6 +170,10 @@ ERRORS = [
     # (spec body after HEAD, params or None, first line of the error[, a HEAD of its own])
     ("[conv1]\nepsW=0.001\n[fc]\nepsW=0.01\n", None, "s.cfg:1:2: no section has type=, so this looks like a "
      "layer-params file; give the layer file as SPEC and this one with --params", ""),
+    # cuda-convnet2's rule for a given modulesX: more windows see zeros, fewer would skip pixels.
+    (CONV + "modulesX=20\n" + FC + TAIL, None,
+     "s.cfg:13:10: layer 'c': modulesX=20 output windows (stride=1, padding=0) do not cover the 32x32 input of "
+     "'data'; use modulesX=28 or more, or leave it out"),
     # An empty value was read as the default: initW= trained with 0.01.
     (CONV + "initW=\n" + FC + TAIL, None,
      "s.cfg:13:7: layer 'c': initW= has no value; give one or delete the line (the default is 0.01)"),
