@@ -33,6 +33,11 @@ def load_square(data: bytes | str, size: int) -> np.ndarray:
 
 def square(img: Image.Image, size: int) -> np.ndarray:
     """An open image as RGB, short side rescaled to ``size``, centre crop."""
+    if img.mode.startswith("I"):
+        # 16-bit grayscale (PNG): Pillow's convert("RGB") clips every value above 255 to white.
+        wide = np.asarray(img, dtype=np.float64)
+        sixteen = img.mode.startswith("I;16") or wide.max(initial=0) > 255
+        img = Image.fromarray(np.clip(np.round(wide / 257 if sixteen else wide), 0, 255).astype(np.uint8), "L")
     img = img.convert("RGB")
     w, h = img.size
     scale = size / min(w, h)

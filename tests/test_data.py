@@ -148,6 +148,13 @@ def test_grayscale_and_cmyk_become_rgb(tmp_path):
     assert gray.shape == (32, 32, 3) and (gray == 77).all()
     red = load_square(str(tmp_path / "c.jpg"), 32)
     assert red.shape == (32, 32, 3) and red[..., 0].mean() > 200 and red[..., 1].mean() < 60
+    # 16-bit grayscale PNG: Pillow's own conversion clipped almost every pixel to 255.
+    wide = np.random.default_rng(0).integers(0, 65536, (32, 40)).astype(np.uint16)
+    Image.fromarray(wide).save(tmp_path / "w.png")
+    with Image.open(tmp_path / "w.png") as img:
+        assert img.mode == "I;16"
+    eight = load_square(str(tmp_path / "w.png"), 32)
+    assert np.array_equal(eight[..., 1], np.round(wide[:, 4:36] / 257).astype(np.uint8))  # the formula
 
 
 def test_stats_match_numpy():
