@@ -17,12 +17,38 @@ from .check import CheckedNet, check, check_paths, find_params_file  # noqa: E40
 from .errors import Location, SpecError  # noqa: E402
 
 
+def _api_devices(devices):
+    """``devices`` as --devices takes them: "cpu,cuda:0" or a list, checked the same way."""
+    from runtime.train import parse_devices
+
+    if devices is None:
+        return None
+    text = devices if isinstance(devices, str) else ",".join(str(d) for d in devices)
+    return parse_devices(text)
+
+
+def _api_input_shape(shape):
+    """``input_shape`` as --input takes it: "3x224x224" or (3, 224, 224)."""
+    from .values import parse_shape
+
+    if shape is None:
+        return None
+    if isinstance(shape, str):
+        return parse_shape(shape, "input_shape", None)
+    if not (isinstance(shape, (tuple, list)) and len(shape) == 3
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)):
+        raise SpecError(f"input_shape must be (C, H, W) with positive whole numbers or 'CxHxW', not {shape!r}")
+    return tuple(shape)
+
+
 def build(spec, params=None, devices=None, input_shape=None, overrides=()):
     """The untrained net of a spec file (and its params file, found beside
-    it), with ``--set``-style ``overrides``; ``devices`` as ``--devices``."""
+    it), with ``--set``-style ``overrides``; ``devices`` and ``input_shape`` as
+    ``--devices`` and ``--input`` take them ("cpu,cuda:0", "3x224x224") or as lists."""
     from .builder import build as build_net
 
-    return build_net(check_paths(spec, params, input_shape, overrides=overrides), devices)
+    checked = check_paths(spec, params, _api_input_shape(input_shape), overrides=overrides)
+    return build_net(checked, _api_devices(devices))
 
 
 def load(run_or_checkpoint, devices=None):
@@ -34,7 +60,7 @@ def load(run_or_checkpoint, devices=None):
     from runtime import checkpoint, runs
 
     path = runs.eval_checkpoint(Path(run_or_checkpoint))
-    return runs.net_from_checkpoint(checkpoint.load_training(path), devices or ["cpu"], str(path))
+    return runs.net_from_checkpoint(checkpoint.load_training(path), _api_devices(devices) or ["cpu"], str(path))
 
 
 __all__ = ["CheckedNet", "Location", "SpecError", "build", "check", "check_paths", "find_params_file", "load"]

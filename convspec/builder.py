@@ -25,6 +25,7 @@ from torch import nn
 
 from . import ops
 from .check import CheckedNet
+from .errors import SpecError, did_you_mean
 from .fuse import Step, plan
 from .layers import LAYER_TYPES
 
@@ -122,8 +123,23 @@ class CompiledNet(nn.Module):
 
     # --- running ----------------------------------------------------------------------
 
-    def forward(self, images: torch.Tensor, outputs: Sequence[str] | None = None):
-        wanted = tuple(outputs) if outputs else (self.output_name,)
+    def _wanted(self, outputs: str | Sequence[str] | None) -> tuple[str, ...]:
+        """The layers to return, checked: a bare KeyError named neither the fix nor the spec."""
+        if not outputs:
+            return (self.output_name,)
+        wanted = (outputs,) if isinstance(outputs, str) else tuple(outputs)
+        for name in wanted:
+            layer = self.spec.layers.get(name)
+            if layer is None:
+                raise SpecError(f"outputs: no layer '{name}' in {self.spec.path}"
+                                f"{did_you_mean(name, list(self.spec.layers))}")
+            if name != self.image_input and (layer.type == "data" or layer.type.startswith("cost.")):
+                raise SpecError(f"outputs: '{name}' ({layer.type}) needs the labels, which a forward pass has none "
+                                f"of; ask for layers the images compute (e.g. '{self.output_name}')")
+        return wanted
+
+    def forward(self, images: torch.Tensor, outputs: str | Sequence[str] | None = None):
+        wanted = self._wanted(outputs)
         values: dict[str, torch.Tensor] = {self.image_input: images}
         fused: dict[tuple[str, ...], torch.Tensor] = {}  # members -> channel-concatenated output
         copies: dict[tuple[str, torch.device], torch.Tensor] = {}
@@ -161,7 +177,7 @@ class CompiledNet(nn.Module):
                 offset += width
 
         if outputs:
-            return {name: values[name] for name in outputs}
+            return {name: values[name] for name in wanted}
         return values[self.output_name]
 
     def run_step(self, step: Step, inputs: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -312,6 +312,25 @@ def test_build_api_gives_an_untrained_net(setup):
     spec, _ = setup
     net = convspec.build(str(spec), overrides=["fc1.outputs=12"])
     assert net.fc1.weight.shape[0] == 12 and net(torch.zeros(2, 3, 32, 32)).shape == (2, 4)
+    # devices and input_shape as the CLI takes them, checked the same way (meta built; a 2-tuple was misread).
+    assert convspec.build(str(spec), devices="cpu", input_shape="3x32x32")(torch.zeros(1, 3, 32, 32)).shape == (1, 4)
+    for kw, message in [
+        ({"devices": ["meta"]}, "--devices: 'meta' is not supported; use cpu or cuda:N"),
+        ({"input_shape": (3, 16)}, "input_shape must be (C, H, W) with positive whole numbers or 'CxHxW', not (3, 16)"),
+        ({"input_shape": "3x16"}, "input_shape must be CxHxW with positive whole numbers, e.g. 3x224x224, not '3x16'"),
+    ]:
+        with pytest.raises(SpecError) as err:
+            convspec.build(str(spec), **kw)
+        assert str(err.value) == message
+    for outputs, message in [
+        (["labels"], "outputs: 'labels' (data) needs the labels, which a forward pass has none of; ask for layers the "
+                     "images compute (e.g. 'fc2')"),
+        (["fc"], f"outputs: no layer 'fc' in {spec}; did you mean 'fc2'?"),
+    ]:
+        with pytest.raises(SpecError) as err:
+            net(torch.zeros(1, 3, 32, 32), outputs=outputs)
+        assert str(err.value) == message
+    assert net(torch.zeros(1, 3, 32, 32), outputs="fc1")["fc1"].shape == (1, 12)  # one name, not its letters
 
 
 ERRORS = [
