@@ -138,6 +138,21 @@ def list_flat(root: Path, labels_file: Path, classes: list[str]) -> ImageList:
     return ImageList(items, classes)
 
 
+def sides_of_first(listing: ImageList, n: int = 8) -> tuple[int, int] | None:
+    """(largest, smallest) side among the first ``n`` readable images: enough to catch
+    a whole folder that would be upscaled (CIFAR read at 256 px), without reading it all."""
+    from PIL import Image
+
+    sizes = []
+    for path, _ in listing.items[:n]:
+        try:
+            with Image.open(path) as img:
+                sizes.append(img.size)
+        except Exception:  # unreadable files are reported where they are read
+            continue
+    return (max(max(s) for s in sizes), min(min(s) for s in sizes)) if sizes else None
+
+
 def read_synsets(path: Path) -> dict[str, str]:
     """``wnid name`` per line -> {wnid: name}."""
     names = {}

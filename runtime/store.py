@@ -38,7 +38,7 @@ from convspec.errors import Location, fail
 from . import cifar
 from .preprocess import Stats, load_square
 from .progress import Progress
-from .sources import STORE_MARKER, detect, list_class_folders, loose_note, read_synsets, resolve
+from .sources import STORE_MARKER, detect, list_class_folders, loose_note, read_synsets, resolve, sides_of_first
 
 FORMAT = "convspec-store"
 VERSION = 1
@@ -161,16 +161,10 @@ def _refuse_upscaling_everything(data, options: PrepareOptions) -> None:
     pixels of the originals: catch it from the first few images."""
     if isinstance(data, cifar.CifarSplit):
         return
-    sizes = []
-    for path, _ in data.items[:8]:
-        try:
-            with Image.open(path) as img:
-                sizes.append(img.size)
-        except Exception:  # unreadable files are reported later, with the rest
-            continue
-    if sizes and max(max(s) for s in sizes) < options.size:
-        raise fail(f"the images are at most {max(max(s) for s in sizes)} px but --size is {options.size}, which "
-                   f"would upscale every one; pass --size {min(min(s) for s in sizes)} "
+    sides = sides_of_first(data)
+    if sides and sides[0] < options.size:
+        raise fail(f"the images are at most {sides[0]} px but --size is {options.size}, which "
+                   f"would upscale every one; pass --size {sides[1]} "
                    f"(e.g. --size 32 --raw for CIFAR)",
                    Location(str(data.items[0][0].parent.parent)))
 

@@ -41,7 +41,7 @@ from .evaluate import EvalResult, autocast, evaluate
 from .loader import Batches, augment_for, eval_batches, holdout, open_source, refuse_other_size
 from .optim import ConvnetSGD
 from .progress import Progress
-from .sources import fingerprint, loose_note, read_synsets, resolve
+from .sources import detect, fingerprint, list_class_folders, loose_note, read_synsets, resolve, sides_of_first
 
 DATA_ENV = "CONVSPEC_DATA"
 TOPK = 5
@@ -282,6 +282,20 @@ class Trainer:
                        "drop them to continue the run, or train a new run with another --out",
                        Location(str(self.run_dir)))
 
+    def _refuse_upscaling_every_image(self, size: int) -> None:
+        """Image folders are rescaled to ``size``: when even the largest of the first few
+        images is smaller, the net is too big for the data (CIFAR read at 256 px), as prepare says."""
+        root = resolve(self.data_path)
+        if not root.is_dir() or detect(root) not in ("classfolders", "imagefolder"):
+            return  # stores and CIFAR batches have one size, checked against the crop later
+        listing = list_class_folders(root / "train" if detect(root) == "imagefolder" else root)
+        sides = sides_of_first(listing)
+        if sides and sides[0] < size:
+            raise fail(f"the images are at most {sides[0]} px but training reads them at {size} px "
+                       f"({self.crop}x{self.crop} crops, inputSize in {self.net_spec.path}), which would upscale "
+                       f"every one; train a net whose crops fit the images, or give images of at least {size} px",
+                       Location(str(self.data_path)))
+
     def _open_data(self) -> None:
         r, c = self.recipe, self.cluster
         image_shape = self.net_spec.image_shape
@@ -290,6 +304,8 @@ class Trainer:
                        Location(self.net_spec.path))
         self.crop = image_shape[1]
         size = r.image_size or (round(self.crop * 256 / 224) if r.random_crop else self.crop)
+        if self.state is None:
+            self._refuse_upscaling_every_image(size)
         self.train_source = open_source(self.data_path, "train", size=size, progress=self.main and self.o.progress)
         if self.crop > self.train_source.size:
             raise fail(f"holds {self.train_source.size}x{self.train_source.size} images but the net takes "

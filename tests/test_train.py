@@ -396,6 +396,18 @@ def test_one_class_is_refused_and_an_unread_val_folder_is_noted(setup, tmp_path)
                                           "class and is not read; move it into a class folder to use it")
 
 
+def test_a_net_bigger_than_every_image_is_refused_before_reading_them(setup, tmp_path):
+    """32 px images read at 40 px were upscaled without a word (prepare refused the same)."""
+    spec, _ = setup
+    folders = _class_folders(tmp_path / "small", ["cat", "dog"])
+    res = CliRunner().invoke(main, ["train", str(spec), "--data", str(folders), "--out", str(tmp_path / "r"),
+                                    "--quiet", "--set", "data.inputSize=3x40x40", "--set", "fc2.outputs=2"])
+    assert (res.exit_code, res.output) == (1, f"{folders}: the images are at most 32 px but training reads them at "
+                                              f"40 px (40x40 crops, inputSize in {spec}), which would upscale every "
+                                              "one; train a net whose crops fit the images, or give images of at "
+                                              "least 40 px\n")
+
+
 def test_missing_data_and_runs_say_what_to_pass(setup, tmp_path, monkeypatch):
     spec, data = setup
     monkeypatch.delenv("CONVSPEC_DATA", raising=False)
