@@ -363,6 +363,8 @@ def test_train_section_recipe_keys():
     (["c.filters=3]"], "--set:1:12: unexpected ']'; expected ',', a comment or end of line"),
     (["conv1.filters=3"], "--set conv1.filters=3: no layer 'conv1' in s.cfg; use a section name from the spec, "
                           "or train for the recipe"),
+    (["a]b.epsW=1"], "--set a]b.epsW=1: 'a]b' cannot be a layer name; use a [section] name from the spec, or train "
+                     "for the recipe"),
     (["train.epochs=0"], "--set:1:14: [train]: epochs=0 must be at least 1"),
     (["train.epoch=3"], "--set:1:7: [train]: unknown key 'epoch'; did you mean 'epochs'?"),
     (["c.filters=3", "c.FILTERS=5"], "--set c.FILTERS is given twice (c.filters=3 and c.FILTERS=5); keep one"),
