@@ -372,7 +372,9 @@ class Trainer:
                                augment_for(r, self.crop), seed=r.seed, rank=c.rank, world=c.world,
                                workers=workers, pin_memory=torch.cuda.is_available())
         if len(self.batches) == 0:
-            raise fail(f"{len(self.train_idx)} training images make no full batch of {r.batch_size}; "
+            held = (f" ({len(self.val_idx)} of {len(self.train_source)} are held out by valFraction="
+                    f"{r.val_fraction:g})" if self.val_idx is not None and not self.val_path else "")
+            raise fail(f"{len(self.train_idx)} training images{held} make no full batch of {r.batch_size}; "
                        "use a smaller --batch-size or more data", Location(str(self.data_path)))
 
     def _output_layer(self) -> str:

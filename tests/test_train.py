@@ -340,7 +340,8 @@ ERRORS = [
     (["--set", "fc2.outputs=3"], "the net ends in 3 outputs (layer 'fc2') but the data has 4 classes; set "
                                  "outputs=4 on 'fc2' (e.g. --set fc2.outputs=4)"),
     (["--set", "convv1.epsW=1"], "error: --set convv1.epsW=1: no layer 'convv1' in"),
-    (["--batch-size", "1000"], "training images make no full batch of 1000; use a smaller --batch-size"),
+    (["--batch-size", "1000"], "144 training images (48 of 192 are held out by valFraction=0.25) make no full batch "
+                               "of 1000; use a smaller --batch-size"),
     (["--out", "{tmp}/tiny.cfg/run"], "{tmp}/tiny.cfg/run: cannot make the run folder: {tmp}/tiny.cfg is a file; "
                                       "choose another --out"),
     (["--epochs", "1", "--set", "train.epochs=2"],
