@@ -21,24 +21,29 @@ def _api_devices(devices):
     """``devices`` as --devices takes them: "cpu,cuda:0" or a list, checked the same way."""
     from runtime.train import parse_devices
 
-    if devices is None:
-        return None
+    if devices is None or (not isinstance(devices, str) and len(devices) == 0):
+        return None  # the default: visible GPUs, else the CPU
     text = devices if isinstance(devices, str) else ",".join(str(d) for d in devices)
     return parse_devices(text)
 
 
 def _api_input_shape(shape):
     """``input_shape`` as --input takes it: "3x224x224" or (3, 224, 224)."""
+    import operator
+
     from .values import parse_shape
 
     if shape is None:
         return None
     if isinstance(shape, str):
         return parse_shape(shape, "input_shape", None)
-    if not (isinstance(shape, (tuple, list)) and len(shape) == 3
-            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)):
+    try:  # operator.index: ints and numpy ints, not floats or bools
+        dims = tuple(operator.index(d) for d in shape if not isinstance(d, bool))
+    except TypeError:
+        dims = ()
+    if len(dims) != 3 or len(shape) != 3 or min(dims) < 1:
         raise SpecError(f"input_shape must be (C, H, W) with positive whole numbers or 'CxHxW', not {shape!r}")
-    return tuple(shape)
+    return dims
 
 
 def build(spec, params=None, devices=None, input_shape=None, overrides=()):

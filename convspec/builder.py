@@ -129,8 +129,9 @@ class CompiledNet(nn.Module):
             return (self.output_name,)
         wanted = (outputs,) if isinstance(outputs, str) else tuple(outputs)
         for name in wanted:
-            layer = self.spec.layers.get(name)
+            layer = self.spec.layers.get(name) if isinstance(name, str) else None
             if layer is None:
+                name = str(name)
                 raise SpecError(f"outputs: no layer '{name}' in {self.spec.path}"
                                 f"{did_you_mean(name, list(self.spec.layers))}")
             if name != self.image_input and (layer.type == "data" or layer.type.startswith("cost.")):

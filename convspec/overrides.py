@@ -44,10 +44,11 @@ def parse_override(text: str) -> Override:
     try:
         parsed = parse_text(f"[{section}]\n{key}={value}\n", ORIGIN)
     except SpecError as err:
-        if not (err.location and err.location.line == 2):  # the "[section]" line: the name cannot be one
+        if err.location and err.location.line == 1:  # the "[section]" line: the name cannot be one
             raise fail(f"--set {text}: '{section}' cannot be a layer name; use a [section] name from the spec, "
                        "or train for the recipe") from None
-        where = Location(ORIGIN, 1, err.location.column + len(section) + 1, text)
+        column = err.location.column if err.location and err.location.line == 2 else 0
+        where = Location(ORIGIN, 1, column + len(section) + 1 if column else 0, text)
         raise fail(err.message, where) from None
     shift = len(section) + 1  # the text shown is "section.key=value"
     entry = _relocate(parsed.sections[0].entries[0], shift, text)

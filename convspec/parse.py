@@ -195,6 +195,7 @@ _TERMINAL_NAMES = {
     "RSQB": "']'",
     "_EOL": "end of line",
     "COMMENT": "a comment",
+    "HEADER_COMMENT": "a comment",
     "$END": "end of file",
 }
 

@@ -69,8 +69,13 @@ class CifarSplit:
 def _images(batch: dict, path: Path) -> tuple[np.ndarray, np.ndarray]:
     """The batch's images and labels, checked: a value cast to uint8 or int64
     unchecked would wrap (300 -> 44) or crash far from the file."""
-    data = np.asarray(batch.get("data"))
+    try:
+        data = np.asarray(batch.get("data"))
+    except ValueError:  # ragged rows
+        data = np.zeros((0, 0))
     labels = batch.get("labels", batch.get("fine_labels"))
+    if not isinstance(labels, (list, tuple, np.ndarray)):
+        labels = None
     if data.ndim != 2 or data.shape[1] != 3072 or labels is None or len(labels) != len(data):
         raise fail("CIFAR batch has no 'data' of N x 3072 values with matching labels", Location(str(path)))
     if data.dtype != np.uint8 and not (data.dtype.kind in "iu" and (data.size == 0 or
@@ -82,7 +87,7 @@ def _images(batch: dict, path: Path) -> tuple[np.ndarray, np.ndarray]:
     except (TypeError, ValueError):
         label_array = np.asarray([], dtype=object)
     if label_array.ndim != 1 or label_array.dtype.kind not in "iu":
-        shown = repr(next(iter(labels), None))[:30] if isinstance(labels, (list, tuple, np.ndarray)) else type(labels)
+        shown = repr(next(iter(labels), None))[:30]
         raise fail(f"CIFAR batch's 'labels' must be N whole numbers, not {shown}; re-download the python version",
                    Location(str(path)))
     # Stored as N x (1024 red, 1024 green, 1024 blue), row-major 32x32 planes.
@@ -90,11 +95,19 @@ def _images(batch: dict, path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(images), label_array.astype(np.int64)
 
 
+def _text(name: bytes) -> str:
+    """UTF-8 (a batch written by python 3), else latin-1 (python 2's byte strings never fail it)."""
+    try:
+        return name.decode("utf-8")
+    except UnicodeDecodeError:
+        return name.decode("latin1")
+
+
 def _class_names(meta: dict, key: str, path: Path) -> list[str]:
     names = meta.get(key)
     if not isinstance(names, (list, tuple)) or not all(isinstance(c, (str, bytes)) for c in names):
         raise fail(f"'{key}' must be a list of class names; re-download the python version", Location(str(path)))
-    names = [c.decode("latin1") if isinstance(c, bytes) else c for c in names]
+    names = [_text(c) if isinstance(c, bytes) else c for c in names]
     twice = sorted({c for c in names if names.count(c) > 1})
     if twice:
         raise fail(f"'{key}' names a class twice ({', '.join(twice[:3])}); re-download the python version",

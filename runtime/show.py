@@ -38,13 +38,18 @@ from . import draw, runs
 PICTURES = ("curves", "filters", "preds", "neighbours", "net")
 
 
+PLOTTED_METRICS = ("step", "train_loss", "train_error", "val_top1_error", "val_top5_error", "k", "lr_scale",
+                   "seconds", "val_seconds", "images_per_s", "train_seconds", "val_images")
+
+
 def _bad_metrics_record(record) -> str | None:
     """What is wrong with one metrics.jsonl record, or None: the pictures need an
     epoch number and finite numbers (json reads NaN and Infinity as floats)."""
     if not isinstance(record, dict) or isinstance(record.get("epoch"), bool) \
             or not isinstance(record.get("epoch"), int):
         return 'is not a convspec metrics line (a JSON object with a whole "epoch")'
-    for key, value in record.items():
+    for key in PLOTTED_METRICS:  # keys a later version adds are not this reader's business
+        value = record.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
                                   or not math.isfinite(value)):
             return f"{key} is {json.dumps(value)[:40]}, not a finite number"

@@ -138,13 +138,13 @@ def list_flat(root: Path, labels_file: Path, classes: list[str]) -> ImageList:
     return ImageList(items, classes)
 
 
-def sides_of_first(listing: ImageList, n: int = 8) -> tuple[int, int] | None:
+def sides_of_first(paths: list[Path], n: int = 8) -> tuple[int, int] | None:
     """(largest, smallest) side among the first ``n`` readable images: enough to catch
     a whole folder that would be upscaled (CIFAR read at 256 px), without reading it all."""
     from PIL import Image
 
     sizes = []
-    for path, _ in listing.items[:n]:
+    for path in paths[:n]:
         try:
             with Image.open(path) as img:
                 sizes.append(img.size)

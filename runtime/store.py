@@ -161,7 +161,7 @@ def _refuse_upscaling_everything(data, options: PrepareOptions) -> None:
     pixels of the originals: catch it from the first few images."""
     if isinstance(data, cifar.CifarSplit):
         return
-    sides = sides_of_first(data)
+    sides = sides_of_first([path for path, _ in data.items[:8]])
     if sides and sides[0] < options.size:
         raise fail(f"the images are at most {sides[0]} px but --size is {options.size}, which "
                    f"would upscale every one; pass --size {sides[1]} "

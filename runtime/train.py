@@ -41,7 +41,8 @@ from .evaluate import EvalResult, autocast, evaluate
 from .loader import Batches, augment_for, eval_batches, holdout, open_source, refuse_other_size
 from .optim import ConvnetSGD
 from .progress import Progress
-from .sources import detect, fingerprint, list_class_folders, loose_note, read_synsets, resolve, sides_of_first
+from .sources import (class_folders, detect, fingerprint, is_image, loose_note, read_synsets, resolve,
+                      sides_of_first)
 
 DATA_ENV = "CONVSPEC_DATA"
 TOPK = 5
@@ -282,18 +283,22 @@ class Trainer:
                        "drop them to continue the run, or train a new run with another --out",
                        Location(str(self.run_dir)))
 
-    def _refuse_upscaling_every_image(self, size: int) -> None:
-        """Image folders are rescaled to ``size``: when even the largest of the first few
-        images is smaller, the net is too big for the data (CIFAR read at 256 px), as prepare says."""
+    def _refuse_crops_bigger_than_every_image(self) -> None:
+        """Crops bigger than even the largest of a folder's first few images mean the net
+        does not fit the data (AlexNet's 224 px crops of 32 px CIFAR), as prepare says of
+        --size.  Rescaling a little past the images on purpose (imageSize=36 for +-2 px
+        shifts of 32 px crops) is a recipe, and allowed."""
         root = resolve(self.data_path)
-        if not root.is_dir() or detect(root) not in ("classfolders", "imagefolder"):
-            return  # stores and CIFAR batches have one size, checked against the crop later
-        listing = list_class_folders(root / "train" if detect(root) == "imagefolder" else root)
-        sides = sides_of_first(listing)
-        if sides and sides[0] < size:
-            raise fail(f"the images are at most {sides[0]} px but training reads them at {size} px "
-                       f"({self.crop}x{self.crop} crops, inputSize in {self.net_spec.path}), which would upscale "
-                       f"every one; train a net whose crops fit the images, or give images of at least {size} px",
+        kind = detect(root) if root.is_dir() else None
+        if kind not in ("classfolders", "imagefolder"):
+            return  # stores and CIFAR batches have one size, checked against the crop once open
+        classes = root / "train" if kind == "imagefolder" else root
+        first = classes / class_folders(classes)[0]  # a sample, without listing every folder
+        sides = sides_of_first(sorted(p for p in first.iterdir() if is_image(p)))
+        if sides and sides[0] < self.crop:
+            raise fail(f"the images are at most {sides[0]} px but the net takes {self.crop}x{self.crop} crops "
+                       f"(inputSize in {self.net_spec.path}), which would upscale every one; train a net whose "
+                       f"crops fit the images, or give images of at least {self.crop} px",
                        Location(str(self.data_path)))
 
     def _open_data(self) -> None:
@@ -304,8 +309,12 @@ class Trainer:
                        Location(self.net_spec.path))
         self.crop = image_shape[1]
         size = r.image_size or (round(self.crop * 256 / 224) if r.random_crop else self.crop)
+        if r.image_size is not None and r.image_size < self.crop:
+            raise fail(f"[train] imageSize={r.image_size} is smaller than the net's {self.crop}x{self.crop} crops "
+                       f"(inputSize in {self.net_spec.path}); set imageSize={self.crop} or more, or leave it out",
+                       Location(self.net_spec.params_path or self.net_spec.path))
         if self.state is None:
-            self._refuse_upscaling_every_image(size)
+            self._refuse_crops_bigger_than_every_image()
         self.train_source = open_source(self.data_path, "train", size=size, progress=self.main and self.o.progress)
         if self.crop > self.train_source.size:
             raise fail(f"holds {self.train_source.size}x{self.train_source.size} images but the net takes "
@@ -324,8 +333,9 @@ class Trainer:
             raise fail(f"this data differs from the data the run was trained on (fingerprint {self.fingerprint}, "
                        f"recorded {self.state['data']['fingerprint']}); resume on the same data",
                        Location(str(self.data_path)))
-        if self.state is None and loose_note(self.train_source.loose, "read"):
-            self.say(loose_note(self.train_source.loose, "read"))
+        loose = loose_note(self.train_source.loose, "read")
+        if self.state is None and loose:
+            self.say(loose)
         if len(self.classes) == 1:
             raise fail(f"holds only one class ({self.classes[0]}); a classifier needs at least 2: give the folder "
                        "that holds the class folders", Location(str(self.data_path)))
@@ -372,8 +382,12 @@ class Trainer:
                                augment_for(r, self.crop), seed=r.seed, rank=c.rank, world=c.world,
                                workers=workers, pin_memory=torch.cuda.is_available())
         if len(self.batches) == 0:
-            held = (f" ({len(self.val_idx)} of {len(self.train_source)} are held out by valFraction="
-                    f"{r.val_fraction:g})" if self.val_idx is not None and not self.val_path else "")
+            held = ""
+            if self.train_limit:
+                held = f" (--train-limit {self.train_limit})"
+            elif self.val_idx is not None and len(self.val_idx) and not self.val_path:
+                held = (f" ({len(self.val_idx)} of {len(self.train_source)} are held out by "
+                        f"valFraction={r.val_fraction:g})")
             raise fail(f"{len(self.train_idx)} training images{held} make no full batch of {r.batch_size}; "
                        "use a smaller --batch-size or more data", Location(str(self.data_path)))
 

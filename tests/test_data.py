@@ -77,14 +77,18 @@ _ZEROS = np.zeros((6, 3072), np.uint8)
      "version"),
     ({b"data": _ZEROS, b"labels": [-1] * 6}, None,
      ": CIFAR batch has label -1; labels are 0..9 (the classes in the meta file): re-download the python version"),
+    ({b"data": _ZEROS, b"labels": 5}, None,
+     "data_batch_2: CIFAR batch has no 'data' of N x 3072 values with matching labels"),
+    ({b"data": [[1, 2], [3]], b"labels": [0, 0]}, None,
+     "data_batch_2: CIFAR batch has no 'data' of N x 3072 values with matching labels"),
     (None, {b"label_names": None},
      "batches.meta: 'label_names' must be a list of class names; re-download the python version"),
     (None, {b"label_names": [[1], [2]]},
      "batches.meta: 'label_names' must be a list of class names; re-download the python version"),
     (None, {b"label_names": [b"cat", b"cat"] + [b"c%d" % i for i in range(8)]},
      "batches.meta: 'label_names' names a class twice (cat); re-download the python version"),
-], ids=["str labels", "huge labels", "float labels", "data > 255", "float data", "negative label", "no names",
-        "nested names", "a name twice"])
+], ids=["str labels", "huge labels", "float labels", "data > 255", "float data", "negative label", "labels an int",
+        "ragged data", "no names", "nested names", "a name twice"])
 def test_bad_cifar_contents_are_named_not_cast(tmp_path, batch, meta, message):
     """Each crashed (exit 3) or was cast silently: 300 wrapped to 44, 0.5 became class 0, -1 reached the loss."""
     root, _, _ = _cifar_dir(tmp_path)

@@ -31,7 +31,7 @@ def test_neuron_with_parameters_and_schedule():
 
 
 def test_comments_blank_lines_whitespace_and_missing_final_newline():
-    text = "# header\n; also a comment\n\n[a]   \n  key = 3x224x224   # trailing\nk2:value ;x\n[b] ;c\nz=1"
+    text = "# header\n; also a comment\n\n[a]   \n  key = 3x224x224   # trailing\nk2:value ;x\n[b];c\nz=1"
     v = entries(text)
     assert isinstance(v[("a", "key")].items[0], Word) and v[("a", "key")].raw == "3x224x224"
     assert v[("a", "k2")].raw == "value"

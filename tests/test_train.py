@@ -331,6 +331,7 @@ def test_build_api_gives_an_untrained_net(setup):
             net(torch.zeros(1, 3, 32, 32), outputs=outputs)
         assert str(err.value) == message
     assert net(torch.zeros(1, 3, 32, 32), outputs="fc1")["fc1"].shape == (1, 12)  # one name, not its letters
+    assert convspec.build(str(spec), devices=[], input_shape=(np.int64(3), 32, 32)).devices == [torch.device("cpu")]
 
 
 ERRORS = [
@@ -397,16 +398,25 @@ def test_one_class_is_refused_and_an_unread_val_folder_is_noted(setup, tmp_path)
                                           "class and is not read; move it into a class folder to use it")
 
 
-def test_a_net_bigger_than_every_image_is_refused_before_reading_them(setup, tmp_path):
-    """32 px images read at 40 px were upscaled without a word (prepare refused the same)."""
+def test_crops_bigger_than_every_image_are_refused_and_a_larger_image_size_is_not(setup, tmp_path):
+    """Crops of 40 px from 32 px images were upscaled without a word (prepare refused the same);
+    rescaling 32 px images to 36 for +-2 px shifts of 32 px crops is a recipe (README's 18pct row)."""
     spec, _ = setup
     folders = _class_folders(tmp_path / "small", ["cat", "dog"])
     res = CliRunner().invoke(main, ["train", str(spec), "--data", str(folders), "--out", str(tmp_path / "r"),
                                     "--quiet", "--set", "data.inputSize=3x40x40", "--set", "fc2.outputs=2"])
-    assert (res.exit_code, res.output) == (1, f"{folders}: the images are at most 32 px but training reads them at "
-                                              f"40 px (40x40 crops, inputSize in {spec}), which would upscale every "
-                                              "one; train a net whose crops fit the images, or give images of at "
-                                              "least 40 px\n")
+    assert (res.exit_code, res.output) == (1, f"{folders}: the images are at most 32 px but the net takes 40x40 "
+                                              f"crops (inputSize in {spec}), which would upscale every one; train a "
+                                              "net whose crops fit the images, or give images of at least 40 px\n")
+    shifted = ["--set", "train.imageSize=36", "--set", "train.randomCrop=1", "--set", "fc2.outputs=2"]
+    res = CliRunner().invoke(main, ["train", str(spec), "--data", str(folders), "--out", str(tmp_path / "r2"),
+                                    "--quiet", "--epochs", "1", "--batch-size", "4", *shifted])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(main, ["train", str(spec), "--data", str(folders), "--out", str(tmp_path / "r3"),
+                                    "--quiet", "--set", "train.imageSize=20", "--set", "fc2.outputs=2"])
+    assert (res.exit_code, res.output) == (1, f"{spec.with_name('tiny.params.cfg')}: [train] imageSize=20 is smaller "
+                                              f"than the net's 32x32 crops (inputSize in {spec}); set imageSize=32 or "
+                                              "more, or leave it out\n")
 
 
 def test_missing_data_and_runs_say_what_to_pass(setup, tmp_path, monkeypatch):
