@@ -128,7 +128,10 @@ def bench(net: CompiledNet, batch: int, iterations: int = 10, warmup: int = 2, p
     """Time ``net`` (built, in train mode) on a random batch; see the module text."""
     spec = net.spec
     if net.image_input is None or net.output_name == net.image_input:
-        raise fail("the spec has no layers after its data layer: nothing to time", Location(spec.path))
+        if all(layer.type == "data" for layer in spec.layers.values()):
+            raise fail("the spec has no layers after its data layer: nothing to time", Location(spec.path))
+        raise fail("no layer computes anything from the images before the softmax: nothing to time; add layers "
+                   "between them, e.g. [fc] with outputs=10", Location(spec.path))
     devices = net.devices
     entry = devices[0]
     input_shape = tuple(spec.layers[net.image_input].shape)

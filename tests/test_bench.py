@@ -211,6 +211,13 @@ def test_a_spec_of_only_a_data_layer_is_refused_by_bench_and_train(tmp_path):
     result = invoke("bench", str(spec), "--iterations", "1", "--warmup", "0", "--batch-size", "1")
     assert (result.exit_code, result.output) == (1, f"{spec}: the spec has no layers after its data layer: "
                                                     "nothing to time\n")
+    bare = tmp_path / "softmax-of-pixels.cfg"  # it said "no layers after its data layer"
+    bare.write_text("[data]\ntype=data\ninputSize=3x2x2\n[labels]\ntype=data\ndataIdx=1\n"
+                    "[probs]\ntype=softmax\ninputs=data\n[cost]\ntype=cost.logreg\ninputs=labels,probs\n")
+    result = invoke("bench", str(bare), "--iterations", "1", "--warmup", "0", "--batch-size", "1")
+    assert (result.exit_code, result.output) == (1, f"{bare}: no layer computes anything from the images before "
+                                                    "the softmax: nothing to time; add layers between them, e.g. "
+                                                    "[fc] with outputs=10\n")
     result = invoke("train", str(spec), "--data", str(tmp_path / "not-read"), "--out", str(tmp_path / "run"))
     assert (result.exit_code, result.output) == (1, f"{spec}: the spec has no cost.logreg layer to train "
                                                     "against; add one (type=cost.logreg, inputs=labels,probs)\n")
