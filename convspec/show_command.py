@@ -38,7 +38,7 @@ def _one_name_each(ctx, param, value):
 @click.option("--only", callback=_picture_list, metavar="LIST",
               help=f"Comma list of pictures: {','.join(PICTURES)}.  Default: all of them, skipping "
                    "(with a note) any the run cannot give.")
-@click.option("--compare", multiple=True, type=click.Path(), metavar="RUN",
+@click.option("--compare", multiple=True, type=click.Path(exists=True), metavar="RUN",
               help="Another run folder whose curves go on the same plot.  Repeatable.")
 @click.option("--layer", "layers", multiple=True, metavar="NAME", callback=_one_name_each,
               help="Conv layer whose filters to draw.  Repeatable.  Default: every conv layer fed by the data "

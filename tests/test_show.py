@@ -225,6 +225,9 @@ def test_unknown_picture_name_suggests_the_nearest():
         res = _show("--only", empty)
         assert res.exit_code == 2 and "names no picture; choose from curves, filters, preds, neighbours, net" \
             in res.output
+    for missing in ("", "nothere"):  # '' read as runs/; a missing one was ignored when curves were not drawn
+        res = _show("--compare", missing, "--only", "net")
+        assert res.exit_code == 2 and f"Path '{missing}' does not exist" in res.output
     res = _show("--layer", "conv1,conv2")
     assert res.exit_code == 2 and "takes one layer name; repeat it: --layer conv1 --layer conv2" in res.output
 
