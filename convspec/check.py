@@ -456,6 +456,8 @@ def _infer(layer: Layer, net: CheckedNet, input_shape: tuple[int, int, int] | No
 
 def _data_shape(layer: Layer, net: CheckedNet, input_shape) -> tuple[int, ...]:
     if layer["dataIdx"] == 1:
+        if layer["inputSize"] is not None:  # e.g. --set labels.inputSize=... meant for the image layer
+            net.notes.append(f"inputSize on '{layer.name}' has no effect: dataIdx=1 is the labels")
         return (1,)  # cuda-convnet's providers put the labels at dataIdx=1
     # The net sees crops: --input, else [train] crop=, else inputSize=.
     if input_shape is not None:

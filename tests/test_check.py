@@ -382,6 +382,11 @@ def test_override_errors_point_into_the_option(overrides, message):
     assert str(err.value).split("\n")[0] == message
 
 
+def test_an_input_size_on_the_labels_layer_is_noted():
+    head = HEAD.replace("dataIdx=1\n", "dataIdx=1\ninputSize=3x32x32\n")
+    assert "inputSize on 'labels' has no effect: dataIdx=1 is the labels" in checked(CONV + FC + TAIL, head=head).notes
+
+
 def test_a_shape_error_caused_by_input_says_so():
     from convspec.check import check as check_files
     from convspec.parse import parse_text
