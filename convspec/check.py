@@ -294,7 +294,11 @@ def _resolve_keys(layer: Layer) -> None:
 
 
 def _shown_default(default: Any) -> str:
-    return "none" if default is None else str(default).lower() if isinstance(default, bool) else str(default)
+    if default is None:
+        return "none"
+    if isinstance(default, bool):
+        return str(default).lower()
+    return str(default)
 
 
 def _convert(layer: Layer, key: Key, n_inputs: int) -> Any:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import pickle
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,7 +109,7 @@ def _class_names(meta: dict, key: str, path: Path) -> list[str]:
     if not isinstance(names, (list, tuple)) or not all(isinstance(c, (str, bytes)) for c in names):
         raise fail(f"'{key}' must be a list of class names; re-download the python version", Location(str(path)))
     names = [_text(c) if isinstance(c, bytes) else c for c in names]
-    twice = sorted({c for c in names if names.count(c) > 1})
+    twice = sorted(name for name, count in Counter(names).items() if count > 1)
     if twice:
         raise fail(f"'{key}' names a class twice ({', '.join(twice[:3])}); re-download the python version",
                    Location(str(path)))

@@ -592,17 +592,26 @@ def test_replicas_mean_data_parallel_and_mixing_with_towers_is_refused(setup, tm
             "(layer 'fc1': gpu=0)") in res.output
 
 
+def _test_batch_as_class_folders(data: Path, folder: Path, count: int, side: int | None = None):
+    """The first ``count`` images of the CIFAR test batch as PNGs in class folders (resized to ``side``)."""
+    from PIL import Image
+
+    images = cifar.load_cifar(data, "test")
+    for k, (image, label) in enumerate(zip(images.images[:count], images.labels[:count])):
+        (folder / images.classes[label]).mkdir(parents=True, exist_ok=True)
+        picture = Image.fromarray(image)
+        (picture.resize((side, side)) if side else picture).save(folder / images.classes[label] / f"{k}.png")
+    return images
+
+
 def test_eval_data_maps_class_folders_through_the_runs_classes(setup, tmp_path):
     from PIL import Image
 
     spec, data = setup
     out = tmp_path / "run"
     train(_quiet(spec=str(spec), data=str(data), out=str(out), epochs=1))
-    images = cifar.load_cifar(data, "test")
     folder = tmp_path / "folder"
-    for k, (image, label) in enumerate(zip(images.images[:12], images.labels[:12])):
-        (folder / images.classes[label]).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(folder / images.classes[label] / f"{k}.png")
+    images = _test_batch_as_class_folders(data, folder, 12)
     res = CliRunner().invoke(main, ["eval", "--checkpoint", str(out), "--data", str(folder), "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["images"] == 12
@@ -632,12 +641,7 @@ def test_a_store_of_one_split_is_evaluated_whole(setup, tmp_path):
     out = tmp_path / "run"
     train(_quiet(spec=str(spec), data=str(data), out=str(out), epochs=1))
     folder = tmp_path / "folder"
-    images = cifar.load_cifar(data, "test")
-    from PIL import Image
-
-    for k, (image, label) in enumerate(zip(images.images[:10], images.labels[:10])):
-        (folder / images.classes[label]).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(folder / images.classes[label] / f"{k}.png")
+    _test_batch_as_class_folders(data, folder, 10)
     store = tmp_path / "store"
     prepare(folder, store, PrepareOptions(size=32, raw=True, workers=1), progress=False)
     res = CliRunner().invoke(main, ["eval", "--checkpoint", str(out), "--data", str(store), "--json"])
@@ -648,18 +652,13 @@ def test_a_store_of_one_split_is_evaluated_whole(setup, tmp_path):
 def test_a_store_of_another_size_is_named_with_the_fix(setup, tmp_path):
     """A store has one size; the mean image and crops need the run's.  eval on a 40 px store
     crashed (numpy broadcasting), and too-small training images said so without file or fix."""
-    from PIL import Image
-
     from runtime.store import PrepareOptions, prepare
 
     spec, data = setup
     out = tmp_path / "run"
     train(_quiet(spec=str(spec), data=str(data), out=str(out), epochs=1))
     folder = tmp_path / "folder"
-    images = cifar.load_cifar(data, "test")
-    for k, (image, label) in enumerate(zip(images.images[:12], images.labels[:12])):
-        (folder / images.classes[label]).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).resize((48, 48)).save(folder / images.classes[label] / f"{k}.png")
+    _test_batch_as_class_folders(data, folder, 12, side=48)
     for size in (16, 40):
         prepare(folder, tmp_path / f"s{size}", PrepareOptions(size=size, raw=True, workers=1), progress=False)
     for size in (16, 40):
