@@ -50,8 +50,16 @@ class CheckedNet:
     train: Section | None = None
     recipe: Recipe = field(default_factory=Recipe)
     notes: list[str] = field(default_factory=list)
+    # The notes that can change what trains without failing anything (a params
+    # section whose layer is misspelt, a layer nothing reads); train and bench
+    # print these, check prints every note.
+    cautions: list[str] = field(default_factory=list)
     overrides: list[str] = field(default_factory=list)  # --set LAYER.KEY=VALUE, as given
     devices: dict[int, DeviceTotals] = field(default_factory=dict)
+
+    def caution(self, text: str) -> None:
+        self.notes.append(text)
+        self.cautions.append(text)
 
     @property
     def total_params(self) -> int:
@@ -111,7 +119,7 @@ def check(spec: SpecFile, params: SpecFile | None = None,
     spec, params = apply_overrides(spec, params, [parse_override(o) for o in overrides])
     layers = _sections_to_layers(spec, net.notes)
     if params is not None:
-        net.train = _merge_params(layers, params, net.notes)
+        net.train = _merge_params(layers, params, net)
         net.recipe = parse_train(net.train)
     for layer in layers.values():
         _resolve_keys(layer)
@@ -144,7 +152,7 @@ def check(spec: SpecFile, params: SpecFile | None = None,
     unused = [l.name for l in net.layers.values()
               if not l.type.startswith("cost.") and l.name not in read and not _is_labels(l)]
     if unused and any(l.type.startswith("cost.") for l in net.layers.values()):
-        net.notes.append(f"unused layers (nothing reads them): {', '.join(unused)}")
+        net.caution(f"unused layers (nothing reads them): {', '.join(unused)}")
     return net
 
 
@@ -226,7 +234,7 @@ def _entry_map(section: Section, notes: list[str] | None = None) -> dict[str, En
 # --- pass 2: the params file ------------------------------------------------------
 
 
-def _merge_params(layers: dict[str, Layer], params: SpecFile, notes: list[str]) -> Section | None:
+def _merge_params(layers: dict[str, Layer], params: SpecFile, net: CheckedNet) -> Section | None:
     train = None
     seen: dict[str, Section] = {}
     for section in params.sections:
@@ -244,10 +252,10 @@ def _merge_params(layers: dict[str, Layer], params: SpecFile, notes: list[str]) 
         if layer is None:
             # cuda-convnet reads only the sections its layers ask for, and
             # published pairs carry such leftovers; say so rather than fail.
-            notes.append(f"{section.loc}: params section [{section.name}] names no layer in the spec; "
-                         f"ignored{did_you_mean(section.name, layers)}")
+            net.caution(f"{section.loc}: params section [{section.name}] names no layer in the spec; "
+                        f"ignored{did_you_mean(section.name, layers)}")
             continue
-        for k, entry in _entry_map(section, notes).items():
+        for k, entry in _entry_map(section, net.notes).items():
             if k == "type":
                 raise fail(f"layer '{section.name}': type= belongs in the layer file, not the params file",
                            entry.loc)

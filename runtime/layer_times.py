@@ -143,7 +143,7 @@ def bench(net: CompiledNet, batch: int, iterations: int = 10, warmup: int = 2, p
         images = images.contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, classes, (batch,), generator=generator).to(entry)
     net.train()
-    notes: list[str] = []
+    notes: list[str] = list(spec.cautions)
     try:
         optimizer: ConvnetSGD | None = ConvnetSGD(net.learning_rules())
     except ValueError as err:

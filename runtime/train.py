@@ -191,6 +191,8 @@ class Trainer:
                     raise fail(f"{option} {value} and --set {recipe_sets[key.lower()]} both set [train] {key}; "
                                "keep one")
             self.net_spec = check_paths(o.spec, o.params, overrides=o.overrides)
+            for caution in self.net_spec.cautions:
+                self.say(f"note: {caution}")
             self.recipe = self.net_spec.recipe.with_options(epochs=o.epochs, batch_size=o.batch_size, seed=o.seed)
             self.run_dir = Path(o.out) if o.out else runs.new_run_dir(o.spec, Path(o.runs_root))
             if self.run_dir.exists() and (list(self.run_dir.glob("*.pt")) or (self.run_dir / runs.METRICS).exists()):

@@ -308,6 +308,25 @@ def test_overrides_are_recorded_and_rebuild_the_trained_net(setup, tmp_path):
         assert net(x).shape == (1, 4)
 
 
+def test_train_and_bench_print_the_notes_that_change_what_trains(setup, tmp_path):
+    spec, data = setup
+    params = tmp_path / "typo.params.cfg"
+    params.write_text(PARAMS + "[fc3]\nepsW=0.5\n")  # a misspelt layer: its rate would be silently ignored
+    said: list[str] = []
+    train(TrainOptions(progress=False, echo=said.append, spec=str(spec), params=str(params), data=str(data),
+                       out=str(tmp_path / "run"), epochs=1))
+    assert said[0] == (f"note: {params}:25:2: params section [fc3] names no layer in the spec; ignored; "
+                       "did you mean 'fc2'?")
+    assert not any("placed on gpu 0" in line for line in said)
+    # check lists the default placement too; it changes nothing, so train keeps quiet about it
+    assert any("placed on gpu 0" in n for n in convspec.check_paths(spec, params).notes)
+
+    result = CliRunner().invoke(main, ["bench", str(spec), "--params", str(params), "--batch-size", "4",
+                                       "--iterations", "1", "--warmup", "0"])
+    assert result.exit_code == 0, result.output
+    assert f"note: {params}:25:2: params section [fc3] names no layer" in result.output
+
+
 def test_build_api_gives_an_untrained_net(setup):
     spec, _ = setup
     net = convspec.build(str(spec), overrides=["fc1.outputs=12"])
