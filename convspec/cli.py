@@ -287,7 +287,11 @@ def eval_(ctx, checkpoint, data, labels, topk, views, devices, batch_size, per_c
         click.echo(f"{done.checkpoint} on {done.data}: {r.images:,} images, "
                    f"{'1 view (centre crop)' if r.views == 1 else f'{r.views} views'}"
                    f"{' (the crop is the whole image: the image and its mirror, 5 times each)' if done.views_coincide else ''}")
-        capped = f"   (--topk {topk} is more than the {r.k} classes)" if topk > r.k and _typed(ctx, "topk") else ""
+        capped = ""
+        if _typed(ctx, "topk") and topk > r.k:
+            capped = f"   (--topk {topk} is more than the {r.k} classes)"
+        elif _typed(ctx, "topk") and topk == r.k:  # a 0.00% that says nothing about the net
+            capped = f"   (the top {topk} of {r.k} classes always hold the right one)"
         click.echo(f"top-1 error {100 * r.top1_error:.2f}%   top-{r.k} error {100 * r.topk_error:.2f}%{capped}")
         if per_class:
             rows = _per_class_rows(r, done.class_names)
