@@ -40,6 +40,9 @@ def parse_override(text: str) -> Override:
     if not eq or not dot or not section or not key.strip() or not value.strip():
         raise fail(f"--set takes LAYER.KEY=VALUE (e.g. --set conv1.epsW=0.002 or --set train.epochs=5), "
                    f"not '{text}'")
+    if any(c in text for c in "\n\r"):
+        # The snippet below is parsed as a file, and a second line would be dropped unseen.
+        raise fail(f"--set takes one KEY=VALUE on one line, not {text!r}; give each key its own --set")
     key = key.strip()
     try:
         parsed = parse_text(f"[{section}]\n{key}={value}\n", ORIGIN)

@@ -367,6 +367,8 @@ def test_train_section_recipe_keys():
                      "for the recipe"),
     (["train.epochs=0"], "--set:1:14: [train]: epochs=0 must be at least 1"),
     (["train.epoch=3"], "--set:1:7: [train]: unknown key 'epoch'; did you mean 'epochs'?"),
+    (["c.filters=8\nneuron=tanh"], "--set takes one KEY=VALUE on one line, not 'c.filters=8\\nneuron=tanh'; give "
+                                    "each key its own --set"),
     (["c.filters=3", "c.FILTERS=5"], "--set c.FILTERS is given twice (c.filters=3 and c.FILTERS=5); keep one"),
     # An error the override causes elsewhere is located in the file, and says the file was changed.
     (["data.inputSize=3x4x4", "fc.outputs=10"], "s.cfg:12:12: layer 'c': filterSize=5 is larger than the 4x4 input "
