@@ -24,7 +24,7 @@ def _api_devices(devices):
     if devices is None or (not isinstance(devices, str) and len(devices) == 0):
         return None  # the default: visible GPUs, else the CPU
     text = devices if isinstance(devices, str) else ",".join(str(d) for d in devices)
-    return parse_devices(text)
+    return parse_devices(text, "devices")
 
 
 def _api_input_shape(shape):

@@ -97,25 +97,28 @@ class RunSummary:
 # --- devices -------------------------------------------------------------------------
 
 
-def parse_devices(text: str | None) -> list[str] | None:
+def parse_devices(text: str | None, option: str = "--devices") -> list[str] | None:
+    """Checked device names; ``option`` names where they came from (the Python
+    API passes "devices" so its errors name its own argument)."""
     if text is None:
         return None
+    use_cpu = "--devices cpu" if option.startswith("--") else f"{option}='cpu'"
     devices = [d.strip() for d in text.split(",") if d.strip()]
     if not devices:
-        raise fail("--devices is empty; write e.g. cpu, cuda:0 or cuda:0,cuda:1, or leave it out for the default")
+        raise fail(f"{option} is empty; write e.g. cpu, cuda:0 or cuda:0,cuda:1, or leave it out for the default")
     for d in devices:
         try:
             dev = torch.device(d)
         except RuntimeError:
-            raise fail(f"--devices: '{d}' is not a device; write e.g. cpu, cuda:0 or cuda:0,cuda:1") from None
+            raise fail(f"{option}: '{d}' is not a device; write e.g. cpu, cuda:0 or cuda:0,cuda:1") from None
         if dev.type == "cuda":
             if not torch.cuda.is_available():
-                raise fail(f"--devices: {d} is not available (this torch {torch.__version__} sees no CUDA GPU); "
-                           "use --devices cpu or install a CUDA build of torch")
+                raise fail(f"{option}: {d} is not available (this torch {torch.__version__} sees no CUDA GPU); "
+                           f"use {use_cpu} or install a CUDA build of torch")
             if (dev.index or 0) >= torch.cuda.device_count():
-                raise fail(f"--devices: {d} does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
+                raise fail(f"{option}: {d} does not exist; this machine has {torch.cuda.device_count()} GPU(s)")
         elif dev.type != "cpu":
-            raise fail(f"--devices: '{d}' is not supported; use cpu or cuda:N")
+            raise fail(f"{option}: '{d}' is not supported; use cpu or cuda:N")
     return devices
 
 

@@ -337,7 +337,11 @@ def test_build_api_gives_an_untrained_net(setup):
     # devices and input_shape as the CLI takes them, checked the same way (meta built; a 2-tuple was misread).
     assert convspec.build(str(spec), devices="cpu", input_shape="3x32x32")(torch.zeros(1, 3, 32, 32)).shape == (1, 4)
     for kw, message in [
-        ({"devices": ["meta"]}, "--devices: 'meta' is not supported; use cpu or cuda:N"),
+        ({"devices": ["meta"]}, "devices: 'meta' is not supported; use cpu or cuda:N"),  # its own name, not --devices
+        ({"devices": "cuda:9"} if not torch.cuda.is_available() else {"devices": "gpu7"},
+         f"devices: cuda:9 is not available (this torch {torch.__version__} sees no CUDA GPU); use devices='cpu' or "
+         "install a CUDA build of torch" if not torch.cuda.is_available() else
+         "devices: 'gpu7' is not a device; write e.g. cpu, cuda:0 or cuda:0,cuda:1"),
         ({"input_shape": (3, 16)}, "input_shape must be (C, H, W) with positive whole numbers or 'CxHxW', not (3, 16)"),
         ({"input_shape": "3x16"}, "input_shape must be CxHxW with positive whole numbers, e.g. 3x224x224, not '3x16'"),
     ]:
