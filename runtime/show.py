@@ -100,6 +100,7 @@ class Unavailable(SpecError):
 def show(o: ShowOptions) -> ShowResult:
     run = Run(o.run, o.runs_root, o.devices)
     run.metrics()  # no epoch finished yet: nothing worth showing
+    _refuse_repeated_runs(run, o.compare, o.runs_root)
     out = Path(o.out) if o.out else run.dir / "show"
     index = out / "index.html"
     if index.is_file() and INDEX_MARK not in index.read_text(errors="replace")[:500]:
@@ -124,6 +125,16 @@ def show(o: ShowOptions) -> ShowResult:
             o.echo(f"wrote {out / picture.file} ({picture.width}x{picture.height})")
     index.write_text(index_html(run, pictures, skipped))
     return ShowResult(out, pictures, skipped, index)
+
+
+def _refuse_repeated_runs(run: "Run", compare: list[str], root: str) -> None:
+    """A run compared with itself draws one curve over another, which reads as two runs that agree."""
+    seen = {run.dir.resolve(): "is the run being shown"}
+    for other in compare:
+        folder = Run(other, root).dir.resolve()
+        if folder in seen:
+            raise fail(f"--compare {other} {seen[folder]} (the same run folder); compare other runs")
+        seen[folder] = f"names the same run as --compare {other}"
 
 
 class Run:

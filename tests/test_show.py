@@ -276,6 +276,13 @@ def test_compare_puts_several_runs_on_one_plot(run_dir, tmp_path):
     res = _show(run_dir, "--only", "curves", "--compare", other, "--out", tmp_path / "out")
     assert res.exit_code == 0, res.output
     assert f"Error per epoch ({run_dir.name}, other-run)" in (tmp_path / "out" / "index.html").read_text()
+    # The same run twice would draw one curve over another; a file in its folder counts as the folder.
+    for again, message in [(run_dir / "metrics.jsonl", f"--compare {run_dir / 'metrics.jsonl'} is the run being "
+                                                       "shown (the same run folder); compare other runs"),
+                           (other, f"--compare {other} names the same run as --compare {other} (the same run "
+                                   "folder); compare other runs")]:
+        res = _show(run_dir, "--only", "curves", "--compare", other, "--compare", again, "--out", tmp_path / "out")
+        assert res.exit_code == 1 and res.output.strip() == f"error: {message}", res.output
 
 
 def test_two_towers_sit_side_by_side_in_their_device_colours():
