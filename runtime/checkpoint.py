@@ -31,6 +31,20 @@ def epoch_name(epoch: int) -> str:
     return f"epoch-{epoch:04d}.pt"
 
 
+def epoch_number(path: Path) -> int | None:
+    """N for an epoch-N.pt file name, else None."""
+    stem = path.name[len("epoch-"):-len(".pt")] if path.name.startswith("epoch-") and path.name.endswith(".pt") \
+        else ""
+    return int(stem) if stem.isdigit() else None
+
+
+def epoch_files(run_dir: str | Path) -> list[Path]:
+    """A run folder's epoch-N.pt files, oldest epoch first.  Sorted by N, not by
+    name: epoch-10000.pt comes after epoch-9999.pt, which its name sorts before."""
+    found = [p for p in Path(run_dir).glob(EPOCH_PATTERN) if epoch_number(p) is not None and p.is_file()]
+    return sorted(found, key=lambda p: (epoch_number(p), p.name))
+
+
 def save(path: str | Path, state: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -121,7 +135,7 @@ def load_training(path: str | Path, map_location="cpu") -> dict:
 
 def prune(run_dir: str | Path, keep: int) -> list[Path]:
     """Delete all but the newest ``keep`` epoch checkpoints; returns the deleted."""
-    files = sorted(Path(run_dir).glob(EPOCH_PATTERN))
+    files = epoch_files(run_dir)
     doomed = files[:-keep] if keep > 0 else files
     for f in doomed:
         f.unlink()

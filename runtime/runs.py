@@ -87,22 +87,41 @@ def _run_info(run_dir: Path) -> dict | None:
     return info if isinstance(info, dict) else None
 
 
-def checkpoint_fits_folder(state: dict, run_dir: Path) -> bool:
-    """Whether a checkpoint was written by the run whose files the folder holds: the
-    same layer file, params file and --set (one copied in from another run is not)."""
+def folder_disagrees(state: dict, run_dir: Path) -> str | None:
+    """The run-folder file (spec.cfg, spec.params.cfg or run.json) that says the
+    checkpoint was trained from another layer file, params file or --set, else None."""
     from convspec.errors import read_utf8
 
     spec = state["spec"]
     for name, text in (("spec.cfg", spec["text"]), ("spec.params.cfg", spec.get("params_text") or "")):
         path = run_dir / name
         if path.is_file() and read_utf8(path) != text:  # a file deleted by hand proves nothing
-            return False
+            return name
     info = _run_info(run_dir)  # the texts agree; without a run.json there is nothing more to compare
-    return info is None or list(info.get("overrides", [])) == list(spec.get("overrides", []))
+    recorded = info.get("overrides") if info else None
+    if not isinstance(recorded, list) or not all(isinstance(o, str) for o in recorded):
+        return None  # no run.json, or one edited out of shape: the checkpoints hold the overrides
+    return "run.json" if recorded != list(spec.get("overrides", [])) else None
+
+
+def same_training(a: dict, b: dict) -> bool:
+    """Whether two checkpoints come from one run's spec, params file and --set."""
+    return all(a["spec"].get(k) == b["spec"].get(k) for k in ("text", "params_text", "overrides"))
+
+
+def peek(path: Path) -> dict | None:
+    """A checkpoint's plain entries, its tensors mapped rather than read (cheap
+    for AlexNet's 0.7 GB); None when it cannot be read so, and then the full
+    load, if one comes, names what is wrong."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - any unreadable file means "no position known"
+        return None
+    return state if isinstance(state, dict) and state.get("format") == ckpt.FORMAT else None
 
 
 def _checkpoints(run_dir: Path) -> list[Path]:
-    return sorted(run_dir.glob(ckpt.EPOCH_PATTERN)) + [p for p in (run_dir / INTERRUPTED,) if p.is_file()]
+    return ckpt.epoch_files(run_dir) + [p for p in (run_dir / INTERRUPTED,) if p.is_file()]
 
 
 def has_checkpoints(run_dir: Path) -> bool:
@@ -118,21 +137,33 @@ def newest_run(root: Path = RUNS_ROOT, name_it: str = "--checkpoint") -> Path:
 
 
 def resume_checkpoint(run_dir: Path) -> Path:
-    """The checkpoint furthest into training: the newest epoch file, or
-    interrupted.pt when it was written after it."""
+    """The checkpoint furthest into training, by the epoch and batch it records
+    (not by its name or time: a copied folder gets new times, a renamed file
+    lies): an epoch file, interrupted.pt, or best.pt when the others are gone."""
     if run_dir.is_file():
         raise fail(f"is a file; --resume continues a run folder from its furthest checkpoint: --out {run_dir.parent}",
                    Location(str(run_dir)))
     if not run_dir.is_dir():
         raise fail("no such run folder to resume; give the --out folder of an earlier run", Location(str(run_dir)))
-    epochs = sorted(run_dir.glob(ckpt.EPOCH_PATTERN))
-    interrupted = run_dir / INTERRUPTED
-    if interrupted.is_file() and (not epochs or interrupted.stat().st_mtime >= epochs[-1].stat().st_mtime):
-        return interrupted
-    if not epochs:
-        raise fail("has no checkpoint to resume from (training stopped before its first epoch ended); "
-                   "start it again without --resume", Location(str(run_dir)))
-    return epochs[-1]
+    unreadable_interrupted = (float("inf"), 0)  # resumed from, so that the full load says what is wrong with it
+    candidates = [(p, 1, None) for p in ckpt.epoch_files(run_dir)]
+    candidates += [(run_dir / INTERRUPTED, 2, unreadable_interrupted)] if (run_dir / INTERRUPTED).is_file() else []
+    candidates += [(run_dir / BEST, 0, (-1, 0))] if (run_dir / BEST).is_file() else []
+    if not candidates:
+        if _a_run_that_stopped_before_its_first_checkpoint(run_dir):
+            raise fail("has no checkpoint to resume from (training stopped before its first epoch ended); "
+                       "start it again without --resume", Location(str(run_dir)))
+        raise fail("has no checkpoint to resume from (no epoch-*.pt, interrupted.pt or best.pt; deleted?); "
+                   "train again with another --out", Location(str(run_dir)))
+
+    def position(candidate):
+        path, rank, unreadable = candidate
+        state = peek(path)
+        if state is not None and isinstance(state.get("epoch"), int) and isinstance(state.get("batch"), int):
+            return (state["epoch"], state["batch"]), rank
+        return unreadable or (ckpt.epoch_number(path), 0), rank
+
+    return max(candidates, key=position)[0]
 
 
 def eval_checkpoint(path: str | Path | None, root: Path = RUNS_ROOT) -> Path:
@@ -146,7 +177,7 @@ def eval_checkpoint(path: str | Path | None, root: Path = RUNS_ROOT) -> Path:
                    "of its .pt files", Location(str(path)))
     if (path / BEST).is_file():
         return path / BEST
-    found = sorted(path.glob(ckpt.EPOCH_PATTERN))
+    found = ckpt.epoch_files(path)
     if found:
         return found[-1]
     if (path / INTERRUPTED).is_file():

@@ -173,7 +173,7 @@ class Trainer:
                     raise fail(f"not a convspec training checkpoint (a torch file from elsewhere?); move it out of "
                                f"{self.run_dir} and --resume again", err.location) from None
                 # --resume takes a folder, so "use an older one" needs the step that gets there.
-                older = [p for p in sorted(self.run_dir.glob(ckpt.EPOCH_PATTERN)) if p != self.resumed_from]
+                older = [p for p in ckpt.epoch_files(self.run_dir) if p != self.resumed_from]
                 if not older or not err.message.endswith("use an older one from the same run"):
                     raise
                 raise fail(f"{err.message.rsplit('; ', 1)[0]}; to resume from {older[-1].name} instead, move "
@@ -219,6 +219,25 @@ class Trainer:
         self._open_data()
         self._build()
 
+    def _refuse_mismatch(self, differs: str) -> None:
+        """The folder's ``differs`` file and the resumed checkpoint disagree: say which one to fix.
+        If the run's other checkpoints agree with this one, the file was edited; if one agrees
+        with the file, this checkpoint came from elsewhere; with no other, either may be."""
+        others = [runs.peek(p) for p in runs._checkpoints(self.run_dir) + [self.run_dir / runs.BEST]
+                  if p.is_file() and p != self.resumed_from]
+        others = [o for o in others if o is not None and "spec" in o]
+        here = Location(str(self.run_dir / differs))
+        restore = (f"restore it, or delete it and --resume again (the resume writes it anew from the checkpoint)")
+        if others and all(runs.same_training(self.state, o) for o in others):
+            raise fail(f"differs from what every checkpoint of this run was trained from (edited by hand?); "
+                       f"{restore}", here)
+        if any(runs.folder_disagrees(o, self.run_dir) is None for o in others):
+            raise fail(f"was trained from another spec, params file or --set than this run folder's (copied in "
+                       f"from another run?); move it out of {self.run_dir} and --resume again",
+                       Location(str(self.resumed_from)))
+        raise fail(f"differs from what {self.resumed_from.name} was trained from: if {differs} was edited, "
+                   f"{restore}; if {self.resumed_from.name} came from another run, move it out of the folder", here)
+
     def _from_checkpoint(self) -> None:
         from convspec.recipe import Recipe
 
@@ -247,10 +266,12 @@ class Trainer:
 
         s, o, d = self.state, self.o, self.state["data"]
         spec, recipe = s["spec"], s["recipe"]
-        if not runs.checkpoint_fits_folder(s, self.run_dir):
-            raise fail(f"was trained from another spec, params file or --set than this run folder's (copied in "
-                       f"from another run?); move it out of {self.run_dir} and --resume again",
-                       Location(str(self.resumed_from)))
+        differs = runs.folder_disagrees(s, self.run_dir)
+        if differs:
+            self._refuse_mismatch(differs)
+        if self.resumed_from.name == runs.BEST:
+            self.say(f"note: resuming from best.pt (epoch {s['epoch']}), the furthest checkpoint left in "
+                     f"{self.run_dir}")
 
         def resolved(path):
             return str(Path(path).resolve()) if path else None
@@ -634,7 +655,7 @@ class Trainer:
 
     def _nan_error(self, step: int, epoch: int, x: torch.Tensor, value: float) -> SpecError:
         layer, what = diagnose(self.net, x)
-        good = sorted(self.run_dir.glob(ckpt.EPOCH_PATTERN))
+        good = ckpt.epoch_files(self.run_dir)
         kept = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written yet"
         return fail(f"loss became {value} at step {step} (epoch {epoch + 1}); the first layer to go bad is "
                     f"'{layer}' ({what}). Training stopped and {kept}. Lower the learning rate "

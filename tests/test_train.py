@@ -860,3 +860,70 @@ def test_resume_from_a_damaged_checkpoint_says_how_to_use_the_one_before(setup, 
     last.rename(tmp_path / "damaged.pt")
     summary = train(_quiet(resume=True, out=str(out), epochs=3))
     assert [h["epoch"] for h in summary.history] == [1, 2, 3]
+
+
+def test_resume_takes_the_furthest_checkpoint_by_what_it_records(setup, tmp_path):
+    """--resume picks by the epoch and batch inside the files, not their names or times; a hand-edited
+    spec.cfg is blamed, not the checkpoints; best.pt alone is enough; run.json is for people."""
+    spec, data = setup
+    run = tmp_path / "run"
+    train(_quiet(spec=str(spec), data=str(data), out=str(run), epochs=2))
+
+    def copy(name):
+        return Path(shutil.copytree(run, tmp_path / name))
+
+    def resume(folder):
+        said: list[str] = []
+        train(TrainOptions(progress=False, echo=said.append, out=str(folder), resume=True, epochs=3))
+        return said
+
+    # A stale interrupted.pt (here epoch 1's state, copied last so it is the newest file) is not taken.
+    stale = copy("stale")
+    shutil.copy(stale / "epoch-0001.pt", stale / "interrupted.pt")
+    before = (stale / "epoch-0002.pt").read_bytes()
+    info = json.loads((stale / "run.json").read_text())
+    (stale / "run.json").write_text(json.dumps({**info, "overrides": None}))  # edited out of shape: ignored
+    assert any("resuming at epoch 3, batch 1" in line for line in resume(stale))
+    assert (stale / "epoch-0002.pt").read_bytes() == before
+
+    # spec.cfg edited by hand: every checkpoint agrees with the others, so the file is named.
+    edited = copy("edited")
+    (edited / "spec.cfg").write_text(SPEC.replace("outputs=16", "outputs=12"))
+    with pytest.raises(SpecError) as err:
+        resume(edited)
+    assert str(err.value) == (f"{edited / 'spec.cfg'}: differs from what every checkpoint of this run was trained "
+                              "from (edited by hand?); restore it, or delete it and --resume again (the resume "
+                              "writes it anew from the checkpoint)")
+    (edited / "spec.cfg").unlink()
+    resume(edited)
+    assert (edited / "spec.cfg").read_text() == SPEC
+
+    # Only best.pt left: it is resumed from, and the run says so.
+    best_only = copy("best-only")
+    for p in best_only.glob("epoch-*.pt"):
+        p.unlink()
+    best_epoch = ckpt.load(best_only / "best.pt")["epoch"]
+    said = resume(best_only)
+    assert said[0] == f"note: resuming from best.pt (epoch {best_epoch}), the furthest checkpoint left in {best_only}"
+    assert [json.loads(line)["epoch"] for line in (best_only / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+    # No checkpoint at all, after epochs finished: not "stopped before its first epoch".
+    bare = copy("bare")
+    for p in bare.glob("*.pt"):
+        p.unlink()
+    with pytest.raises(SpecError) as err:
+        resume(bare)
+    assert str(err.value) == (f"{bare}: has no checkpoint to resume from (no epoch-*.pt, interrupted.pt or best.pt; "
+                              "deleted?); train again with another --out")
+
+
+def test_epoch_ten_thousand_sorts_after_epoch_9999(tmp_path):
+    """Names sort epoch-10000.pt before epoch-9999.pt: pruning by name deleted the checkpoint just written."""
+    from runtime import runs
+
+    for n in (9998, 9999, 10000):
+        (tmp_path / ckpt.epoch_name(n)).touch()
+    (tmp_path / "epoch-best.pt").touch()  # not an epoch file
+    assert [p.name for p in ckpt.epoch_files(tmp_path)] == ["epoch-9998.pt", "epoch-9999.pt", "epoch-10000.pt"]
+    assert runs.resume_checkpoint(tmp_path).name == "epoch-10000.pt"  # unreadable files: by the number in the name
+    assert [p.name for p in ckpt.prune(tmp_path, 2)] == ["epoch-9998.pt"]
