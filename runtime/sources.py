@@ -94,17 +94,25 @@ def list_class_folders(root: Path, classes: list[str] | None = None) -> ImageLis
     """Images under ``root/<class>/``.  With ``classes`` (the training run's
     list), folder names map through it; an unseen class is an error."""
     found = class_folders(root)
+    training = classes is None  # the folders are the classes; else they map through a run's list
     if classes is None:
         classes = found
     index = {name: i for i, name in enumerate(classes)}
     items = []
+    empty = []
     for name in found:
         if name not in index:
             raise fail(f"class folder '{name}' is not one of the {len(classes)} classes the run was trained on"
                        f"{did_you_mean(name, classes)}", Location(str(root / name)))
-        items += [(p, index[name]) for p in sorted((root / name).iterdir()) if is_image(p)]
+        images = [(p, index[name]) for p in sorted((root / name).iterdir()) if is_image(p)]
+        empty += [] if images else [name]
+        items += images
     if not items:
         raise fail("has class folders but no .jpg/.jpeg/.png/.bmp images in them", Location(str(root)))
+    if empty and training:
+        # A class with no images would still be an output of the net, never right and never trained.
+        raise fail(f"class folder holds no .jpg/.jpeg/.png/.bmp images; add images or remove the folder"
+                   f"{f' ({len(empty) - 1} more like it)' if len(empty) > 1 else ''}", Location(str(root / empty[0])))
     return ImageList(items, classes, [p for p in sorted(root.iterdir()) if is_image(p)])
 
 

@@ -109,7 +109,14 @@ def prepare(source: Path, out: Path, options: PrepareOptions, synsets: Path | No
             progress: bool = True) -> dict:
     """Write (or finish writing) a store; returns its store.json contents."""
     source, out = resolve(source), Path(out)
+    if source.is_dir() and out.resolve().is_relative_to(source.resolve()):
+        # Inside SRC the store would be read as one more class folder by the next prepare or train.
+        raise fail(f"is {'SRC itself' if out.resolve() == source.resolve() else f'inside SRC {source}'}; "
+                   "choose an OUT outside the images", Location(str(out)))
     splits = _splits(source, options)
+    if len(splits[0][1].classes) < 2:
+        raise fail(f"holds only one class folder ({splits[0][1].classes[0]}); a classifier needs at least 2: "
+                   "give the folder that holds the class folders", Location(str(source)))
     _refuse_upscaling_everything(splits[0][1], options)
     fingerprint = options.fingerprint(source)
     names = read_synsets(synsets) if synsets else {}  # before writing anything: a bad file leaves OUT as it was

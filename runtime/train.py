@@ -41,6 +41,7 @@ from .evaluate import EvalResult, autocast, evaluate
 from .loader import Batches, augment_for, eval_batches, holdout, open_source, refuse_other_size
 from .optim import ConvnetSGD
 from .progress import Progress
+from .store import StoreSplit
 from .sources import (class_folders, detect, fingerprint, is_image, loose_note, read_synsets, resolve,
                       sides_of_first)
 
@@ -365,11 +366,17 @@ class Trainer:
         if len(self.classes) == 1:
             raise fail(f"holds only one class ({self.classes[0]}); a classifier needs at least 2: give the folder "
                        "that holds the class folders", Location(str(self.data_path)))
-        if self.state is None and not self.val_path and (self.resolved_data / "train").is_dir() \
-                and (self.resolved_data / "val").is_dir():
-            self.say(f"note: training holds out {self.recipe.val_fraction:g} of {self.data_path}/train for "
-                     f"validation; {self.data_path}/val is not read (pass --val-data {self.data_path} to "
-                     "validate on it)")
+        if self.state is None and not self.val_path:
+            kind = detect(self.resolved_data)
+            if kind == "imagefolder" and (self.resolved_data / "val").is_dir():
+                split, unread = f"{self.data_path}/train", f"{self.data_path}/val is"
+            elif kind == "store" and StoreSplit.has_split(self.resolved_data, "val"):
+                split, unread = f"the train split of {self.data_path}", "its val split is"
+            else:
+                split = None
+            if split:
+                self.say(f"note: training holds out {self.recipe.val_fraction:g} of {split} for validation; "
+                         f"{unread} not read (pass --val-data {self.data_path} to validate on it)")
         outputs = self._output_count()
         if outputs != len(self.classes):
             out_layer = self._output_layer()

@@ -3,6 +3,7 @@
 import io
 import os
 import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -388,6 +389,25 @@ def test_prepare_refuses_a_different_store_and_bad_paths(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SpecError, match="holds no images"):
         prepare(tmp_path / "empty", tmp_path / "o3", PrepareOptions(), progress=False)
+    # OUT inside SRC would be read as one more class folder next time; SRC itself is refused the same way.
+    for out, where in [(root / "store", f"inside SRC {root}"), (root, "SRC itself")]:
+        with pytest.raises(SpecError) as err:
+            prepare(root, out, PrepareOptions(size=16, raw=True), progress=False)
+        assert str(err.value) == f"{out}: is {where}; choose an OUT outside the images"
+    assert not (root / "store").exists()
+    # One class, or a class with no images (it would be an output never trained), are refused before writing.
+    shutil.rmtree(root / "train" / "dog")
+    with pytest.raises(SpecError) as err:
+        prepare(root / "train", tmp_path / "o4", PrepareOptions(size=16, raw=True), progress=False)
+    assert str(err.value) == (f"{root / 'train'}: holds only one class folder (cat); a classifier needs at least 2: "
+                              "give the folder that holds the class folders")
+    (root / "train" / "dog").mkdir()
+    (root / "train" / "dog" / "notes.txt").write_text("no images here")
+    with pytest.raises(SpecError) as err:
+        prepare(root / "train", tmp_path / "o4", PrepareOptions(size=16, raw=True), progress=False)
+    assert str(err.value) == (f"{root / 'train' / 'dog'}: class folder holds no .jpg/.jpeg/.png/.bmp images; add "
+                              "images or remove the folder")
+    assert not (tmp_path / "o4").exists()
 
 
 def test_prepare_cifar_batches(tmp_path):

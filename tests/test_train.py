@@ -415,6 +415,17 @@ def test_one_class_is_refused_and_an_unread_val_folder_is_noted(setup, tmp_path)
     assert res.exit_code == 0, res.output
     assert res.output.splitlines()[0] == (f"note: training holds out 0.25 of {split}/train for validation; "
                                           f"{split}/val is not read (pass --val-data {split} to validate on it)")
+    # The same layout prepared into a store: its val split is not read either, and that is said too.
+    from runtime.store import PrepareOptions, prepare
+
+    store = tmp_path / "store"
+    prepare(split, store, PrepareOptions(size=32, raw=True, workers=1), progress=False)
+    res = CliRunner().invoke(main, ["train", str(spec), "--data", str(store), "--out", str(tmp_path / "r4"),
+                                    "--quiet", "--epochs", "1", "--set", "fc2.outputs=2", "--batch-size", "4"])
+    assert res.exit_code == 0, res.output
+    assert res.output.splitlines()[0] == (f"note: training holds out 0.25 of the train split of {store} for "
+                                          f"validation; its val split is not read (pass --val-data {store} to "
+                                          "validate on it)")
     loose = _class_folders(tmp_path / "loose", ["cat", "dog"])
     (loose / "cat" / "0.png").rename(loose / "stray.png")  # beside the class folders: it has no class
     res = CliRunner().invoke(main, ["train", str(spec), "--data", str(loose), "--out", str(tmp_path / "r3"),
