@@ -57,6 +57,25 @@ class PrepareOptions:
                 "kind": "raw" if self.raw else "jpeg", "quality": None if self.raw else self.quality}
 
 
+def _differences(previous: dict, wanted: dict) -> list[str]:
+    """What a rerun of prepare changed, as the options that made the store in OUT."""
+    said = []
+    if previous.get("source") != wanted["source"]:
+        said.append(f"made from {previous.get('source')}")
+    if previous.get("size") != wanted["size"]:
+        said.append(f"made with --size {previous.get('size')}")
+    if previous.get("kind") != wanted["kind"]:
+        said.append("made with --raw" if previous.get("kind") == "raw" else "made without --raw")
+    elif previous.get("quality") != wanted["quality"]:
+        said.append(f"made with --quality {previous.get('quality')}")
+    return said or [f"made by another convspec (store format {previous.get('format')} {previous.get('version')})"]
+
+
+def _tsv(text: str) -> str:
+    """A class name as one classes.tsv field (store.json keeps the exact name)."""
+    return " ".join(text.replace("\t", " ").splitlines()) if any(c in text for c in "\t\r\n") else text
+
+
 def _save_atomic(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -124,9 +143,8 @@ def prepare(source: Path, out: Path, options: PrepareOptions, synsets: Path | No
     if (out / "prepare.json").is_file():
         previous = json.loads((out / "prepare.json").read_text())
         if previous != fingerprint:
-            raise fail(f"already holds a different store (from {previous.get('source')}, "
-                       f"{previous.get('kind')} {previous.get('size')}px); choose another OUT or delete it",
-                       Location(str(out)))
+            raise fail(f"already holds a different store ({'; '.join(_differences(previous, fingerprint))}); rerun "
+                       "with its options, choose another OUT or delete it", Location(str(out)))
         if (out / STORE_MARKER).is_file():
             return {**json.loads((out / STORE_MARKER).read_text()), "already_complete": True}
     elif any(out.iterdir()):
@@ -155,7 +173,7 @@ def prepare(source: Path, out: Path, options: PrepareOptions, synsets: Path | No
     meta["size"] = int(total_stats.pixel_sum.shape[0])
     _save_atomic(out / "report.txt", lambda f: f.write("".join(line + "\n" for line in bad).encode()))
     _save_atomic(out / "classes.tsv", lambda f: f.write("".join(
-        f"{c['index']}\t{c['folder']}\t{c['name']}\n" for c in meta["classes"]).encode()))
+        f"{c['index']}\t{_tsv(c['folder'])}\t{_tsv(c['name'])}\n" for c in meta["classes"]).encode()))
     _save_atomic(out / "mean.npy", lambda f: np.save(f, total_stats.mean_image()))
     eigvals, eigvecs = total_stats.pca()
     _save_atomic(out / "pca.npz", lambda f: np.savez(f, eigvals=eigvals, eigvecs=eigvecs))

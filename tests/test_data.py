@@ -378,8 +378,10 @@ def test_ctrl_c_stops_prepare_at_once_and_a_rerun_finishes(tmp_path):
 def test_prepare_refuses_a_different_store_and_bad_paths(tmp_path):
     root = _image_folder(tmp_path, bad=False)
     prepare(root, tmp_path / "out", PrepareOptions(size=16, raw=True, workers=1), progress=False)
-    with pytest.raises(SpecError, match="already holds a different store"):
-        prepare(root, tmp_path / "out", PrepareOptions(size=24, raw=True, workers=1), progress=False)
+    with pytest.raises(SpecError) as err:
+        prepare(root, tmp_path / "out", PrepareOptions(size=24, raw=False, quality=80, workers=1), progress=False)
+    assert str(err.value) == (f"{tmp_path / 'out'}: already holds a different store (made with --size 16; made "
+                              "with --raw); rerun with its options, choose another OUT or delete it")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x.txt").write_text("x")
     with pytest.raises(SpecError, match="is not empty and holds no convspec store"):
@@ -408,6 +410,12 @@ def test_prepare_refuses_a_different_store_and_bad_paths(tmp_path):
     assert str(err.value) == (f"{root / 'train' / 'dog'}: class folder holds no .jpg/.jpeg/.png/.bmp images; add "
                               "images or remove the folder")
     assert not (tmp_path / "o4").exists()
+
+
+def test_a_class_name_with_a_tab_or_newline_stays_one_classes_tsv_field():
+    from runtime.store import _tsv
+
+    assert _tsv("a\tb\nc") == "a b c" and _tsv("n01440764") == "n01440764"
 
 
 def test_prepare_cifar_batches(tmp_path):
