@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from convspec.errors import Location, SpecError, fail
+from convspec.errors import Location, SpecError, did_you_mean, fail
 
 from . import cifar
 from .preprocess import Augment, Stats, augment_batch, eval_views, load_square
@@ -115,6 +115,19 @@ class _StoreSource(_Sized):
         self.class_names = split.class_names
         self.decodes = split.kind == "jpeg"
 
+    def map_classes(self, classes: list[str], path: Path) -> None:
+        """Labels through a run's class list by folder name, as class folders are
+        mapped: a store of some of the run's classes is evaluated as they are."""
+        index = {name: i for i, name in enumerate(classes)}
+        unknown = [c for c in self.classes if c not in index]
+        if unknown:
+            raise fail(f"class '{unknown[0]}' of the store is not one of the {len(classes)} classes the run was "
+                       f"trained on{did_you_mean(unknown[0], classes)}"
+                       f"{f' ({len(unknown) - 1} more like it)' if len(unknown) > 1 else ''}", Location(str(path)))
+        self.labels = np.array([index[c] for c in self.classes], np.int64)[self.labels]
+        names = dict(zip(self.classes, self.class_names))
+        self.classes, self.class_names = list(classes), [names.get(c, c) for c in classes]
+
     def images(self, indices, reuse: bool = False) -> np.ndarray:
         """With ``reuse``, the batch lands in one scratch buffer that the next
         call overwrites (fresh memory costs page faults on every batch); the
@@ -152,11 +165,10 @@ def open_source(path: str | Path, split: str = "train", classes: list[str] | Non
         if wanted == "val" and not StoreSplit.has_split(path, "val"):
             wanted = "train"  # a store of one split, given for evaluation: all of its images
         store = StoreSplit(path, wanted)
+        source = _StoreSource(store)
         if classes is not None and store.classes != classes:
-            raise fail(f"the store's {len(store.classes)} classes are not the run's {len(classes)} classes "
-                       "(the class lists differ); evaluate a store prepared from the same training classes",
-                       Location(str(path)))
-        return _StoreSource(store)
+            source.map_classes(classes, path)
+        return source
     if kind == "cifar":
         data = cifar.load_cifar(path, "train" if split == "train" else "test")
         if classes is not None and list(data.classes) != list(classes):

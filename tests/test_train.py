@@ -671,7 +671,7 @@ def test_eval_data_maps_class_folders_through_the_runs_classes(setup, tmp_path):
     assert f"{folder / 'class9'}: class folder 'class9' is not one of the 4 classes the run was trained on" in res.output
 
 
-def test_a_store_of_one_split_is_evaluated_whole(setup, tmp_path):
+def test_a_store_of_one_split_or_some_classes_is_evaluated(setup, tmp_path):
     from runtime.store import PrepareOptions, prepare
 
     spec, data = setup
@@ -684,6 +684,22 @@ def test_a_store_of_one_split_is_evaluated_whole(setup, tmp_path):
     res = CliRunner().invoke(main, ["eval", "--checkpoint", str(out), "--data", str(store), "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["images"] == 10
+    # A store of some of the run's classes maps them by name, as the class folders do (it was refused).
+    shutil.rmtree(folder / sorted(p.name for p in folder.iterdir())[0])
+    some = tmp_path / "some"
+    prepare(folder, some, PrepareOptions(size=32, raw=True, workers=1), progress=False)
+    through_store = evaluate_checkpoint(str(out), str(some), k=2).result
+    through_folder = evaluate_checkpoint(str(out), str(folder), k=2).result
+    assert through_store.images == through_folder.images < 10
+    assert (through_store.top1_error, through_store.topk_error) == (through_folder.top1_error,
+                                                                    through_folder.topk_error)
+    (folder / "zebra").mkdir()
+    shutil.copy(next((folder / sorted(p.name for p in folder.iterdir())[0]).iterdir()), folder / "zebra" / "x.png")
+    other = tmp_path / "other"
+    prepare(folder, other, PrepareOptions(size=32, raw=True, workers=1), progress=False)
+    res = CliRunner().invoke(main, ["eval", "--checkpoint", str(out), "--data", str(other)])
+    assert (res.exit_code, res.output.strip()) == (1, f"{other}: class 'zebra' of the store is not one of the 4 "
+                                                      "classes the run was trained on")
 
 
 def test_a_store_of_another_size_is_named_with_the_fix(setup, tmp_path):
