@@ -115,25 +115,25 @@ def peek(path: Path) -> dict | None:
     load, if one comes, names what is wrong."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - any unreadable file means "no position known"
+    except Exception:  # any reason it cannot be read: no position known
         return None
     return state if isinstance(state, dict) and state.get("format") == ckpt.FORMAT else None
 
 
-def _checkpoints(run_dir: Path) -> list[Path]:
+def checkpoint_files(run_dir: Path) -> list[Path]:
     return ckpt.epoch_files(run_dir) + [p for p in (run_dir / INTERRUPTED,) if p.is_file()]
 
 
 def has_checkpoints(run_dir: Path) -> bool:
-    return bool(_checkpoints(run_dir))
+    return bool(checkpoint_files(run_dir))
 
 
 def newest_run(root: Path = RUNS_ROOT, name_it: str = "--checkpoint") -> Path:
-    runs = [d for d in root.glob("*") if d.is_dir() and _checkpoints(d)] if root.is_dir() else []
+    runs = [d for d in root.glob("*") if d.is_dir() and checkpoint_files(d)] if root.is_dir() else []
     if not runs:
         raise fail(f"no trained run under {root}/ (no folder with a checkpoint); train one with "
                    f"convspec train SPEC --data PATH, or name one with {name_it}", Location(str(root)))
-    return max(runs, key=lambda d: max(p.stat().st_mtime for p in _checkpoints(d)))
+    return max(runs, key=lambda d: max(p.stat().st_mtime for p in checkpoint_files(d)))
 
 
 def resume_checkpoint(run_dir: Path) -> Path:
@@ -145,7 +145,9 @@ def resume_checkpoint(run_dir: Path) -> Path:
                    Location(str(run_dir)))
     if not run_dir.is_dir():
         raise fail("no such run folder to resume; give the --out folder of an earlier run", Location(str(run_dir)))
-    unreadable_interrupted = (float("inf"), 0)  # resumed from, so that the full load says what is wrong with it
+    # (file, preference on a tie, position when unreadable): an unreadable interrupted.pt is
+    # taken, so that the full load says what is wrong with it and names the epoch file before it.
+    unreadable_interrupted = (float("inf"), 0)
     candidates = [(p, 1, None) for p in ckpt.epoch_files(run_dir)]
     candidates += [(run_dir / INTERRUPTED, 2, unreadable_interrupted)] if (run_dir / INTERRUPTED).is_file() else []
     candidates += [(run_dir / BEST, 0, (-1, 0))] if (run_dir / BEST).is_file() else []
@@ -157,11 +159,11 @@ def resume_checkpoint(run_dir: Path) -> Path:
                    "train again with another --out", Location(str(run_dir)))
 
     def position(candidate):
-        path, rank, unreadable = candidate
+        path, preference, unreadable = candidate
         state = peek(path)
         if state is not None and isinstance(state.get("epoch"), int) and isinstance(state.get("batch"), int):
-            return (state["epoch"], state["batch"]), rank
-        return unreadable or (ckpt.epoch_number(path), 0), rank
+            return (state["epoch"], state["batch"]), preference
+        return unreadable or (ckpt.epoch_number(path), 0), preference
 
     return max(candidates, key=position)[0]
 

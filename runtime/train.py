@@ -224,11 +224,11 @@ class Trainer:
         """The folder's ``differs`` file and the resumed checkpoint disagree: say which one to fix.
         If the run's other checkpoints agree with this one, the file was edited; if one agrees
         with the file, this checkpoint came from elsewhere; with no other, either may be."""
-        others = [runs.peek(p) for p in runs._checkpoints(self.run_dir) + [self.run_dir / runs.BEST]
+        others = [runs.peek(p) for p in runs.checkpoint_files(self.run_dir) + [self.run_dir / runs.BEST]
                   if p.is_file() and p != self.resumed_from]
         others = [o for o in others if o is not None and "spec" in o]
         here = Location(str(self.run_dir / differs))
-        restore = (f"restore it, or delete it and --resume again (the resume writes it anew from the checkpoint)")
+        restore = "restore it, or delete it and --resume again (the resume writes it anew from the checkpoint)"
         if others and all(runs.same_training(self.state, o) for o in others):
             raise fail(f"differs from what every checkpoint of this run was trained from (edited by hand?); "
                        f"{restore}", here)
