@@ -416,7 +416,9 @@ def _guard(ctx: click.Context, fn) -> None:
     except OSError as err:  # a path that cannot be made, read or written; a full disk
         if debug:
             raise
-        what = f"{err.filename}: {err.strerror or err}" if err.filename else " ".join(str(err).split())
+        # A rename (a file written whole under a temporary name) fails for its target, not the temporary file.
+        named = err.filename2 or err.filename
+        what = f"{named}: {err.strerror or err}" if named else " ".join(str(err).split())
         click.echo(f"error: {what}; check the path, its permissions and the free disk space", err=True)
         sys.exit(1)
     except Exception as err:  # noqa: BLE001 - the last line of defence, re-raised under --debug

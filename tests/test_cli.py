@@ -361,6 +361,9 @@ def test_an_unforeseen_error_is_one_line_and_debug_shows_it(tmp_path, monkeypatc
      "error: /proc/convspec-run: No such file or directory; check the path, its permissions and the free disk space"),
     (OSError(30, "Read-only file system", "ro/run"),
      "error: ro/run: Read-only file system; check the path, its permissions and the free disk space"),
+    # A file written under a temporary name and renamed: the target is what the user knows (and must fix).
+    (IsADirectoryError(21, "Is a directory", "runs/x/.metrics.jsonl.tmp", None, "runs/x/metrics.jsonl"),
+     "error: runs/x/metrics.jsonl: Is a directory; check the path, its permissions and the free disk space"),
     (OSError("921600 requested and 290688 written"),
      "error: 921600 requested and 290688 written; check the path, its permissions and the free disk space"),
 ])
