@@ -290,8 +290,8 @@ def eval_(ctx, checkpoint, data, labels, topk, views, devices, batch_size, per_c
         capped = ""
         if _typed(ctx, "topk") and topk > r.k:
             capped = f"   (--topk {topk} is more than the {r.k} classes)"
-        elif _typed(ctx, "topk") and topk == r.k:  # a 0.00% that says nothing about the net
-            capped = f"   (the top {topk} of {r.k} classes always hold the right one)"
+        elif _typed(ctx, "topk") and topk == len(done.class_names):  # a 0.00% that says nothing about the net
+            capped = f"   (the top {topk} of {topk} classes always hold the right one)"
         click.echo(f"top-1 error {100 * r.top1_error:.2f}%   top-{r.k} error {100 * r.topk_error:.2f}%{capped}")
         if per_class:
             rows = _per_class_rows(r, done.class_names)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -186,6 +187,9 @@ def test_eval_cli_json_views_and_per_class(setup, tmp_path):
     res = runner.invoke(main, ["eval", "--checkpoint", str(out), "--topk", "7"])
     assert res.exit_code == 0 and res.output.splitlines()[-1].endswith("top-4 error 0.00%   (--topk 7 is more "
                                                                        "than the 4 classes)")
+    res = runner.invoke(main, ["eval", "--checkpoint", str(out), "--topk", "2"])  # fewer than the classes: no remark
+    assert res.exit_code == 0 and re.fullmatch(r"top-1 error [\d.]+%   top-2 error [\d.]+%",
+                                               res.output.splitlines()[-1]), res.output
     res = runner.invoke(main, ["eval", "--checkpoint", str(out), "--topk", "4"])
     assert res.exit_code == 0 and res.output.splitlines()[-1].endswith("top-4 error 0.00%   (the top 4 of 4 "
                                                                        "classes always hold the right one)")
