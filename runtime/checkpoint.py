@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -33,9 +34,8 @@ def epoch_name(epoch: int) -> str:
 
 def epoch_number(path: Path) -> int | None:
     """N for an epoch-N.pt file name, else None."""
-    stem = path.name[len("epoch-"):-len(".pt")] if path.name.startswith("epoch-") and path.name.endswith(".pt") \
-        else ""
-    return int(stem) if stem.isdigit() else None
+    match = re.fullmatch(r"epoch-(\d+)\.pt", path.name)
+    return int(match[1]) if match else None
 
 
 def epoch_files(run_dir: str | Path) -> list[Path]:

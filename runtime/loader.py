@@ -26,12 +26,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from convspec.errors import Location, SpecError, did_you_mean, fail
+from convspec.errors import Location, SpecError, fail
 
 from . import cifar
 from .preprocess import Augment, Stats, augment_batch, eval_views, load_square
 from .progress import Progress
-from .sources import ImageList, detect, list_class_folders, list_flat, resolve
+from .sources import ImageList, detect, list_class_folders, list_flat, not_a_run_class, resolve
 from .store import StoreSplit
 
 
@@ -121,9 +121,8 @@ class _StoreSource(_Sized):
         index = {name: i for i, name in enumerate(classes)}
         unknown = [c for c in self.classes if c not in index]
         if unknown:
-            raise fail(f"class '{unknown[0]}' of the store is not one of the {len(classes)} classes the run was "
-                       f"trained on{did_you_mean(unknown[0], classes)}"
-                       f"{f' ({len(unknown) - 1} more like it)' if len(unknown) > 1 else ''}", Location(str(path)))
+            raise not_a_run_class(unknown[0], f"class '{unknown[0]}' of the store", classes, path,
+                                  more=len(unknown) - 1)
         self.labels = np.array([index[c] for c in self.classes], np.int64)[self.labels]
         names = dict(zip(self.classes, self.class_names))
         self.classes, self.class_names = list(classes), [names.get(c, c) for c in classes]

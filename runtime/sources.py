@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from convspec.errors import Location, did_you_mean, fail, read_utf8
+from convspec.errors import Location, SpecError, did_you_mean, fail, read_utf8
 
 from .cifar import is_cifar_dir
 
@@ -90,6 +90,19 @@ def class_folders(root: Path) -> list[str]:
     return names
 
 
+def refuse_one_class(classes: list[str], what: str, where) -> None:
+    """Training and prepare refuse data of one class alike."""
+    if len(classes) == 1:
+        raise fail(f"holds only one {what} ({classes[0]}); a classifier needs at least 2: give the folder that holds "
+                   "the class folders", Location(str(where)))
+
+
+def not_a_run_class(name: str, what: str, classes: list[str], where, more: int = 0) -> SpecError:
+    """The error for class ``name`` (``what``: a folder, or a store's class) that the run's class list lacks."""
+    return fail(f"{what} is not one of the {len(classes)} classes the run was trained on{did_you_mean(name, classes)}"
+                f"{f' ({more} more like it)' if more else ''}", Location(str(where)))
+
+
 def list_class_folders(root: Path, classes: list[str] | None = None) -> ImageList:
     """Images under ``root/<class>/``.  With ``classes`` (the training run's
     list), folder names map through it; an unseen class is an error."""
@@ -102,8 +115,7 @@ def list_class_folders(root: Path, classes: list[str] | None = None) -> ImageLis
     empty = []
     for name in found:
         if name not in index:
-            raise fail(f"class folder '{name}' is not one of the {len(classes)} classes the run was trained on"
-                       f"{did_you_mean(name, classes)}", Location(str(root / name)))
+            raise not_a_run_class(name, f"class folder '{name}'", classes, root / name)
         images = [(p, index[name]) for p in sorted((root / name).iterdir()) if is_image(p)]
         empty += [] if images else [name]
         items += images

@@ -38,7 +38,8 @@ from convspec.errors import Location, fail
 from . import cifar
 from .preprocess import Stats, load_square
 from .progress import Progress
-from .sources import STORE_MARKER, detect, list_class_folders, loose_note, read_synsets, resolve, sides_of_first
+from .sources import (STORE_MARKER, detect, list_class_folders, loose_note, read_synsets, refuse_one_class,
+                      resolve, sides_of_first)
 
 FORMAT = "convspec-store"
 VERSION = 1
@@ -73,7 +74,7 @@ def _differences(previous: dict, wanted: dict) -> list[str]:
 
 def _tsv(text: str) -> str:
     """A class name as one classes.tsv field (store.json keeps the exact name)."""
-    return " ".join(text.replace("\t", " ").splitlines()) if any(c in text for c in "\t\r\n") else text
+    return " ".join(text.replace("\t", " ").splitlines())
 
 
 def _save_atomic(path: Path, write) -> None:
@@ -133,9 +134,7 @@ def prepare(source: Path, out: Path, options: PrepareOptions, synsets: Path | No
         raise fail(f"is {'SRC itself' if out.resolve() == source.resolve() else f'inside SRC {source}'}; "
                    "choose an OUT outside the images", Location(str(out)))
     splits = _splits(source, options)
-    if len(splits[0][1].classes) < 2:
-        raise fail(f"holds only one class folder ({splits[0][1].classes[0]}); a classifier needs at least 2: "
-                   "give the folder that holds the class folders", Location(str(source)))
+    refuse_one_class(splits[0][1].classes, "class folder", source)
     _refuse_upscaling_everything(splits[0][1], options)
     fingerprint = options.fingerprint(source)
     names = read_synsets(synsets) if synsets else {}  # before writing anything: a bad file leaves OUT as it was

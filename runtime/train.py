@@ -42,8 +42,8 @@ from .loader import Batches, augment_for, eval_batches, holdout, open_source, re
 from .optim import ConvnetSGD
 from .progress import Progress
 from .store import StoreSplit
-from .sources import (class_folders, detect, fingerprint, is_image, loose_note, read_synsets, resolve,
-                      sides_of_first)
+from .sources import (class_folders, detect, fingerprint, is_image, loose_note, read_synsets, refuse_one_class,
+                      resolve, sides_of_first)
 
 DATA_ENV = "CONVSPEC_DATA"
 TOPK = 5
@@ -363,9 +363,7 @@ class Trainer:
         loose = loose_note(self.train_source.loose, "read")
         if self.state is None and loose:
             self.say(loose)
-        if len(self.classes) == 1:
-            raise fail(f"holds only one class ({self.classes[0]}); a classifier needs at least 2: give the folder "
-                       "that holds the class folders", Location(str(self.data_path)))
+        refuse_one_class(self.classes, "class", self.data_path)
         if self.state is None and not self.val_path:
             kind = detect(self.resolved_data)
             if kind == "imagefolder" and (self.resolved_data / "val").is_dir():
