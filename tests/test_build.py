@@ -306,6 +306,7 @@ def test_dropout_and_dropout2():
     out = net(x, outputs=["d", "d2"])
     assert set(out["d"].unique().tolist()) <= {0.0, 4.0} and set(out["d2"].unique().tolist()) <= {0.0, 1.0}
     assert abs(out["d"].mean().item() - 1.0) < 0.2  # 1/keep scaling keeps the mean
+    assert abs(out["d2"].mean().item() - 0.25) < 0.1  # dropout2 drops while training, unscaled
 
 
 def test_eltsum_eltmax_concat():

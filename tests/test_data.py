@@ -175,6 +175,7 @@ def test_stats_match_numpy():
     np.testing.assert_allclose(sorted(values), sorted(np.linalg.eigvalsh(cov)), rtol=1e-5)
     for i in range(3):  # each column is an eigenvector of the covariance
         np.testing.assert_allclose(cov @ vectors[:, i], values[i] * vectors[:, i], rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(vectors.T @ vectors, np.eye(3), atol=1e-5)  # of unit length, not zero
 
 
 def test_augment_batch_is_crop_of_image_minus_mean():
@@ -459,18 +460,23 @@ def _source(n=40):
 
 
 def test_batches_are_deterministic_per_epoch_and_sharded_by_rank():
-    source = _source()
+    # Each image its own label, so the labels seen name the images seen.
+    rng = np.random.default_rng(0)
+    source = ArraySource(rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8), np.arange(40),
+                         [str(i) for i in range(40)])
     idx = np.arange(40)
     make = lambda **kw: Batches(source, idx, 4, Augment(6, flip=True, random_crop=True), seed=3, **kw)
     e1 = [(x.clone(), y.clone()) for x, y in make().epoch(1)]
     again = list(make().epoch(1))
+    assert len(e1) == len(again) == 10
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(e1, again))
     e2 = [y for _, y in make().epoch(2)]
-    assert not all(torch.equal(a[1], b) for a, b in zip(e1, e2))
+    assert len(e2) == 10 and not all(torch.equal(a[1], b) for a, b in zip(e1, e2))
     ranks = [[y for _, y in make(rank=r, world=2).epoch(1)] for r in (0, 1)]
     assert all(len(y) == 4 for r in ranks for y in r)
-    seen = np.concatenate([y.numpy() for r in ranks for y in r])
-    assert len(seen) == 40 and len(set(seen.tolist())) == 10  # labels = index % 10: all covered
+    seen = [sorted(np.concatenate([y.numpy() for y in r]).tolist()) for r in ranks]
+    assert sorted(seen[0] + seen[1]) == list(range(40))  # every image once, over both ranks
+    assert len(seen[0]) == len(seen[1]) == 20
 
 
 def test_workers_do_not_change_the_batches(tmp_path):
@@ -479,7 +485,9 @@ def test_workers_do_not_change_the_batches(tmp_path):
     source = open_source(tmp_path / "out", "train")
     make = lambda w: Batches(source, np.arange(6), 2, Augment(12, flip=True, random_crop=True, pca_std=0.1),
                              seed=0, workers=w)
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(make(0).epoch(0), make(2).epoch(0)))
+    alone, pooled = list(make(0).epoch(0)), list(make(2).epoch(0))
+    assert len(alone) == len(pooled) == 3
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(alone, pooled))
 
 
 def test_labels_and_synsets_files_that_are_not_utf8_are_one_located_line(tmp_path):

@@ -43,10 +43,19 @@ def test_short_cifar_run_learns_and_eval_shows_it(tmp_path):
     assert got["topk_error"] < 0.35, got  # chance is 0.50
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert got["top1_error"] == last["val_top1_error"]  # best.pt is the last epoch here, or better
-    # The standalone command and the loaded net agree on an image.
+    # `convspec eval` on a folder of 40 cat images and the loaded net, one image at a time, agree.
+    cats = tmp_path / "cats" / "cat"
+    cats.mkdir(parents=True)
+    for image in sorted((CIFAR / "cat").iterdir())[400:440]:
+        (cats / image.name).symlink_to(image)
+    res = runner.invoke(main, ["eval", "--checkpoint", str(out), "--data", str(cats.parent), "--json"])
+    assert res.exit_code == 0, res.output
+    folder = json.loads(res.output)
     net = convspec.load(out)
-    image = sorted((subset / "cat").iterdir())[0]
-    assert net.class_names[net(net.preprocess(image)).argmax().item()] in net.class_names
+    predicted = [net.class_names[net(net.preprocess(image)).argmax().item()] for image in sorted(cats.iterdir())]
+    assert folder["images"] == 40
+    assert folder["top1_error"] == pytest.approx(sum(p != "cat" for p in predicted) / 40)
+    assert len(set(predicted)) > 1  # a net that always says one thing would not test much
 
 
 @pytest.mark.skipif(not IMAGENET.is_dir(), reason=f"{IMAGENET} is not present")

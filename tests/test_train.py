@@ -274,11 +274,20 @@ def test_nan_loss_stops_naming_step_and_layer_and_keeps_checkpoints(setup, tmp_p
                                     "--set", "conv1.epsW=exp[base=0.01;tgtFactor=1e-12]"])
     assert res.exit_code == 1, res.output
     message = res.output.strip().splitlines()[-1]
-    assert message.startswith("error: loss became nan at step ") or message.startswith("error: loss became inf")
-    assert "the first layer to go bad is '" in message and "the last good checkpoint is" in message
+    m = re.fullmatch(r"error: loss became (-?inf|nan) at step (\d+) \(epoch (\d+)\); the first layer to go bad "
+                     r"is '(\w+)' \((weights|outputs|the loss) (are|is) not finite\)\. Training stopped and the "
+                     r"last good checkpoint is (\S+)\. Lower the learning rate \(e\.g\. --set \4\.epsW=\.\.\.\) "
+                     r"or check the data", message)
+    assert m, message
+    step, epoch, layer, named = int(m[2]), int(m[3]), m[4], Path(m[7])
     good = sorted(out.glob("epoch-*.pt"))
-    assert good and ckpt.load(good[-1])["epoch"] == len(good) or ckpt.load(good[-1])["epoch"] >= 1
-    assert all(torch.isfinite(v).all() for v in _weights(good[-1]).values())
+    # The exponential rate blows up within the six epochs, after at least one good one.
+    assert 1 <= len(good) < 6
+    assert named == good[-1] and ckpt.load(named)["epoch"] == len(good)
+    # It failed in the epoch after the last checkpoint, at a step of that epoch (9 batches of 16 an epoch).
+    assert epoch == len(good) + 1 and 9 * len(good) < step <= 9 * epoch
+    assert layer in {"conv1", "pool1", "fc1", "drop", "fc2", "probs"}
+    assert all(torch.isfinite(v).all() for v in _weights(named).values())
 
 
 def test_plateau_rule_divides_the_rate(setup, tmp_path):
@@ -668,6 +677,13 @@ def test_eval_data_maps_class_folders_through_the_runs_classes(setup, tmp_path):
     # Same images, same answers as through the CIFAR batches (PNG is lossless).
     direct = evaluate_checkpoint(str(out), str(data), k=2)
     assert direct.result.images == 32
+    whole = tmp_path / "whole-test-batch"
+    _test_batch_as_class_folders(data, whole, 32)
+    res = CliRunner().invoke(main, ["eval", "--checkpoint", str(out), "--data", str(whole), "--topk", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.output)
+    assert (got["images"], got["top1_error"], got["topk_error"]) == \
+        (32, direct.result.top1_error, direct.result.topk_error)
     (folder / "class9").mkdir()
     Image.fromarray(images.images[0]).save(folder / "class9" / "x.png")
     res = CliRunner().invoke(main, ["eval", "--checkpoint", str(out), "--data", str(folder)])
