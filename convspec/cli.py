@@ -285,8 +285,7 @@ def eval_(ctx, checkpoint, data, labels, topk, views, devices, batch_size, per_c
             click.echo(json.dumps(out))
             return
         click.echo(f"{done.checkpoint} on {done.data}: {r.images:,} images, "
-                   f"{'1 view (centre crop)' if r.views == 1 else f'{r.views} views'}"
-                   f"{' (the crop is the whole image: the image and its mirror, 5 times each)' if done.views_coincide else ''}")
+                   f"{views_described(r.views, done.whole_image)}")
         capped = ""
         if _typed(ctx, "topk") and topk > r.k:
             capped = f"   (--topk {topk} is more than the {r.k} classes)"
@@ -370,6 +369,15 @@ def bench(ctx, spec, params_path, input_shape, batch_size, iterations, warmup, d
         click.echo(json.dumps(result.as_dict(), indent=2) if as_json else as_text(result))
 
     _guard(ctx, run)
+
+
+def views_described(views: int, whole_image: bool) -> str:
+    """What eval's views were, in words; a crop the size of the image is not called a crop."""
+    if views == 1:
+        return "1 view (the whole image)" if whole_image else "1 view (centre crop)"
+    if whole_image:
+        return f"{views} views (the crop is the whole image: the image and its mirror, 5 times each)"
+    return f"{views} views"
 
 
 def _per_class_rows(result, names: list[str]) -> list[dict]:

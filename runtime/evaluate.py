@@ -121,9 +121,9 @@ class CheckpointEval:
     checkpoint: str
     data: str
     class_names: list[str]
-    # True when the crop is the whole image, so the 10 views are the image and its
-    # mirror, five times each: the averages are right, but "10 views" would mislead.
-    views_coincide: bool = False
+    # True when the crop is the whole image (CIFAR's 32x32 crops of 32x32 images): "centre
+    # crop" would then mislead, and the 10 views are the image and its mirror, five times each.
+    whole_image: bool = False
 
 
 def evaluate_checkpoint(checkpoint: str | None = None, data: str | None = None, labels: str | None = None,
@@ -155,4 +155,4 @@ def evaluate_checkpoint(checkpoint: str | None = None, data: str | None = None, 
                       options["precision"], total=len(indices), progress=progress,
                       channels_last=options["channels_last"])
     return CheckpointEval(result, str(path), shown, list(recorded["class_names"]),
-                          views_coincide=views == 10 and int(recorded["crop"]) == int(recorded["size"]))
+                          whole_image=int(recorded["crop"]) == int(recorded["size"]))

@@ -195,6 +195,20 @@ def test_eval_cli_json_views_and_per_class(setup, tmp_path):
                                                                        "classes always hold the right one)")
     res = runner.invoke(main, ["eval", "--checkpoint", str(out)])  # the default 5, not typed: no remark
     assert res.exit_code == 0 and res.output.splitlines()[-1].endswith("top-4 error 0.00%")
+    # 32x32 crops of 32x32 images: nothing is cropped, so it does not say "centre crop".
+    assert res.output.splitlines()[-2].endswith(": 48 images, 1 view (the whole image)")
+
+
+@pytest.mark.parametrize("views, whole_image, words", [
+    (1, False, "1 view (centre crop)"),
+    (1, True, "1 view (the whole image)"),
+    (10, False, "10 views"),
+    (10, True, "10 views (the crop is the whole image: the image and its mirror, 5 times each)"),
+])
+def test_eval_names_its_views(views, whole_image, words):
+    from convspec.cli import views_described
+
+    assert views_described(views, whole_image) == words
 
 
 def _run_cli(args, **kw):
