@@ -453,17 +453,14 @@ def test_holdout_is_fixed_and_disjoint():
     assert np.array_equal(holdout(100, 0.1, 7)[1], b) and not np.array_equal(holdout(100, 0.1, 8)[1], b)
 
 
-def _source(n=40):
+def _source(n=40, classes=10):
     rng = np.random.default_rng(0)
-    return ArraySource(rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8), np.arange(n) % 10,
-                       [str(i) for i in range(10)])
+    return ArraySource(rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8), np.arange(n) % classes,
+                       [str(i) for i in range(classes)])
 
 
 def test_batches_are_deterministic_per_epoch_and_sharded_by_rank():
-    # Each image its own label, so the labels seen name the images seen.
-    rng = np.random.default_rng(0)
-    source = ArraySource(rng.integers(0, 256, (40, 8, 8, 3), dtype=np.uint8), np.arange(40),
-                         [str(i) for i in range(40)])
+    source = _source(classes=40)  # each image its own label, so the labels seen name the images seen
     idx = np.arange(40)
     make = lambda **kw: Batches(source, idx, 4, Augment(6, flip=True, random_crop=True), seed=3, **kw)
     e1 = [(x.clone(), y.clone()) for x, y in make().epoch(1)]

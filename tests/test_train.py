@@ -20,7 +20,7 @@ import torch
 from click.testing import CliRunner
 
 import convspec
-from convspec.cli import main
+from convspec.cli import main, views_described
 from convspec.errors import SpecError
 from runtime import checkpoint as ckpt
 from runtime import cifar
@@ -206,8 +206,6 @@ def test_eval_cli_json_views_and_per_class(setup, tmp_path):
     (10, True, "10 views (the crop is the whole image: the image and its mirror, 5 times each)"),
 ])
 def test_eval_names_its_views(views, whole_image, words):
-    from convspec.cli import views_described
-
     assert views_described(views, whole_image) == words
 
 
