@@ -8,12 +8,14 @@ traceback).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 import textwrap
 
 import click
+from click.core import ParameterSource
 
 from . import __version__
 from .errors import SpecError, fail
@@ -178,9 +180,21 @@ def prepare(ctx, src, out, size, quality, raw, workers, synsets):
                                                         "folders.  Default: 0 on a CPU, up to 8 with a GPU.")
 @click.option("--deterministic", is_flag=True, help="Deterministic kernels only (slower on a GPU).")
 @click.option("--quiet", is_flag=True, help="No progress bars; epoch lines only.")
+@click.option("--nproc-per-node", "nproc", type=click.IntRange(1), metavar="N",
+              help="Train data parallel in N processes on this machine (torch.distributed: one per GPU, "
+                   "or gloo ranks sharing the CPU's cores); each computes 1/N of every batch.  Rank 0 "
+                   "prints; the others write to RUN/ranks/.")
+@click.option("--nnodes", default=1, show_default=True, type=click.IntRange(1),
+              help="Machines in the run: start the same command on each, with its --node-rank and node "
+                   "0's --rdzv-endpoint.")
+@click.option("--node-rank", default=0, show_default=True, type=click.IntRange(0),
+              help="This machine's place among --nnodes (0 is the one that saves and prints).")
+@click.option("--rdzv-endpoint", metavar="HOST:PORT",
+              help="Node 0's address and a free port, where the machines meet (with --nnodes > 1).")
 @click.pass_context
 def train(ctx, spec, params_path, data, val_data, epochs, batch_size, out, resume, devices, seed, precision,
-          channels_last, compile_net, overrides, train_limit, synsets, keep, workers, deterministic, quiet):
+          channels_last, compile_net, overrides, train_limit, synsets, keep, workers, deterministic, quiet,
+          nproc, nnodes, node_rank, rdzv_endpoint):
     """Train SPEC on --data and keep checkpoints and metrics in a run folder.
 
     The recipe (epochs, batch size, learning-rate drops, validation split,
@@ -189,7 +203,8 @@ def train(ctx, spec, params_path, data, val_data, epochs, batch_size, out, resum
     validation top-1/top-5 error, appends one JSON line to RUN/metrics.jsonl,
     and writes RUN/epoch-NNNN.pt (and best.pt when validation improves).
     Ctrl-C or SIGTERM saves RUN/interrupted.pt; --resume continues exactly.
-    Under torchrun, each process trains one data-parallel rank.
+    --nproc-per-node N (or torchrun) trains N data-parallel ranks; rank 0
+    prints and saves.
 
     \b
     Examples:
@@ -198,6 +213,7 @@ def train(ctx, spec, params_path, data, val_data, epochs, batch_size, out, resum
       convspec train specs/alexnet.cfg --data data/imagenet --devices cuda:0,cuda:1
       convspec train --resume --out runs/cifar10-80sec-20261128-101500
       convspec train specs/cifar10-80sec.cfg --data cifar10 --set fc64.outputs=128 --set train.flip=1
+      convspec train specs/alexnet.cfg --data data/imagenet --nproc-per-node 4
       torchrun --nproc-per-node 4 -m convspec train specs/alexnet.cfg --data data/imagenet
     """
     from runtime.train import TrainingStopped, TrainOptions, parse_devices, train as run_train
@@ -217,6 +233,12 @@ def train(ctx, spec, params_path, data, val_data, epochs, batch_size, out, resum
                                overrides=list(overrides), epochs=epochs, batch_size=batch_size, seed=seed,
                                train_limit=train_limit, synsets=synsets, keep=keep, workers=workers,
                                deterministic=deterministic, progress=not quiet, echo=_echo_while_read)
+        if nproc is not None:
+            _launch_ranks(ctx, options, nproc, nnodes, node_rank, rdzv_endpoint)
+            return
+        if _typed(ctx, "nnodes") or _typed(ctx, "node_rank") or _typed(ctx, "rdzv_endpoint"):
+            raise fail("--nnodes, --node-rank and --rdzv-endpoint place the ranks --nproc-per-node N starts; "
+                       "give --nproc-per-node too")
         try:
             summary = run_train(options)
         except TrainingStopped as stop:
@@ -237,6 +259,97 @@ def train(ctx, spec, params_path, data, val_data, epochs, batch_size, out, resum
             _echo_while_read(f"done: {summary.run_dir}  training {summary.train_seconds:.1f} s")
 
     _guard(ctx, run)
+
+
+LAUNCHER_OPTIONS = ("nproc", "nnodes", "node_rank", "rdzv_endpoint")
+
+
+def _launch_ranks(ctx, options, nproc: int, nnodes: int, node_rank: int, endpoint: str | None) -> None:
+    """convspec train --nproc-per-node N: check what can be checked once, then run
+    this same command as N torch.distributed ranks, and say in one line which rank
+    failed, if one did."""
+    import torch
+
+    from runtime import distributed as D
+    from runtime.runs import RANK_LOGS
+    from runtime.train import Trainer
+
+    if D.launched_by_torchrun():
+        raise fail("--nproc-per-node starts the ranks itself; under torchrun, leave it out")
+    if nnodes > 1 and not endpoint:
+        raise fail(f"--nnodes {nnodes}: give --rdzv-endpoint HOST:PORT, node 0's address and a free port, "
+                   "the same on every machine")
+    if node_rank >= nnodes:
+        raise fail(f"--node-rank {node_rank} is not below --nnodes {nnodes}; number the machines 0 to {nnodes - 1}")
+    if endpoint and nnodes == 1:
+        raise fail("--rdzv-endpoint is where several machines meet; give --nnodes too, or leave it out")
+    if endpoint and not _host_port(endpoint):
+        raise fail(f"--rdzv-endpoint {endpoint}: expected HOST:PORT, e.g. 10.0.0.1:29500")
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus and nproc > gpus:
+        raise fail(f"--nproc-per-node {nproc}: this machine has {gpus} GPU{'s' if gpus > 1 else ''}, one per rank; "
+                   f"use at most {gpus}")
+    # The spec, the options and the run folder, checked here once rather than by every rank; the data is
+    # left to the ranks, which read it anyway.
+    settled = Trainer(dataclasses.replace(options, echo=lambda text: None))
+    settled.settle()
+    run_dir = str(settled.run_dir)
+    del settled
+    argv = (["--debug"] if ctx.obj and ctx.obj.get("debug") else []) + ["train"] \
+        + _typed_args(ctx, leave_out=LAUNCHER_OPTIONS + ("out",)) + ["--out", run_dir]
+    here = f"{nproc} on this machine" if nnodes == 1 else f"{nproc} on node {node_rank} of {nnodes}"
+    count = os.environ.get("OMP_NUM_THREADS") or str(D.cpu_threads_per_rank(nproc))
+    threads = "" if gpus else f", {count} thread{'' if count == '1' else 's'} each"
+    first = node_rank * nproc  # torch.distributed numbers the ranks node by node
+    others = "" if nproc == 1 else f"; ranks {first + 1}-{first + nproc - 1}" if nproc > 2 else f"; rank {first + 1}"
+    writes = f" write{'s' if nproc == 2 else ''} to {run_dir}/{RANK_LOGS}/" if others else ""
+    _echo_while_read(f"starting {nproc * nnodes} ranks ({here}{threads}){others}{writes}")
+    failed = D.launch(argv, nproc, os.path.join(run_dir, RANK_LOGS), nnodes, node_rank, endpoint)
+    if failed is None:
+        return
+    if failed.rank < 0:  # Ctrl-C or SIGTERM reached the ranks too; rank 0 said what it saved
+        sys.exit(128 - failed.exit_code)
+    code = failed.exit_code if failed.exit_code > 0 else 1
+    if failed.output is None and failed.exit_code > 0:
+        sys.exit(code)  # local rank 0 printed its own one-line error on this terminal
+    if failed.exit_code < 0:
+        import signal
+        name = signal.Signals(-failed.exit_code).name if -failed.exit_code in signal.Signals._value2member_map_ \
+            else f"signal {-failed.exit_code}"
+        said = f"killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
+    else:
+        said = D.last_line(failed.output) or f"exit status {failed.exit_code} and no message"
+    where = f"; all of its output: {failed.output}" if failed.output else ""
+    click.echo(f"rank {failed.rank}: {said}{where}", err=True)
+    sys.exit(code)
+
+
+def _host_port(text: str) -> bool:
+    host, _, port = text.rpartition(":")
+    return bool(host) and port.isdigit() and 0 < int(port) < 65536
+
+
+def _typed_args(ctx: click.Context, leave_out=()) -> list[str]:
+    """The command's options and arguments as the user typed them (their values,
+    after click read them), to hand the same command to each rank."""
+    args: list[str] = []
+    for param in ctx.command.params:
+        if param.name in leave_out or ctx.get_parameter_source(param.name) is not ParameterSource.COMMANDLINE:
+            # (one from the environment, such as $CONVSPEC_DATA, reaches the ranks in theirs)
+            continue
+        value = ctx.params[param.name]
+        if isinstance(param, click.Argument):
+            args.append(str(value))
+        elif param.is_flag and param.secondary_opts:  # --x/--no-x
+            args.append(param.opts[0] if value else param.secondary_opts[0])
+        elif param.is_flag:
+            args.append(param.opts[0])
+        elif param.multiple:
+            for item in value:
+                args += [param.opts[0], str(item)]
+        else:
+            args += [param.opts[0], str(value)]
+    return args
 
 
 @main.command(name="eval")

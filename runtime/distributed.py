@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -89,3 +90,88 @@ def barrier(cluster: Cluster) -> None:
 def teardown(cluster: Cluster) -> None:
     if cluster.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# --- the launcher behind convspec train --nproc-per-node -------------------------------
+
+
+LAUNCHER_ENV = "CONVSPEC_LAUNCHED_WITH"
+
+
+@dataclass(frozen=True)
+class RankFailure:
+    """The first rank to fail: its global rank, exit status (negative: the signal
+    that killed it) and, for a rank whose output went to a file, that file.
+    Rank -1: the launcher itself was signalled (Ctrl-C), and the ranks with it."""
+    rank: int
+    exit_code: int
+    output: str | None  # None: its output went to this terminal
+
+
+def cpu_threads_per_rank(nproc: int) -> int:
+    """torchrun gives every rank one thread; on a CPU the cores can be shared out instead."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        cores = os.cpu_count() or 1
+    return max(1, cores // nproc)
+
+
+def launch(argv: list[str], nproc: int, log_dir: str, nnodes: int = 1, node_rank: int = 0,
+           endpoint: str | None = None) -> RankFailure | None:
+    """Run ``python -m convspec *argv`` as ``nproc`` ranks on this machine with
+    ``torch.distributed.run`` (torchrun's engine): one machine on its own, or node
+    ``node_rank`` of ``nnodes`` meeting at ``endpoint`` (HOST:PORT of node 0).
+    Local rank 0 keeps this terminal (progress bars, the epoch lines, its errors);
+    the other ranks write to ``log_dir``.  Returns None when every rank succeeded,
+    else the rank that failed first.  torchrun's own log lines and its
+    ChildFailedError report stay out of the way: the ranks say what went wrong."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    for handler in logging.getLogger("torch.distributed").handlers:  # torch's own, set up when it is imported
+        handler.addFilter(_not_the_agent)
+    os.environ.setdefault("OMP_NUM_THREADS", str(cpu_threads_per_rank(nproc)))
+    placement = [f"--nproc-per-node {nproc}"] + ([] if nnodes == 1 else [
+        f"--nnodes {nnodes}", f"--node-rank {node_rank}", f"--rdzv-endpoint {endpoint}"])
+    os.environ[LAUNCHER_ENV] = " ".join(placement)  # for the ranks' "Continue with: ..." line
+    others = ",".join(f"{r}:3" for r in range(1, nproc))  # 3: stdout and stderr to files
+    launcher = [f"--nproc-per-node={nproc}", f"--log-dir={log_dir}"] + ([f"--redirects={others}"] if others else [])
+    if nnodes == 1:
+        launcher.append("--standalone")
+    else:
+        launcher += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=static",
+                     f"--rdzv-endpoint={endpoint}"]
+    try:
+        run(parse_args(launcher + ["--module", "convspec", *argv]))
+    except SignalException as err:  # Ctrl-C or SIGTERM: the ranks got it too and said what they saved
+        return RankFailure(-1, -err.sigval, None)
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        output = None
+        if failure.local_rank != 0:  # <log_dir>/<run id>_<random>/attempt_<n>/<local rank>/stderr.log
+            logs = sorted(Path(log_dir).glob(f"*/attempt_*/{failure.local_rank}/stderr.log"),
+                          key=lambda p: p.stat().st_mtime)
+            output = str(logs[-1]) if logs else log_dir
+        return RankFailure(rank, failure.exitcode, output)
+    return None
+
+
+def _not_the_agent(record) -> bool:
+    """torchrun's agent logs its workings (workers started, signalled, failed);
+    convspec's launcher says in one line which rank failed instead."""
+    return not record.name.startswith(("torch.distributed.elastic", "torch.distributed.run",
+                                       "torch.distributed.launcher"))
+
+
+def last_line(path: str) -> str | None:
+    """The last line a rank wrote to its stderr file, for the one-line error."""
+    try:
+        with open(path, errors="replace") as f:
+            lines = [line.strip() for line in f.read().splitlines() if line.strip()]
+    except OSError:
+        return None
+    return lines[-1] if lines else None

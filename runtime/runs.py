@@ -63,13 +63,16 @@ def check_can_create(run_dir: Path) -> None:
 
 # What a run writes before its first epoch ends.
 RUN_START_FILES = {"run.json", "spec.cfg", "spec.params.cfg"}
+# The output of ranks other than the first under convspec train --nproc-per-node (made before rank 0 starts).
+RANK_LOGS = "ranks"
 
 
 def _a_run_that_stopped_before_its_first_checkpoint(run_dir: Path) -> bool:
     """Empty, or only the files a run writes at its start (with a run.json convspec
     wrote) and the temporary file of a checkpoint cut off while being written:
     training may write over those, and over nothing else of the user's."""
-    names = {p.name for p in run_dir.iterdir() if not ckpt.is_partial_write(p)}
+    names = {p.name for p in run_dir.iterdir()
+             if not ckpt.is_partial_write(p) and not (p.name == RANK_LOGS and p.is_dir())}
     if not names:
         return True
     if not names <= RUN_START_FILES:

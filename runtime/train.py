@@ -158,6 +158,15 @@ class Trainer:
     # --- set-up -------------------------------------------------------------------
 
     def prepare(self) -> None:
+        self.settle()
+        self._open_data()
+        self._build()
+
+    def settle(self) -> None:
+        """Everything before the data is read: the spec checked, the run folder
+        chosen, a resumed checkpoint read.  ``convspec train --nproc-per-node``
+        runs this alone before it starts the ranks, so that a bad spec is one
+        error rather than one per rank."""
         o = self.o
         if o.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -217,8 +226,6 @@ class Trainer:
         self._output_layer()  # no cost layer: say so before reading any data
         self._check_learning_rules()
         self.replicas = data_parallel_replicas(self.net_spec)
-        self._open_data()
-        self._build()
 
     def _refuse_mismatch(self, differs: str) -> None:
         """The folder's ``differs`` file and the resumed checkpoint disagree: say which one to fix.
@@ -454,7 +461,7 @@ class Trainer:
         elif self.replicas > 1:
             self.say(f"note: the spec lists {self.replicas} data-parallel replicas; this single process trains "
                      f"on the whole batch (same update). For {self.replicas} processes: "
-                     f"torchrun --nproc-per-node {self.replicas} -m convspec train ...")
+                     f"convspec train ... --nproc-per-node {self.replicas}")
         self.devices = [torch.device(d) for d in (devices or default_devices())]
         self.device = self.devices[0]  # where images enter
         if self.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -528,7 +535,7 @@ class Trainer:
                     # The signal came during validation: the epoch's checkpoint is the place to stop.
                     name = signal.Signals(self.stop_signal or signal.SIGINT).name
                     raise TrainingStopped(f"{name}: stopped after epoch {epoch + 1}; saved {last}. "
-                                          f"Continue with: convspec train --resume --out {self.run_dir}",
+                                          f"Continue with: {self._resume_command()}",
                                           128 + (self.stop_signal or 2))
         finally:
             for sig, handler in previous.items():
@@ -674,8 +681,17 @@ class Trainer:
         D.barrier(self.cluster)
         name = signal.Signals(self.stop_signal).name if self.stop_signal else "signal"
         raise TrainingStopped(f"{name}: stopped in epoch {epoch + 1} after batch {batch}; saved {path}. "
-                              f"Continue with: convspec train --resume --out {self.run_dir}",
+                              f"Continue with: {self._resume_command()}",
                               128 + (self.stop_signal or 2))
+
+    def _resume_command(self) -> str:
+        """The command that continues this run, launched the way this one was."""
+        command = f"convspec train --resume --out {self.run_dir}"
+        if os.environ.get(D.LAUNCHER_ENV):  # convspec train --nproc-per-node N
+            return f"{command} {os.environ[D.LAUNCHER_ENV]}"
+        if self.cluster.distributed:
+            return f"torchrun --nproc-per-node {os.environ.get('LOCAL_WORLD_SIZE', '<N>')} ... -m {command}"
+        return command
 
     # --- state -------------------------------------------------------------------------------
 

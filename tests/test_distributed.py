@@ -1,6 +1,7 @@
 """Data parallel on the CPU with gloo: two ranks under torchrun hold
 bitwise-identical weights after K steps, equal (to float rounding) to one
-process trained on the combined batch."""
+process trained on the combined batch; ``convspec train --nproc-per-node``
+starts the same ranks, and says in one line which one failed."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 import convspec
+from convspec.cli import main
 from runtime import checkpoint as ckpt
+from runtime import runs
 from runtime.train import TrainOptions, train
 
 from test_train import PARAMS, SPEC, make_data
@@ -51,6 +55,21 @@ def test_two_gloo_ranks_match_one_process_on_the_combined_batch(tmp_path):
                            str(driver), str(spec), str(data), str(out)],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # convspec's own launcher, given the same command, starts the same two ranks: the same weights, bitwise.
+    launched = tmp_path / "launched"
+    proc = subprocess.run([sys.executable, "-m", "convspec", "train", str(spec), "--data", str(data), "--out",
+                           str(launched), "--epochs", "2", "--batch-size", "32", "--set", "train.flip=0", "--quiet",
+                           "--nproc-per-node", "2"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith(f"starting 2 ranks (2 on this machine, 1 thread each); rank 1 writes to "
+                                  f"{launched}/ranks/\n"), proc.stdout
+    assert proc.stdout.count("\nepoch ") == 2 and f"done: {launched}  val top-1 " in proc.stdout  # rank 0 only
+    assert "Traceback" not in proc.stderr and "torch/distributed" not in proc.stderr, proc.stderr
+    by_launcher = ckpt.load(launched / "epoch-0002.pt")
+    assert by_launcher["options"]["world"] == 2
+    by_torchrun = ckpt.load(out / "epoch-0002.pt")["model"]
+    assert by_launcher["model"].keys() == by_torchrun.keys()
+    assert all(torch.equal(by_launcher["model"][k], by_torchrun[k]) for k in by_torchrun)
     rank0 = torch.load(f"{out}-rank0.pt", weights_only=True)
     rank1 = torch.load(f"{out}-rank1.pt", weights_only=True)
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # bitwise
@@ -69,3 +88,84 @@ def test_two_gloo_ranks_match_one_process_on_the_combined_batch(tmp_path):
     # The metrics agree too: the ranks' sums are reduced before they are recorded.
     ddp_loss = state["history"][-1]["train_loss"]
     assert abs(ddp_loss - ckpt.load(single.last_checkpoint)["history"][-1]["train_loss"]) < 1e-4
+
+
+# Rank 1 of a launched run fails on its own (as a GPU that runs out of memory would): the launcher's one line
+# names the rank, what it said last and the file with all it said.
+FAIL_ON_RANK_1 = """import os, sys
+if os.environ.get("RANK") == "1":
+    sys.stderr.write("something only rank 1 met\\n")
+    sys.stderr.flush()
+    os._exit(7)
+"""
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="this torch has no gloo backend")
+def test_a_rank_that_fails_is_named_in_one_line_with_its_output_file(tmp_path):
+    spec = tmp_path / "tiny.cfg"
+    spec.write_text(NO_RANDOM)
+    (tmp_path / "tiny.params.cfg").write_text(PARAMS)
+    data = make_data(tmp_path / "data")
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(FAIL_ON_RANK_1)  # runs as each rank's Python starts
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "convspec", "train", str(spec), "--data", str(data), "--out", str(run),
+                           "--epochs", "1", "--quiet", "--nproc-per-node", "2"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 7, proc.stderr
+    [log] = (run / "ranks").glob("*/attempt_0/1/stderr.log")
+    assert proc.stderr == f"rank 1: something only rank 1 met; all of its output: {log}\n"
+    assert log.read_text() == "something only rank 1 met\n"
+    # The folder holds nothing but the ranks' logs, so the same --out can be used again.
+    assert sorted(p.name for p in run.iterdir()) == ["ranks"]
+    runs.check_can_create(run)
+
+
+LAUNCH_ERRORS = [
+    (["--nnodes", "2"], "error: --nnodes 2: give --rdzv-endpoint HOST:PORT, node 0's address and a free port, the "
+                        "same on every machine"),
+    (["--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "10.0.0.1:29500"],
+     "error: --node-rank 2 is not below --nnodes 2; number the machines 0 to 1"),
+    (["--rdzv-endpoint", "10.0.0.1:29500"],
+     "error: --rdzv-endpoint is where several machines meet; give --nnodes too, or leave it out"),
+    (["--nnodes", "2", "--rdzv-endpoint", "10.0.0.1"],
+     "error: --rdzv-endpoint 10.0.0.1: expected HOST:PORT, e.g. 10.0.0.1:29500"),
+]
+
+
+@pytest.mark.parametrize("options, message", LAUNCH_ERRORS, ids=[m[7:40] for _, m in LAUNCH_ERRORS])
+def test_launch_options_that_cannot_work_are_one_line_before_any_rank_starts(tmp_path, options, message):
+    spec = tmp_path / "tiny.cfg"
+    spec.write_text(NO_RANDOM)
+    (tmp_path / "tiny.params.cfg").write_text(PARAMS)
+    result = CliRunner().invoke(main, ["train", str(spec), "--data", str(tmp_path), "--out", str(tmp_path / "run"),
+                                       "--nproc-per-node", "2", *options])
+    assert (result.exit_code, result.stderr, result.stdout) == (1, message + "\n", "")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--nnodes", "2"], "error: --nnodes, --node-rank and --rdzv-endpoint place the ranks --nproc-per-node N "
+                        "starts; give --nproc-per-node too"),
+    (["--nproc-per-node", "2"], "error: --nproc-per-node starts the ranks itself; under torchrun, leave it out"),
+])
+def test_launch_options_out_of_place(tmp_path, monkeypatch, options, message):
+    if "--nproc-per-node" in options:  # as torchrun's ranks see it
+        monkeypatch.setenv("RANK", "0")
+        monkeypatch.setenv("WORLD_SIZE", "2")
+    result = CliRunner().invoke(main, ["train", "spec.cfg", "--data", str(tmp_path), *options])
+    assert (result.exit_code, result.stderr) == (1, message + "\n")
+
+
+def test_a_bad_spec_is_one_error_and_starts_no_rank(tmp_path):
+    spec = tmp_path / "tiny.cfg"
+    spec.write_text(NO_RANDOM.replace("neuron=relu", "neuron=relux", 1))
+    (tmp_path / "tiny.params.cfg").write_text(PARAMS)
+    result = CliRunner().invoke(main, ["train", str(spec), "--data", str(tmp_path), "--nproc-per-node", "2",
+                                       "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1 and result.stdout == "", result.output
+    assert result.stderr.splitlines()[0].endswith("unknown neuron function 'relux'; did you mean 'relu'?")
+    assert str(spec) in result.stderr.splitlines()[0] and "rank" not in result.stderr
+    assert not (tmp_path / "run").exists()
