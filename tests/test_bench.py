@@ -286,3 +286,34 @@ def test_option_cost_trains_the_same_steps_in_every_setting():
     assert curves["bf16"] == pytest.approx(curves["fp32"], rel=0.05)
     assert curves["bf16"] != curves["fp32"]
     assert curves["fp32"][2] != pytest.approx(curves["fp32"][0], rel=1e-3)
+
+
+def test_peer_accuracy_trains_the_hand_written_net_on_an_image_folder(tmp_path):
+    # bench/peer_accuracy.py on 4 classes of 32x32 JPEGs that differ in colour: it runs end to end for each
+    # choice it offers, prints one JSON line, and the cuda-convnet choices learn the colours.
+    import re
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c, colour in enumerate([(200, 40, 40), (40, 200, 40), (40, 40, 200), (200, 200, 40)]):
+        (tmp_path / f"class{c}").mkdir()
+        for i in range(80):
+            pixels = np.clip(np.array(colour) + rng.normal(0, 30, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(tmp_path / f"class{c}" / f"{i}.jpg")
+    runs = {}
+    for choices in (["raw", "convnet", "ceil"], ["scaled", "torch", "floor"]):
+        inputs, init, pool = choices
+        proc = subprocess.run([sys.executable, str(ROOT / "bench" / "peer_accuracy.py"), "--data", str(tmp_path),
+                               "--inputs", inputs, "--init", init, "--pool", pool, "--epochs", "12", "--drop", "10",
+                               "--threads", "1"], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        result = json.loads(proc.stdout.splitlines()[-1])
+        assert (result["inputs"], result["init"], result["pool"], len(result["val_top1_error"])) == (
+            inputs, init, pool, 12)
+        assert re.fullmatch(r"read 320 images in \d+\.\d s; 288 train, 32 validation", proc.stdout.splitlines()[0])
+        runs[inputs] = result["val_top1_error"]
+    assert runs["raw"][-1] < 10  # 32 validation images: at most 3 wrong
