@@ -285,6 +285,9 @@ def _launch_ranks(ctx, options, nproc: int, nnodes: int, node_rank: int, endpoin
         raise fail("--rdzv-endpoint is where several machines meet; give --nnodes too, or leave it out")
     if endpoint and not _host_port(endpoint):
         raise fail(f"--rdzv-endpoint {endpoint}: expected HOST:PORT, e.g. 10.0.0.1:29500")
+    if options.devices and any(d.startswith("cuda") for d in options.devices):
+        raise fail(f"--devices {','.join(options.devices)} with --nproc-per-node: each rank takes its own GPU "
+                   "(local rank r uses cuda:r); leave --devices out, and choose the GPUs with CUDA_VISIBLE_DEVICES")
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if gpus and nproc > gpus:
         raise fail(f"--nproc-per-node {nproc}: this machine has {gpus} GPU{'s' if gpus > 1 else ''}, one per rank; "

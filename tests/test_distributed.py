@@ -159,6 +159,25 @@ def test_launch_options_out_of_place(tmp_path, monkeypatch, options, message):
     assert (result.exit_code, result.stderr) == (1, message + "\n")
 
 
+@pytest.mark.parametrize("gpus, options, message", [
+    (2, ["--devices", "cuda:0,cuda:1"], "error: --devices cuda:0,cuda:1 with --nproc-per-node: each rank takes its "
+     "own GPU (local rank r uses cuda:r); leave --devices out, and choose the GPUs with CUDA_VISIBLE_DEVICES"),
+    (2, ["--nproc-per-node", "4"], "error: --nproc-per-node 4: this machine has 2 GPUs, one per rank; use at most 2"),
+])
+def test_launch_on_gpus_refuses_what_cannot_work(tmp_path, monkeypatch, gpus, options, message):
+    # A machine with GPUs, as far as the checks can tell: the refusals come before any rank starts.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    spec = tmp_path / "tiny.cfg"
+    spec.write_text(NO_RANDOM)
+    (tmp_path / "tiny.params.cfg").write_text(PARAMS)
+    nproc = [] if "--nproc-per-node" in options else ["--nproc-per-node", "2"]
+    result = CliRunner().invoke(main, ["train", str(spec), "--data", str(tmp_path), "--out", str(tmp_path / "run"),
+                                       *nproc, *options])
+    assert (result.exit_code, result.stderr) == (1, message + "\n")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_bad_spec_is_one_error_and_starts_no_rank(tmp_path):
     spec = tmp_path / "tiny.cfg"
     spec.write_text(NO_RANDOM.replace("neuron=relu", "neuron=relux", 1))
