@@ -295,7 +295,7 @@ def _launch_ranks(ctx, options, nproc: int, nnodes: int, node_rank: int, endpoin
     # The spec, the options and the run folder, checked here once rather than by every rank; the data is
     # left to the ranks, which read it anyway.
     settled = Trainer(dataclasses.replace(options, echo=lambda text: None))
-    settled.settle()
+    settled.settle(world=nproc * nnodes)
     run_dir = str(settled.run_dir)
     del settled
     argv = (["--debug"] if ctx.obj and ctx.obj.get("debug") else []) + ["train"] \
@@ -306,16 +306,21 @@ def _launch_ranks(ctx, options, nproc: int, nnodes: int, node_rank: int, endpoin
     first = node_rank * nproc  # torch.distributed numbers the ranks node by node
     others = "" if nproc == 1 else f"; ranks {first + 1}-{first + nproc - 1}" if nproc > 2 else f"; rank {first + 1}"
     writes = f" write{'s' if nproc == 2 else ''} to {run_dir}/{RANK_LOGS}/" if others else ""
-    _echo_while_read(f"starting {nproc * nnodes} ranks ({here}{threads}){others}{writes}")
+    meet = "" if nnodes == 1 else f" once all {nnodes} machines have met at {endpoint}"
+    _echo_while_read(f"starting {nproc * nnodes} rank{'s' if nproc * nnodes > 1 else ''} ({here}{threads})"
+                     f"{meet}{others}{writes}")
     failed = D.launch(argv, nproc, os.path.join(run_dir, RANK_LOGS), nnodes, node_rank, endpoint)
     if failed is None:
         return
     if failed.rank < 0:  # Ctrl-C or SIGTERM reached the ranks too; rank 0 said what it saved
         sys.exit(128 - failed.exit_code)
     code = failed.exit_code if failed.exit_code > 0 else 1
-    if failed.output is None and failed.exit_code > 0:
+    if failed.output is None and failed.exit_code > 0 and failed.exit_code != D.LOST_A_RANK:
         sys.exit(code)  # local rank 0 printed its own one-line error on this terminal
-    if failed.exit_code < 0:
+    if failed.exit_code == D.LOST_A_RANK:  # it lost a rank that stopped without a failure seen here
+        said = ("lost contact with another rank, which stopped without a message here (on another machine? "
+                "its own output says why)")
+    elif failed.exit_code < 0:
         import signal
         name = signal.Signals(-failed.exit_code).name if -failed.exit_code in signal.Signals._value2member_map_ \
             else f"signal {-failed.exit_code}"
@@ -506,6 +511,20 @@ def _per_class_rows(result, names: list[str]) -> list[dict]:
     return rows
 
 
+def _lost_another_rank(err: Exception) -> bool:
+    """A collective that failed because another rank went away (killed, out of
+    memory, its own error): gloo and NCCL say so in their own words."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch.distributed as dist
+
+    if isinstance(err, getattr(dist, "DistError", ())):
+        return True
+    text = str(err)
+    return isinstance(err, RuntimeError) and any(
+        mark in text for mark in ("gloo", "NCCL", "Connection reset by peer", "Connection closed by peer"))
+
+
 def _typed(ctx: click.Context, name: str) -> bool:
     """Whether option ``name`` was given (on the command line or from the environment), not defaulted."""
     return ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
@@ -549,6 +568,14 @@ def _guard(ctx: click.Context, fn) -> None:
         if debug:
             raise
         detail = " ".join(str(err).split()) or "(no message)"
+        if _lost_another_rank(err):
+            from runtime.distributed import LAUNCHER_ENV, LOST_A_RANK
+            if os.environ.get(LAUNCHER_ENV):  # convspec's launcher names the rank that stopped first
+                sys.exit(LOST_A_RANK)
+            click.echo(f"error: rank {os.environ.get('RANK', '?')} lost contact with another rank "
+                       f"({textwrap.shorten(detail, 120, placeholder=' ...')}); that rank's own output says why "
+                       "it stopped", err=True)
+            sys.exit(1)
         if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError" \
                 or "can't allocate memory" in detail:
             click.echo(f"error: out of memory ({textwrap.shorten(detail, 160, placeholder=' ...')}); use a smaller "

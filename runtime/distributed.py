@@ -96,6 +96,9 @@ def teardown(cluster: Cluster) -> None:
 
 
 LAUNCHER_ENV = "CONVSPEC_LAUNCHED_WITH"
+# The exit status of a rank whose collective failed because another rank went away: the launcher then
+# names the rank that stopped first rather than this one.
+LOST_A_RANK = 75
 
 
 @dataclass(frozen=True)
@@ -150,7 +153,8 @@ def launch(argv: list[str], nproc: int, log_dir: str, nnodes: int = 1, node_rank
     except SignalException as err:  # Ctrl-C or SIGTERM: the ranks got it too and said what they saved
         return RankFailure(-1, -err.sigval, None)
     except ChildFailedError as err:
-        rank, failure = err.get_first_failure()
+        rank = first_to_stop(err.failures)
+        failure = err.failures[rank]
         output = None
         if failure.local_rank != 0:  # <log_dir>/<run id>_<random>/attempt_<n>/<local rank>/stderr.log
             logs = sorted(Path(log_dir).glob(f"*/attempt_*/{failure.local_rank}/stderr.log"),
@@ -158,6 +162,15 @@ def launch(argv: list[str], nproc: int, log_dir: str, nnodes: int = 1, node_rank
             output = str(logs[-1]) if logs else log_dir
         return RankFailure(rank, failure.exitcode, output)
     return None
+
+
+def first_to_stop(failures: dict) -> int:
+    """The rank that stopped first on its own: not one that lost contact with it,
+    nor one the agent then stopped with SIGTERM (failures seen in one pass of the
+    agent's monitor share a time, so the time alone cannot tell)."""
+    own = {r: f for r, f in failures.items() if f.exitcode not in (LOST_A_RANK, -15, 128 + 15)}
+    pool = own or failures
+    return min(pool, key=lambda r: (pool[r].timestamp, r))
 
 
 def _not_the_agent(record) -> bool:

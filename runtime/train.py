@@ -162,12 +162,14 @@ class Trainer:
         self._open_data()
         self._build()
 
-    def settle(self) -> None:
+    def settle(self, world: int | None = None) -> None:
         """Everything before the data is read: the spec checked, the run folder
         chosen, a resumed checkpoint read.  ``convspec train --nproc-per-node``
         runs this alone before it starts the ranks, so that a bad spec is one
-        error rather than one per rank."""
+        error rather than one per rank; ``world`` is then the number of ranks it
+        will start (else this process's own)."""
         o = self.o
+        self.world = world or self.cluster.world
         if o.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
@@ -225,6 +227,12 @@ class Trainer:
                        f"folder with one sub-folder per class, or cifar10/cifar100 to download it) or set {DATA_ENV}")
         self._output_layer()  # no cost layer: say so before reading any data
         self._check_learning_rules()
+        for path in (self.data_path, self.val_path):  # a wrong path, said before any data is read
+            if path and str(path) not in DATASETS:
+                detect(Path(path))
+        if self.recipe.batch_size % self.world:
+            raise fail(f"the batch of {self.recipe.batch_size} does not split over {self.world} ranks; "
+                       f"use a multiple of {self.world} (--batch-size)")
         self.replicas = data_parallel_replicas(self.net_spec)
 
     def _refuse_mismatch(self, differs: str) -> None:
@@ -312,6 +320,13 @@ class Trainer:
             (o.compile is not None and o.compile != self.compile, f"--compile (the run's: {self.compile})"),
         ]
         differing = [text for differs, text in changed if differs]
+        recorded_world = s["options"].get("world", 1)
+        if recorded_world != self.world:  # each rank's share of a batch, its flips and its dropout would change
+            how = "without --nproc-per-node" if recorded_world == 1 else \
+                f"on {recorded_world} ranks in all (--nproc-per-node {recorded_world} on one machine)"
+            raise fail(f"the run was trained on {plural(recorded_world, 'rank')} and would resume on "
+                       f"{self.world}, which changes how each batch is split and augmented; resume it {how}",
+                       Location(str(self.run_dir)))
         if differing:
             raise fail(f"a resumed run keeps the settings it recorded, and these differ: {'; '.join(differing)}; "
                        "drop them to continue the run, or train a new run with another --out",
@@ -409,9 +424,6 @@ class Trainer:
                 self.val_idx = np.arange(len(self.val_source))
         else:
             self.val_source = self.train_source
-        if r.batch_size % c.world:
-            raise fail(f"the batch of {r.batch_size} does not split over {c.world} ranks; "
-                       f"use a multiple of {c.world} (--batch-size)")
         self.rank_batch = r.batch_size // c.world
         workers = self.o.workers
         if workers is None:  # decoding sources only; measured ~2% of a CPU step, more on a GPU

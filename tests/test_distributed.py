@@ -17,6 +17,7 @@ from click.testing import CliRunner
 import convspec
 from convspec.cli import main
 from runtime import checkpoint as ckpt
+from runtime import distributed as D
 from runtime import runs
 from runtime.train import TrainOptions, train
 
@@ -70,6 +71,13 @@ def test_two_gloo_ranks_match_one_process_on_the_combined_batch(tmp_path):
     by_torchrun = ckpt.load(out / "epoch-0002.pt")["model"]
     assert by_launcher["model"].keys() == by_torchrun.keys()
     assert all(torch.equal(by_launcher["model"][k], by_torchrun[k]) for k in by_torchrun)
+    # Resumed on another number of ranks, each batch would split and augment differently: refused, in one line.
+    for options, now in (([], 1), (["--nproc-per-node", "4"], 4)):
+        result = CliRunner().invoke(main, ["train", "--resume", "--out", str(launched), "--epochs", "3", *options])
+        assert (result.exit_code, result.stderr) == (1, f"{launched}: the run was trained on 2 ranks and would "
+                                                        f"resume on {now}, which changes how each batch is split and "
+                                                        "augmented; resume it on 2 ranks in all (--nproc-per-node 2 "
+                                                        "on one machine)\n")
     rank0 = torch.load(f"{out}-rank0.pt", weights_only=True)
     rank1 = torch.load(f"{out}-rank1.pt", weights_only=True)
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # bitwise
@@ -176,6 +184,52 @@ def test_launch_on_gpus_refuses_what_cannot_work(tmp_path, monkeypatch, gpus, op
                                        *nproc, *options])
     assert (result.exit_code, result.stderr) == (1, message + "\n")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_missing_data_path_is_one_error_and_starts_no_rank(tmp_path):
+    spec = tmp_path / "tiny.cfg"
+    spec.write_text(NO_RANDOM)
+    (tmp_path / "tiny.params.cfg").write_text(PARAMS)
+    result = CliRunner().invoke(main, ["train", str(spec), "--data", str(tmp_path / "nodata"), "--nproc-per-node", "2",
+                                       "--out", str(tmp_path / "run")])
+    assert (result.exit_code, result.stdout, result.stderr) == (
+        1, "", f"{tmp_path / 'nodata'}: no such dataset path; give a prepared store, a CIFAR python folder, or an "
+               "image folder with one sub-folder per class\n")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("launched, status, stderr", [
+    ("--nproc-per-node 2", D.LOST_A_RANK, ""),  # the launcher names the rank that stopped first
+    (None, 1, "error: rank 0 lost contact with another rank ([../third_party/gloo/transport/tcp/pair.cc:537] Read "
+              "error [127.0.0.1]:52611: Connection reset by peer); that rank's own output says why it stopped\n"),
+])
+def test_a_rank_that_loses_another_says_so_without_blaming_convspec(monkeypatch, launched, status, stderr):
+    import runtime.train
+
+    def lost(options):
+        raise RuntimeError("[../third_party/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:52611: "
+                           "Connection reset by peer")
+
+    monkeypatch.setattr(runtime.train, "train", lost)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    if launched:
+        monkeypatch.setenv(D.LAUNCHER_ENV, launched)
+    else:
+        monkeypatch.delenv(D.LAUNCHER_ENV, raising=False)
+    result = CliRunner().invoke(main, ["train", "spec.cfg"])
+    assert (result.exit_code, result.stderr) == (status, stderr)
+
+
+def test_the_rank_named_is_the_one_that_stopped_on_its_own():
+    from types import SimpleNamespace as Failure
+
+    # Rank 1 was killed; rank 0 then lost contact and rank 2 was stopped by the agent, all seen at one time.
+    seen = {0: Failure(exitcode=D.LOST_A_RANK, timestamp=5), 1: Failure(exitcode=-9, timestamp=5),
+            2: Failure(exitcode=-15, timestamp=5)}
+    assert D.first_to_stop(seen) == 1
+    assert D.first_to_stop({0: Failure(exitcode=1, timestamp=7), 1: Failure(exitcode=1, timestamp=6)}) == 1
+    assert D.first_to_stop({0: Failure(exitcode=-15, timestamp=5), 1: Failure(exitcode=143, timestamp=5)}) == 0
 
 
 def test_a_bad_spec_is_one_error_and_starts_no_rank(tmp_path):
