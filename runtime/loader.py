@@ -264,25 +264,29 @@ class _BufferPool:
 
 
 class _EpochBatches(Dataset):
+    """An epoch's batches: this rank's share, ``[rank::world]``, of each global batch."""
+
     def __init__(self, source, batches: list[np.ndarray], augment: Augment, seed: int, epoch: int,
-                 pool: _BufferPool | None = None):
+                 pool: _BufferPool | None = None, rank: int = 0, world: int = 1):
         self.source, self.batches, self.augment = source, batches, augment
-        self.seed, self.epoch = seed, epoch
+        self.seed, self.epoch, self.rank, self.world = seed, epoch, rank, world
         self.pool = pool if pool is not None else _BufferPool()
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __getitem__(self, b: int):
-        idx = self.batches[b]
-        rng = np.random.default_rng([self.seed, self.epoch, b])  # independent of worker count
+        whole = self.batches[b]
+        idx = whole[self.rank::self.world]
+        rng = np.random.default_rng([self.seed, self.epoch, b])  # independent of worker and rank count
         if getattr(self, "_mean_flipped", None) is None:
             self._mean_flipped = np.ascontiguousarray(self.source.mean[:, ::-1])
         batch = self.source.images(idx, reuse=True)  # consumed by augment_batch below
         c = self.augment.crop
         out = self.pool.get((len(idx), c, c, 3))
         images = augment_batch(batch, self.source.mean, self.augment, rng,
-                               self.source.eigvals, self.source.eigvecs, self._mean_flipped, out=out)
+                               self.source.eigvals, self.source.eigvecs, self._mean_flipped, out=out,
+                               share=(self.rank, self.world, len(whole)))
         del out  # only the returned tensor may keep the buffer busy
         return images, torch.from_numpy(self.source.labels[idx])
 
@@ -307,14 +311,17 @@ class Batches:
                        f"{self.source.size}x{self.source.size}")
 
     def _batches(self, epoch: int) -> list[np.ndarray]:
+        """This rank's slice of every global batch."""
+        return [g[self.rank::self.world] for g in self._global_batches(epoch)]
+
+    def _global_batches(self, epoch: int) -> list[np.ndarray]:
         order = self.indices
         if self.shuffle:
             order = order[np.random.default_rng([self.seed, epoch]).permutation(len(order))]
         size = self.batch_size * self.world
         stop = (len(order) // size) * size if self.drop_last else len(order)
         globals_ = [order[i:i + size] for i in range(0, stop, size)]
-        # Each rank takes its slice of every global batch.
-        return [g[self.rank::self.world] for g in globals_ if len(g[self.rank::self.world])]
+        return [g for g in globals_ if len(g[self.rank::self.world])]
 
     def __len__(self) -> int:
         return len(self._batches(0))
@@ -328,8 +335,8 @@ class Batches:
         # In-process epochs share one pool: a fresh pool per epoch page-faults
         # new buffers for the first batches of every epoch.  Workers get their
         # own (the dataset is pickled to them, buffers and all).
-        data = _EpochBatches(self.source, self._batches(epoch), self.augment, self.seed, epoch,
-                             pool=None if workers else self._pool)
+        data = _EpochBatches(self.source, self._global_batches(epoch), self.augment, self.seed, epoch,
+                             pool=None if workers else self._pool, rank=self.rank, world=self.world)
         if workers == 0:
             # No DataLoader: creating its iterator draws from torch's global
             # RNG, which would shift dropout's random numbers on resume.

@@ -115,8 +115,14 @@ _TORCH_FLIP_PIXELS = 96 * 96
 
 def augment_batch(images: np.ndarray, mean: np.ndarray, aug: Augment, rng: np.random.Generator,
                   eigvals: np.ndarray | None = None, eigvecs: np.ndarray | None = None,
-                  mean_flipped: np.ndarray | None = None, out: np.ndarray | None = None) -> torch.Tensor:
+                  mean_flipped: np.ndarray | None = None, out: np.ndarray | None = None,
+                  share: tuple[int, int, int] | None = None) -> torch.Tensor:
     """uint8 (B, S, S, 3) -> float32 (B, 3, crop, crop), mean subtracted.
+
+    ``share`` = (rank, world, G): ``images`` are rank's share, ``[rank::world]``,
+    of a global batch of G; the crops, flips and colour shifts are drawn for all G
+    and this share's taken, so a data-parallel run augments each image as one
+    process would, whatever the number of ranks.
 
     The mean image is cropped at the same place as each image, so the result is
     exactly ``crop(image - mean)``: every pixel is float32(uint8) - float32 mean
@@ -125,15 +131,19 @@ def augment_batch(images: np.ndarray, mean: np.ndarray, aug: Augment, rng: np.ra
     """
     b, s = images.shape[0], images.shape[1]
     c = aug.crop
+    rank, world, n = share or (0, 1, b)
+    mine = slice(rank, None, world)
+    if len(range(n)[mine]) != b:
+        raise ValueError(f"share {share}: {b} images are not rank {rank}'s share of {n}")
     if aug.random_crop:
-        ys = rng.integers(0, s - c + 1, size=b)
-        xs = rng.integers(0, s - c + 1, size=b)
+        ys = rng.integers(0, s - c + 1, size=n)[mine]
+        xs = rng.integers(0, s - c + 1, size=n)[mine]
     else:
         ys = xs = np.full(b, (s - c) // 2)
-    flips = rng.random(b) < 0.5 if aug.flip else np.zeros(b, dtype=bool)
+    flips = (rng.random(n) < 0.5)[mine] if aug.flip else np.zeros(b, dtype=bool)
     shifts = None
     if aug.pca_std > 0 and eigvals is not None:
-        alphas = rng.normal(0.0, aug.pca_std, size=(b, 3)).astype(np.float32)
+        alphas = rng.normal(0.0, aug.pca_std, size=(n, 3)).astype(np.float32)[mine]
         # The paper adds sum_i alpha_i lambda_i p_i.  Eigenvalues scale with the
         # square of the pixel unit, so apply it in [0, 1] units (as common
         # reimplementations do) and convert back: lambda / 255 in 0..255 units.

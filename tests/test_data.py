@@ -192,6 +192,26 @@ def test_augment_batch_is_crop_of_image_minus_mean():
         assert np.allclose(f, full[i]) or np.allclose(f, full[i][:, :, ::-1])
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_shares_of_a_batch_are_augmented_as_the_whole_batch(world):
+    # Crops, flips and colour shifts drawn for the global batch, each rank taking its share [rank::world]:
+    # interleaved again, the shares are the batch one process augments from the same generator state.
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, (12, 10, 10, 3), dtype=np.uint8)
+    mean = rng.uniform(0, 255, (10, 10, 3)).astype(np.float32)
+    vals, vecs = np.array([900.0, 90.0, 9.0], np.float32), np.linalg.qr(rng.normal(size=(3, 3)))[0].astype(np.float32)
+    aug = Augment(8, flip=True, random_crop=True, pca_std=0.1)
+    whole = augment_batch(images, mean, aug, np.random.default_rng(7), vals, vecs)
+    for rank in range(world):
+        share = augment_batch(images[rank::world], mean, aug, np.random.default_rng(7), vals, vecs,
+                              share=(rank, world, 12))
+        assert torch.equal(share, whole[rank::world])
+    alone = augment_batch(images[1::world], mean, aug, np.random.default_rng(7), vals, vecs)
+    assert not torch.equal(alone, whole[1::world])  # drawn for the share alone, they differ
+    with pytest.raises(ValueError, match="not rank 0's share of 12"):
+        augment_batch(images[:5], mean, aug, np.random.default_rng(7), vals, vecs, share=(0, world, 12))
+
+
 def test_random_crops_cover_positions_and_pca_noise_is_per_image_constant():
     images = np.zeros((64, 8, 8, 3), np.uint8)
     mean = np.zeros((8, 8, 3), np.float32)

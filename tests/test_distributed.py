@@ -25,7 +25,8 @@ from test_train import PARAMS, SPEC, make_data
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Without dropout and flips, the two ranks' randomness cannot differ from one process's.
+# Without dropout, the two ranks' randomness cannot differ from one process's: the flips are drawn for each
+# global batch and each rank takes its share.
 NO_RANDOM = SPEC.replace("[drop]\ntype=dropout2\ninputs=fc1\n", "").replace("inputs=drop", "inputs=fc1")
 
 DRIVER = """
@@ -34,7 +35,7 @@ from runtime.train import Trainer, TrainOptions
 import runtime.distributed as D
 spec, data, out = sys.argv[1:4]
 t = Trainer(TrainOptions(spec=spec, data=data, out=out, epochs=2, batch_size=32, progress=False,
-                         overrides=["train.flip=0"], echo=lambda s: None))
+                         overrides=["train.flip=1"], echo=lambda s: None))
 t.run()
 torch.save({k: v.detach().clone() for k, v in t.net.state_dict().items()}, f"{out}-rank{t.cluster.rank}.pt")
 D.teardown(t.cluster)
@@ -59,7 +60,7 @@ def test_two_gloo_ranks_match_one_process_on_the_combined_batch(tmp_path):
     # convspec's own launcher, given the same command, starts the same two ranks: the same weights, bitwise.
     launched = tmp_path / "launched"
     proc = subprocess.run([sys.executable, "-m", "convspec", "train", str(spec), "--data", str(data), "--out",
-                           str(launched), "--epochs", "2", "--batch-size", "32", "--set", "train.flip=0", "--quiet",
+                           str(launched), "--epochs", "2", "--batch-size", "32", "--set", "train.flip=1", "--quiet",
                            "--nproc-per-node", "2"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith(f"starting 2 ranks (2 on this machine, 1 thread each); rank 1 writes to "
@@ -85,7 +86,7 @@ def test_two_gloo_ranks_match_one_process_on_the_combined_batch(tmp_path):
     state = ckpt.load(out / "epoch-0002.pt")
     assert state["options"]["world"] == 2 and state["step"] == 2 * (144 // 32)
     single = train(TrainOptions(spec=str(spec), data=str(data), out=str(tmp_path / "one"), epochs=2, batch_size=32,
-                                progress=False, overrides=["train.flip=0"], echo=lambda s: None))
+                                progress=False, overrides=["train.flip=1"], echo=lambda s: None))
     alone = ckpt.load(single.last_checkpoint)["model"]
     for k in rank0:
         torch.testing.assert_close(rank0[k], alone[k], rtol=1e-4, atol=1e-6)
