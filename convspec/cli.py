@@ -292,8 +292,8 @@ def _launch_ranks(ctx, options, nproc: int, nnodes: int, node_rank: int, endpoin
     if gpus and nproc > gpus:
         raise fail(f"--nproc-per-node {nproc}: this machine has {gpus} GPU{'s' if gpus > 1 else ''}, one per rank; "
                    f"use at most {gpus}")
-    # The spec, the options and the run folder, checked here once rather than by every rank; the data is
-    # left to the ranks, which read it anyway.
+    # The spec, the options, the data path and the run folder, checked here once rather than by every
+    # rank; reading the data itself is left to the ranks, which read it anyway.
     settled = Trainer(dataclasses.replace(options, echo=lambda text: None))
     settled.settle(world=nproc * nnodes)
     run_dir = str(settled.run_dir)
