@@ -4,8 +4,9 @@ convspec trains ``specs/cifar10-80sec.cfg`` with cuda-convnet's recipe (10
 epochs, rates / 10 after 8, no flips) to 27.8% validation error over three
 seeds, where the issue quotes 26.3% for "a hand-written PyTorch version of
 exactly this net and recipe".  This script is such a version, written apart
-from convspec's net, optimizer and training loop (only the folder listing and
-the held-out split are convspec's, so that both score the same 5,000 images),
+from convspec's net, optimizer and training loop (the module is the tests'
+hand-written ``reference_nets.Cifar80Sec``; only the folder listing and the
+held-out split are convspec's, so that both score the same 5,000 images),
 with the choices a script can make differently from cuda-convnet as options:
 
   --inputs raw      pixels 0-255 minus the training images' mean image (cuda-convnet)
@@ -36,34 +37,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # reference_nets: the hand-written peers
 sys.path.insert(0, str(ROOT))
 
+from reference_nets import Cifar80Sec  # noqa: E402
 from runtime.loader import holdout  # noqa: E402
 from runtime.sources import list_class_folders  # noqa: E402
 
 INIT_W = {"conv1": 0.0001, "conv2": 0.01, "conv3": 0.01, "fc64": 0.1, "fc10": 0.1}  # specs/cifar10-80sec.cfg
 WEIGHT_DECAY = {"conv1": 0.004, "conv2": 0.004, "conv3": 0.004, "fc64": 0.03, "fc10": 0.03}
-
-
-class Peer(nn.Module):
-    def __init__(self, ceil: bool):
-        super().__init__()
-        self.ceil = ceil
-        self.conv1 = nn.Conv2d(3, 32, 5, padding=2)
-        self.conv2 = nn.Conv2d(32, 32, 5, padding=2)
-        self.conv3 = nn.Conv2d(32, 64, 5, padding=2)
-        side = 4 if ceil else 3
-        self.fc64 = nn.Linear(64 * side * side, 64)
-        self.fc10 = nn.Linear(64, 10)
-
-    def forward(self, x):
-        x = F.relu(F.max_pool2d(self.conv1(x), 3, 2, ceil_mode=self.ceil))
-        x = F.avg_pool2d(F.relu(self.conv2(x)), 3, 2, ceil_mode=self.ceil)
-        x = F.avg_pool2d(F.relu(self.conv3(x)), 3, 2, ceil_mode=self.ceil)
-        return self.fc10(F.relu(self.fc64(x.flatten(1))))
 
 
 def read_images(data: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -103,7 +87,7 @@ def main() -> None:
           f"{len(train_idx):,} train, {len(val_idx):,} validation", flush=True)
 
     torch.manual_seed(args.seed)
-    net = Peer(args.pool == "ceil")
+    net = Cifar80Sec(ceil=args.pool == "ceil")
     if args.init == "convnet":
         with torch.no_grad():
             for name, std in INIT_W.items():

@@ -322,8 +322,10 @@ def _launch_ranks(ctx, options, nproc: int, nnodes: int, node_rank: int, endpoin
                 "its own output says why)")
     elif failed.exit_code < 0:
         import signal
-        name = signal.Signals(-failed.exit_code).name if -failed.exit_code in signal.Signals._value2member_map_ \
-            else f"signal {-failed.exit_code}"
+        try:
+            name = signal.Signals(-failed.exit_code).name
+        except ValueError:  # a number this platform has no name for
+            name = f"signal {-failed.exit_code}"
         said = f"killed by {name}" + (" (out of memory?)" if name == "SIGKILL" else "")
     else:
         said = D.last_line(failed.output) or f"exit status {failed.exit_code} and no message"

@@ -319,7 +319,6 @@ class Trainer:
              f"{'channels_last' if self.channels_last else 'NCHW'})"),
             (o.compile is not None and o.compile != self.compile, f"--compile (the run's: {self.compile})"),
         ]
-        differing = [text for differs, text in changed if differs]
         recorded_world = s["options"].get("world", 1)
         if recorded_world != self.world:  # each rank's share of a batch, its flips and its dropout would change
             how = "without --nproc-per-node" if recorded_world == 1 else \
@@ -327,6 +326,7 @@ class Trainer:
             raise fail(f"the run was trained on {plural(recorded_world, 'rank')} and would resume on "
                        f"{self.world}, which changes how each batch is split and augmented; resume it {how}",
                        Location(str(self.run_dir)))
+        differing = [text for differs, text in changed if differs]
         if differing:
             raise fail(f"a resumed run keeps the settings it recorded, and these differ: {'; '.join(differing)}; "
                        "drop them to continue the run, or train a new run with another --out",

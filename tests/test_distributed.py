@@ -29,6 +29,18 @@ ROOT = Path(__file__).resolve().parents[1]
 # global batch and each rank takes its share.
 NO_RANDOM = SPEC.replace("[drop]\ntype=dropout2\ninputs=fc1\n", "").replace("inputs=drop", "inputs=fc1")
 
+NEEDS_GLOO = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="this torch has no gloo backend")
+
+
+def write_spec(tmp_path: Path, text: str = NO_RANDOM) -> Path:
+    """tiny.cfg and its params file beside it."""
+    spec = tmp_path / "tiny.cfg"
+    spec.write_text(text)
+    (tmp_path / "tiny.params.cfg").write_text(PARAMS)
+    return spec
+
+
 DRIVER = """
 import sys, torch
 from runtime.train import Trainer, TrainOptions
@@ -42,12 +54,9 @@ D.teardown(t.cluster)
 """
 
 
-@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                    reason="this torch has no gloo backend")
+@NEEDS_GLOO
 def test_two_gloo_ranks_match_one_process_on_the_combined_batch(tmp_path):
-    spec = tmp_path / "tiny.cfg"
-    spec.write_text(NO_RANDOM)
-    (tmp_path / "tiny.params.cfg").write_text(PARAMS)
+    spec = write_spec(tmp_path)
     data = make_data(tmp_path / "data")
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
@@ -109,12 +118,9 @@ if os.environ.get("RANK") == "1":
 """
 
 
-@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                    reason="this torch has no gloo backend")
+@NEEDS_GLOO
 def test_a_rank_that_fails_is_named_in_one_line_with_its_output_file(tmp_path):
-    spec = tmp_path / "tiny.cfg"
-    spec.write_text(NO_RANDOM)
-    (tmp_path / "tiny.params.cfg").write_text(PARAMS)
+    spec = write_spec(tmp_path)
     data = make_data(tmp_path / "data")
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "sitecustomize.py").write_text(FAIL_ON_RANK_1)  # runs as each rank's Python starts
@@ -146,9 +152,7 @@ LAUNCH_ERRORS = [
 
 @pytest.mark.parametrize("options, message", LAUNCH_ERRORS, ids=[m[7:40] for _, m in LAUNCH_ERRORS])
 def test_launch_options_that_cannot_work_are_one_line_before_any_rank_starts(tmp_path, options, message):
-    spec = tmp_path / "tiny.cfg"
-    spec.write_text(NO_RANDOM)
-    (tmp_path / "tiny.params.cfg").write_text(PARAMS)
+    spec = write_spec(tmp_path)
     result = CliRunner().invoke(main, ["train", str(spec), "--data", str(tmp_path), "--out", str(tmp_path / "run"),
                                        "--nproc-per-node", "2", *options])
     assert (result.exit_code, result.stderr, result.stdout) == (1, message + "\n", "")
@@ -177,9 +181,7 @@ def test_launch_on_gpus_refuses_what_cannot_work(tmp_path, monkeypatch, gpus, op
     # A machine with GPUs, as far as the checks can tell: the refusals come before any rank starts.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
-    spec = tmp_path / "tiny.cfg"
-    spec.write_text(NO_RANDOM)
-    (tmp_path / "tiny.params.cfg").write_text(PARAMS)
+    spec = write_spec(tmp_path)
     nproc = [] if "--nproc-per-node" in options else ["--nproc-per-node", "2"]
     result = CliRunner().invoke(main, ["train", str(spec), "--data", str(tmp_path), "--out", str(tmp_path / "run"),
                                        *nproc, *options])
@@ -188,9 +190,7 @@ def test_launch_on_gpus_refuses_what_cannot_work(tmp_path, monkeypatch, gpus, op
 
 
 def test_a_missing_data_path_is_one_error_and_starts_no_rank(tmp_path):
-    spec = tmp_path / "tiny.cfg"
-    spec.write_text(NO_RANDOM)
-    (tmp_path / "tiny.params.cfg").write_text(PARAMS)
+    spec = write_spec(tmp_path)
     result = CliRunner().invoke(main, ["train", str(spec), "--data", str(tmp_path / "nodata"), "--nproc-per-node", "2",
                                        "--out", str(tmp_path / "run")])
     assert (result.exit_code, result.stdout, result.stderr) == (
@@ -234,9 +234,7 @@ def test_the_rank_named_is_the_one_that_stopped_on_its_own():
 
 
 def test_a_bad_spec_is_one_error_and_starts_no_rank(tmp_path):
-    spec = tmp_path / "tiny.cfg"
-    spec.write_text(NO_RANDOM.replace("neuron=relu", "neuron=relux", 1))
-    (tmp_path / "tiny.params.cfg").write_text(PARAMS)
+    spec = write_spec(tmp_path, NO_RANDOM.replace("neuron=relu", "neuron=relux", 1))
     result = CliRunner().invoke(main, ["train", str(spec), "--data", str(tmp_path), "--nproc-per-node", "2",
                                        "--out", str(tmp_path / "run")])
     assert result.exit_code == 1 and result.stdout == "", result.output
