@@ -92,8 +92,9 @@ def check(ctx, spec, params_path, input_shape, as_json):
 @main.command()
 @click.argument("src", type=click.Path())
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--size", default=256, show_default=True, type=click.IntRange(1),
-              help="Side of the stored square: short side rescaled to SIZE, centre crop (image folders).")
+@click.option("--size", type=click.IntRange(1),
+              help="Side of the stored square: short side rescaled to SIZE, centre crop (image folders).  "
+                   "Default: 256; CIFAR batches keep their 32x32.")
 @click.option("--quality", default=90, show_default=True, type=click.IntRange(1, 100),
               help="JPEG quality of the stored images.")
 @click.option("--raw", is_flag=True, help="Store raw uint8 pixels instead of JPEG (small images such as CIFAR).")
@@ -164,9 +165,9 @@ def prepare(ctx, src, out, size, quality, raw, workers, synsets):
               help="NHWC memory layout: the same results up to float rounding, and faster here "
                    "(3-8% a CIFAR-10 epoch on a 2-core CPU).  --no-channels-last keeps NCHW.")
 @click.option("--compile", "compile_net", is_flag=True,
-              help="torch.compile the net for training: the same results up to float rounding; the first "
-                   "steps compile (about a minute).  Measured slower on this project's 2-core CPU; try it on "
-                   "a GPU.")
+              help="torch.compile the net for training: the same results up to float rounding, but dropout "
+                   "draws other masks; the first steps compile (about a minute).  Measured slower on this "
+                   "project's 2-core CPU; try it on a GPU.")
 @click.option("--set", "overrides", multiple=True, metavar="LAYER.KEY=VALUE",
               help="Override a spec or params value, e.g. --set conv1.epsW=0.002 or --set train.flip=1. "
                    "Repeatable; recorded with the run.")
@@ -380,7 +381,8 @@ def _typed_args(ctx: click.Context, leave_out=()) -> list[str]:
 @click.option("--batch-size", type=click.IntRange(1), help="Images per forward pass (default: the run's).")
 @click.option("--per-class", is_flag=True, help="Also print each class's error.")
 @click.option("--json", "as_json", is_flag=True,
-              help='Print {"top1_error", "topk_error", "k", "images", "views", "checkpoint"} (fractions).')
+              help='Print {"top1_error", "topk_error", "k", "images", "views", "checkpoint"} (fractions), and '
+                   '"per_class" with --per-class.')
 @click.pass_context
 def eval_(ctx, checkpoint, data, labels, topk, views, devices, batch_size, per_class, as_json):
     """Top-1 and top-k error of a trained net, in percent, as the paper reports them.
@@ -585,7 +587,8 @@ def _guard(ctx: click.Context, fn) -> None:
                        err=True)
             sys.exit(1)
         click.echo(f"error: unexpected {type(err).__name__}: {detail}. This is a convspec bug or a case it "
-                   "does not handle: rerun with --debug for the traceback, and report it", err=True)
+                   "does not handle: rerun as convspec --debug COMMAND ... for the traceback, and report it",
+                   err=True)
         sys.exit(3)
 
 

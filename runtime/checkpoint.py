@@ -117,7 +117,8 @@ def load(path: str | Path, map_location="cpu") -> dict:
         raise fail(f"checkpoint is truncated or corrupted ({first[:120]}); use an older one from the same run",
                    Location(str(path))) from None
     if not isinstance(state, dict):
-        raise fail("not a convspec checkpoint (expected a dict)", Location(str(path)))
+        raise fail(f"not a convspec checkpoint (it holds a {type(state).__name__}, where convspec writes a dict); "
+                   "give a run folder or one of the .pt files convspec train writes", Location(str(path)))
     return state
 
 
@@ -130,7 +131,16 @@ def load_training(path: str | Path, map_location="cpu") -> dict:
     state = load(path, map_location)
     if state.get("format") != FORMAT:
         raise fail(NOT_TRAINING, Location(str(path)))
+    missing = [key for key in REQUIRED if key not in state]
+    if missing:  # a checkpoint edited by a script, or cut short by one: eval, show and resume all need these
+        raise fail(f"convspec checkpoint without its '{missing[0]}' entry (edited or rewritten by another "
+                   "program?); use another checkpoint of the run", Location(str(path)))
     return state
+
+
+# What every reader of a training checkpoint relies on; later additions (history, provenance, ...) are read
+# with defaults, so that older checkpoints still open.
+REQUIRED = ("epoch", "model", "spec", "recipe", "options", "data")
 
 
 def prune(run_dir: str | Path, keep: int) -> list[Path]:

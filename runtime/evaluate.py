@@ -100,7 +100,8 @@ def evaluation_images(recorded: dict, data: str | None = None, labels: str | Non
                              stats=False, in_memory=False)
         refuse_other_size(source, size, data, "the run's images were",
                           f"give a store prepared with --size {size}, or the image folder (eval rescales it)")
-        return source, np.arange(len(source)), str(data)
+        which = f" (its {source.store_split} split)" if source.store_split else ""
+        return source, np.arange(len(source)), f"{data}{which}"
     indices = recorded["val_indices"].numpy()
     if recorded["val_path"]:
         source = open_source(recorded["val_path"], "val", classes=classes, size=size, stats=False,

@@ -2,7 +2,7 @@
 
     source = open_source("data/cifar-10-batches-py", "train")
     train_idx, val_idx = holdout(len(source), fraction=0.1, seed=0)
-    batches = Batches(source, train_idx, batch_size=128, crop=24,
+    batches = Batches(source, train_idx, batch_size=128,
                       augment=Augment(24, flip=True, random_crop=True), seed=0)
     for images, labels in batches.epoch(3): ...      # float32 (B, 3, 24, 24), int64 (B,)
 
@@ -10,7 +10,8 @@ Every source hands out uint8 (B, S, S, 3) batches; crops, flips, the mean
 subtraction and the PCA colour noise then run on the whole batch
 (``preprocess.augment_batch``).  The order is a permutation drawn from
 (seed, epoch), so a resumed run sees the same order, and each data-parallel
-rank takes every ``world``-th batch of it.  Decoding sources (JPEG stores,
+rank takes its share, ``[rank::world]``, of every global batch, augmented as
+the whole batch would be.  Decoding sources (JPEG stores,
 image folders) use ``DataLoader`` workers; memory-mapped raw stores and CIFAR
 arrays need none.
 """
@@ -49,6 +50,7 @@ class ImageSource(Protocol):
 
 class _Sized:
     loose: tuple = ()  # images beside the class folders, not read (set by open_source)
+    store_split: str | None = None  # which split of a prepared store this is, for saying what was scored
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -109,7 +111,7 @@ class FolderSource(_Sized):
 
 class _StoreSource(_Sized):
     def __init__(self, split: StoreSplit):
-        self.split = split
+        self.split, self.store_split = split, split.name
         self.labels, self.classes, self.mean = split.labels, split.classes, split.mean
         self.eigvals, self.eigvecs, self.size = split.eigvals, split.eigvecs, split.size
         self.class_names = split.class_names
@@ -160,9 +162,10 @@ def open_source(path: str | Path, split: str = "train", classes: list[str] | Non
         raise fail(f"holds {KIND_NAMES[kind]}, which carry their own classes; leave --labels out (it labels a flat "
                    "folder of images)", Location(str(path)))
     if kind == "store":
-        wanted = split if split != "test" else "val"
-        if wanted == "val" and not StoreSplit.has_split(path, "val"):
-            wanted = "train"  # a store of one split, given for evaluation: all of its images
+        # Validation and evaluation read the store's held-out split: val/ of an image folder, or the
+        # test_batch of CIFAR batches; a store of one split, given for evaluation, is read whole.
+        wanted = split if split == "train" else next(
+            (held_out for held_out in ("val", "test") if StoreSplit.has_split(path, held_out)), "train")
         store = StoreSplit(path, wanted)
         source = _StoreSource(store)
         if classes is not None and store.classes != classes:

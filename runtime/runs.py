@@ -124,7 +124,9 @@ def peek(path: Path) -> dict | None:
 
 
 def checkpoint_files(run_dir: Path) -> list[Path]:
-    return ckpt.epoch_files(run_dir) + [p for p in (run_dir / INTERRUPTED,) if p.is_file()]
+    """A run folder's checkpoints: its epoch files, interrupted.pt and best.pt, which is
+    enough on its own once the epoch files are deleted."""
+    return ckpt.epoch_files(run_dir) + [p for p in (run_dir / INTERRUPTED, run_dir / BEST) if p.is_file()]
 
 
 def has_checkpoints(run_dir: Path) -> bool:

@@ -27,7 +27,7 @@ import json
 import multiprocessing
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +48,7 @@ SHARD = 512  # images per shard: small enough to show progress, large enough to 
 
 @dataclass
 class PrepareOptions:
-    size: int = 256
+    size: int | None = None  # None: 256 for image folders; CIFAR batches keep their own 32x32 (and refuse another)
     raw: bool = False
     quality: int = 90
     workers: int = 0  # 0: one per core
@@ -135,12 +135,15 @@ def prepare(source: Path, out: Path, options: PrepareOptions, synsets: Path | No
                    "choose an OUT outside the images", Location(str(out)))
     splits = _splits(source, options)
     refuse_one_class(splits[0][1].classes, "class folder", source)
+    options = _settle_size(options, splits[0][1], source)
     _refuse_upscaling_everything(splits[0][1], options)
     fingerprint = options.fingerprint(source)
     names = read_synsets(synsets) if synsets else {}  # before writing anything: a bad file leaves OUT as it was
     out.mkdir(parents=True, exist_ok=True)
     if (out / "prepare.json").is_file():
         previous = json.loads((out / "prepare.json").read_text())
+        if isinstance(splits[0][1], cifar.CifarSplit):  # stores from CIFAR batches once recorded --size 256 unused
+            previous["size"] = fingerprint["size"]
         if previous != fingerprint:
             raise fail(f"already holds a different store ({'; '.join(_differences(previous, fingerprint))}); rerun "
                        "with its options, choose another OUT or delete it", Location(str(out)))
@@ -156,7 +159,7 @@ def prepare(source: Path, out: Path, options: PrepareOptions, synsets: Path | No
                                        for i, c in enumerate(classes)], "splits": {}, "skipped": 0,
             "notes": [note for note in notes if note]}
     bad: list[str] = []
-    total_stats = Stats.empty(options.size if not isinstance(splits[0][1], cifar.CifarSplit) else 32)
+    total_stats = Stats.empty(options.size)
     workers = options.workers or os.cpu_count() or 1
     try:
         with multiprocessing.get_context("fork").Pool(workers, _ignore_sigint) if workers > 1 else _Inline() as pool:
@@ -178,6 +181,18 @@ def prepare(source: Path, out: Path, options: PrepareOptions, synsets: Path | No
     _save_atomic(out / "pca.npz", lambda f: np.savez(f, eigvals=eigvals, eigvecs=eigvecs))
     _save_atomic(out / STORE_MARKER, lambda f: f.write(json.dumps(meta, indent=1).encode()))
     return meta
+
+
+def _settle_size(options: PrepareOptions, data, source: Path) -> PrepareOptions:
+    """The side the store will hold: --size for image folders (256 unless given), and for
+    CIFAR batches their own, which --size does not change (it was ignored without a word)."""
+    if not isinstance(data, cifar.CifarSplit):
+        return replace(options, size=options.size or 256)
+    side = int(data.images.shape[1])
+    if options.size not in (None, side):
+        raise fail(f"holds CIFAR batches, which are stored at their own {side}x{side}; --size rescales image "
+                   "folders only: drop --size", Location(str(source)))
+    return replace(options, size=side)
 
 
 def _refuse_upscaling_everything(data, options: PrepareOptions) -> None:
@@ -284,7 +299,7 @@ class StoreSplit:
             raise fail(f"store.json is not a {FORMAT} v{VERSION} store", Location(str(meta_path)))
         if split not in self.meta["splits"]:
             raise fail(f"store has no '{split}' split (it has {', '.join(self.meta['splits'])})", Location(str(root)))
-        self.kind = self.meta["kind"]
+        self.name, self.kind = split, self.meta["kind"]
         self.classes = [c["folder"] for c in self.meta["classes"]]
         self.class_names = [c["name"] for c in self.meta["classes"]]
         self.mean = _load(root / "mean.npy")

@@ -239,8 +239,7 @@ class Trainer:
         """The folder's ``differs`` file and the resumed checkpoint disagree: say which one to fix.
         If the run's other checkpoints agree with this one, the file was edited; if one agrees
         with the file, this checkpoint came from elsewhere; with no other, either may be."""
-        others = [runs.peek(p) for p in runs.checkpoint_files(self.run_dir) + [self.run_dir / runs.BEST]
-                  if p.is_file() and p != self.resumed_from]
+        others = [runs.peek(p) for p in runs.checkpoint_files(self.run_dir) if p != self.resumed_from]
         others = [o for o in others if o is not None and "spec" in o]
         here = Location(str(self.run_dir / differs))
         restore = "restore it, or delete it and --resume again (the resume writes it anew from the checkpoint)"
@@ -320,11 +319,12 @@ class Trainer:
             (o.compile is not None and o.compile != self.compile, f"--compile (the run's: {self.compile})"),
         ]
         recorded_world = s["options"].get("world", 1)
-        if recorded_world != self.world:  # each rank's share of a batch, its flips and its dropout would change
+        if recorded_world != self.world:  # each rank's share of a batch and its dropout masks would change
             how = "without --nproc-per-node" if recorded_world == 1 else \
                 f"on {recorded_world} ranks in all (--nproc-per-node {recorded_world} on one machine)"
             raise fail(f"the run was trained on {plural(recorded_world, 'rank')} and would resume on "
-                       f"{self.world}, which changes how each batch is split and augmented; resume it {how}",
+                       f"{self.world}, which changes how each batch is split and the dropout masks each rank draws; "
+                       f"resume it {how}",
                        Location(str(self.run_dir)))
         differing = [text for differs, text in changed if differs]
         if differing:

@@ -350,8 +350,8 @@ def test_an_unforeseen_error_is_one_line_and_debug_shows_it(tmp_path, monkeypatc
     result = invoke("check", path)
     assert result.exit_code == 3 and isinstance(result.exception, SystemExit)
     assert result.output == ("error: unexpected RuntimeError: required rank 4 tensor to use channels_last format. "
-                             "This is a convspec bug or a case it does not handle: rerun with --debug for the "
-                             "traceback, and report it\n")
+                             "This is a convspec bug or a case it does not handle: rerun as convspec --debug COMMAND ... "
+                             "for the traceback, and report it\n")
     with pytest.raises(RuntimeError, match="required rank 4"):
         CliRunner().invoke(main, ["--debug", "check", path], catch_exceptions=False)
 

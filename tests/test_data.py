@@ -444,6 +444,15 @@ def test_prepare_cifar_batches(tmp_path):
     meta = prepare(root, tmp_path / "out", PrepareOptions(raw=True, workers=1), progress=False)
     assert meta["size"] == 32 and meta["splits"]["test"]["count"] == 6
     assert np.array_equal(StoreSplit(tmp_path / "out", "train").images(range(30)), images[:30])
+    # The store records the size it holds (it recorded the unused default, 256), and --size 32 is the same store.
+    assert '"size": 32' in (tmp_path / "out" / "prepare.json").read_text()
+    assert prepare(root, tmp_path / "out", PrepareOptions(size=32, raw=True, workers=1), progress=False)["size"] == 32
+    # --size does not rescale CIFAR batches: another value was ignored without a word; now it is refused.
+    with pytest.raises(SpecError) as err:
+        prepare(root, tmp_path / "out24", PrepareOptions(size=24, raw=True, workers=1), progress=False)
+    assert str(err.value) == (f"{root}: holds CIFAR batches, which are stored at their own 32x32; --size rescales "
+                              "image folders only: drop --size")
+    assert not (tmp_path / "out24").exists()
 
 
 @needs_samples

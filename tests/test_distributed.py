@@ -81,13 +81,13 @@ def test_two_gloo_ranks_match_one_process_on_the_combined_batch(tmp_path):
     by_torchrun = ckpt.load(out / "epoch-0002.pt")["model"]
     assert by_launcher["model"].keys() == by_torchrun.keys()
     assert all(torch.equal(by_launcher["model"][k], by_torchrun[k]) for k in by_torchrun)
-    # Resumed on another number of ranks, each batch would split and augment differently: refused, in one line.
+    # Resumed on another number of ranks, each batch would split and drop out differently: refused, in one line.
     for options, now in (([], 1), (["--nproc-per-node", "4"], 4)):
         result = CliRunner().invoke(main, ["train", "--resume", "--out", str(launched), "--epochs", "3", *options])
         assert (result.exit_code, result.stderr) == (1, f"{launched}: the run was trained on 2 ranks and would "
                                                         f"resume on {now}, which changes how each batch is split and "
-                                                        "augmented; resume it on 2 ranks in all (--nproc-per-node 2 "
-                                                        "on one machine)\n")
+                                                        "the dropout masks each rank draws; resume it on 2 ranks in "
+                                                        "all (--nproc-per-node 2 on one machine)\n")
     rank0 = torch.load(f"{out}-rank0.pt", weights_only=True)
     rank1 = torch.load(f"{out}-rank1.pt", weights_only=True)
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # bitwise

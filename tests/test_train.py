@@ -503,6 +503,16 @@ def test_missing_data_and_runs_say_what_to_pass(setup, tmp_path, monkeypatch):
     res = runner.invoke(main, ["train", "--resume", "--epochs", "2", "--quiet"])
     assert res.exit_code == 0, res.output
     assert [json.loads(x)["epoch"] for x in Path("runs/a/metrics.jsonl").read_text().splitlines()] == [1, 2]
+    # A folder whose only checkpoint is best.pt (the epoch files deleted to save space) is still the
+    # newest run to eval, show and resume; it was passed over ("no trained run under runs/").
+    for name in ("epoch-0001.pt", "epoch-0002.pt", "metrics.jsonl"):
+        Path("runs/a", name).unlink(missing_ok=True)
+    res = runner.invoke(main, ["eval"])
+    assert res.exit_code == 0 and f"{Path('runs/a/best.pt')} on " in res.output, res.output
+    res = runner.invoke(main, ["show", "--only", "curves"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(main, ["train", "--resume", "--epochs", "3", "--quiet"])
+    assert res.exit_code == 0, res.output
 
 
 def test_a_torch_file_from_elsewhere_and_a_file_as_run_folder_are_named(setup, tmp_path):
@@ -516,6 +526,23 @@ def test_a_torch_file_from_elsewhere_and_a_file_as_run_folder_are_named(setup, t
     for command in (["eval", "--checkpoint", str(foreign)], ["show", str(foreign), "--only", "curves"]):
         res = CliRunner().invoke(main, command)
         assert (res.exit_code, res.output) == (1, not_ours), command
+    tensor = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), tensor)
+    res = CliRunner().invoke(main, ["eval", "--checkpoint", str(tensor)])
+    assert (res.exit_code, res.output) == (1, f"{tensor}: not a convspec checkpoint (it holds a Tensor, where "
+                                              "convspec writes a dict); give a run folder or one of the .pt files "
+                                              "convspec train writes\n")
+    # A checkpoint rewritten without one of its entries was a KeyError, reported as a convspec bug (exit 3).
+    for key in ("model", "spec"):
+        cut = ckpt.load(out / "best.pt")
+        del cut[key]
+        torch.save(cut, tmp_path / f"no-{key}.pt")
+        for command in (["eval", "--checkpoint", str(tmp_path / f"no-{key}.pt")],
+                        ["show", str(tmp_path / f"no-{key}.pt"), "--only", "net"]):
+            res = CliRunner().invoke(main, command)
+            assert (res.exit_code, res.output) == (1, f"{tmp_path / f'no-{key}.pt'}: convspec checkpoint without its "
+                                                      f"'{key}' entry (edited or rewritten by another program?); use "
+                                                      "another checkpoint of the run\n"), command
     res = CliRunner().invoke(main, ["train", "--resume", "--out", str(out / "best.pt"), "--epochs", "2"])
     assert (res.exit_code, res.output) == (1, f"{out / 'best.pt'}: is a file; --resume continues a run folder from "
                                               f"its furthest checkpoint: --out {out}\n")
@@ -732,6 +759,27 @@ def test_a_store_of_one_split_or_some_classes_is_evaluated(setup, tmp_path):
     res = CliRunner().invoke(main, ["eval", "--checkpoint", str(out), "--data", str(other)])
     assert (res.exit_code, res.output.strip()) == (1, f"{other}: class 'zebra' of the store is not one of the 4 "
                                                       "classes the run was trained on")
+
+
+def test_a_store_of_cifar_batches_is_scored_on_its_test_split(setup, tmp_path):
+    """A store prepared from CIFAR batches holds 'train' and 'test' splits.  eval --data STORE and
+    --val-data STORE read its train split (the images the net was trained on) and said nothing."""
+    from runtime.store import PrepareOptions, prepare
+
+    spec, data = setup  # 192 training images in five batches, 32 in test_batch
+    store = tmp_path / "store"
+    prepare(data, store, PrepareOptions(size=32, raw=True, workers=1), progress=False)
+    out = tmp_path / "run"
+    lines = []
+    train(TrainOptions(progress=False, echo=lines.append, spec=str(spec), data=str(store), val_data=str(store),
+                       out=str(out), epochs=1))
+    assert "192 training images, 32 validation images" in lines[0]
+    res = CliRunner().invoke(main, ["eval", "--checkpoint", str(out), "--data", str(store)])
+    assert res.exit_code == 0, res.output
+    assert f"on {store} (its test split): 32 images" in res.output
+    through_store = evaluate_checkpoint(str(out), str(store), k=2).result
+    through_batches = evaluate_checkpoint(str(out), str(data), k=2).result  # CIFAR batches: test_batch
+    assert (through_store.images, through_store.top1_error) == (through_batches.images, through_batches.top1_error)
 
 
 def test_a_store_of_another_size_is_named_with_the_fix(setup, tmp_path):
