@@ -134,7 +134,7 @@ def load_training(path: str | Path, map_location="cpu") -> dict:
     missing = [key for key in REQUIRED if key not in state]
     if missing:  # a checkpoint edited by a script, or cut short by one: eval, show and resume all need these
         raise fail(f"convspec checkpoint without its '{missing[0]}' entry (edited or rewritten by another "
-                   "program?); use another checkpoint of the run", Location(str(path)))
+                   "program?); use an older one from the same run", Location(str(path)))
     return state
 
 

@@ -91,7 +91,7 @@ def evaluation_images(recorded: dict, data: str | None = None, labels: str | Non
 
     import numpy as np
 
-    from .loader import open_source, refuse_other_size
+    from .loader import open_source, recorded_held_out, refuse_other_size
     from .runs import recorded_data_path
 
     classes, size = recorded["classes"], recorded["size"]
@@ -105,7 +105,7 @@ def evaluation_images(recorded: dict, data: str | None = None, labels: str | Non
     indices = recorded["val_indices"].numpy()
     if recorded["val_path"]:
         source = open_source(recorded["val_path"], "val", classes=classes, size=size, stats=False,
-                             in_memory=False)
+                             in_memory=False, held_out=recorded_held_out(recorded))
         return source, indices, f"{recorded['val_path']} (the run's validation data)"
     if len(indices) == 0:
         raise fail("the run held out no validation images (valFraction=0); give --data PATH to evaluate on",

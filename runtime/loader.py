@@ -145,9 +145,31 @@ class _StoreSource(_Sized):
 IN_MEMORY_BYTES = 2 << 30
 
 
+# The splits of a store that validation and evaluation read, in order of preference: val/ of an image
+# folder, else the test_batch of CIFAR batches; a store with neither is read whole (its train split).
+HELD_OUT = ("val", "test")
+
+
+def recorded_held_out(data: dict) -> tuple[str, ...]:
+    """The store split a run's --val-data was read from, as its checkpoint's ``data`` entry
+    records it: runs from before the split was recorded read 'val', else 'train'."""
+    if "val_split" not in data:
+        return ("val",)
+    return (data["val_split"],) if data["val_split"] else HELD_OUT
+
+
+def reads_its_training_images(path: Path) -> bool:
+    """Whether ``path`` opened for validation gives the images it gives for training: class
+    folders, and a store of one split (an image folder with val/ and CIFAR batches hold both)."""
+    kind = detect(path)
+    return kind in ("classfolders", "flat") or (
+        kind == "store" and not any(StoreSplit.has_split(path, s) for s in HELD_OUT))
+
+
 def open_source(path: str | Path, split: str = "train", classes: list[str] | None = None,
                 labels_file: Path | None = None, size: int = 256, stats: bool = True,
-                progress: bool = False, in_memory: bool = True) -> ImageSource:
+                progress: bool = False, in_memory: bool = True, held_out: tuple[str, ...] = HELD_OUT
+                ) -> ImageSource:
     """Detect the kind of ``path`` and open one split ("train", "val" or "test").
 
     ``classes`` (a trained run's list) maps class folder names to indices; an
@@ -155,6 +177,7 @@ def open_source(path: str | Path, split: str = "train", classes: list[str] | Non
     folder are rescaled and centre-cropped to.  ``stats=False`` skips the mean
     and PCA pass (evaluation uses the run's own).  ``in_memory=False`` keeps
     an image folder on disk even when it would fit (for reading a few images).
+    ``held_out``: the store splits "val" and "test" may read, in order of preference.
     """
     path = resolve(path)
     kind = detect(path)
@@ -162,10 +185,8 @@ def open_source(path: str | Path, split: str = "train", classes: list[str] | Non
         raise fail(f"holds {KIND_NAMES[kind]}, which carry their own classes; leave --labels out (it labels a flat "
                    "folder of images)", Location(str(path)))
     if kind == "store":
-        # Validation and evaluation read the store's held-out split: val/ of an image folder, or the
-        # test_batch of CIFAR batches; a store of one split, given for evaluation, is read whole.
         wanted = split if split == "train" else next(
-            (held_out for held_out in ("val", "test") if StoreSplit.has_split(path, held_out)), "train")
+            (name for name in held_out if StoreSplit.has_split(path, name)), "train")
         store = StoreSplit(path, wanted)
         source = _StoreSource(store)
         if classes is not None and store.classes != classes:

@@ -38,7 +38,8 @@ from . import distributed as D
 from . import runs
 from .download import DATASETS
 from .evaluate import EvalResult, autocast, evaluate
-from .loader import Batches, augment_for, eval_batches, holdout, open_source, refuse_other_size
+from .loader import (HELD_OUT, Batches, augment_for, eval_batches, holdout, open_source,
+                     reads_its_training_images, recorded_held_out, refuse_other_size)
 from .optim import ConvnetSGD
 from .progress import Progress
 from .store import StoreSplit
@@ -230,6 +231,12 @@ class Trainer:
         for path in (self.data_path, self.val_path):  # a wrong path, said before any data is read
             if path and str(path) not in DATASETS:
                 detect(Path(path))
+        if self.state is None and self.val_path and not {str(self.val_path), str(self.data_path)} & set(DATASETS) \
+                and Path(self.val_path).resolve() == Path(self.data_path).resolve() \
+                and reads_its_training_images(Path(self.val_path)):
+            raise fail("is the training data itself, and it holds no separate validation images: validation "
+                       "would score the images the net trains on; leave --val-data out (valFraction holds some "
+                       "out) or give other images", Location(str(self.val_path)))
         if self.recipe.batch_size % self.world:
             raise fail(f"the batch of {self.recipe.batch_size} does not split over {self.world} ranks; "
                        f"use a multiple of {self.world} (--batch-size)")
@@ -416,8 +423,9 @@ class Trainer:
             pick = np.random.default_rng([r.split_seed, 1]).choice(len(self.train_idx), self.train_limit, replace=False)
             self.train_idx = np.sort(self.train_idx[pick])
         if self.val_path:
+            held_out = recorded_held_out(self.state["data"]) if self.state is not None else HELD_OUT
             self.val_source = open_source(self.val_path, "val", classes=self.classes, size=self.train_source.size,
-                                          stats=False)
+                                          stats=False, held_out=held_out)
             refuse_other_size(self.val_source, self.train_source.size, self.val_path, "the training images are",
                               "prepare both at one --size, or give the image folder (it is rescaled)")
             if self.val_idx is None:
@@ -712,6 +720,7 @@ class Trainer:
         src = self.train_source
         data = {"path": str(self.data_path), "resolved": str(self.resolved_data),
                 "val_path": self.val_path, "val_resolved": self.val_path and str(resolve(self.val_path).resolve()),
+                "val_split": self.val_source.store_split if self.val_path else None,
                 "fingerprint": self.fingerprint, "images": len(src),
                 "classes": self.classes, "class_names": self.class_names,
                 "size": int(src.size), "crop": int(self.crop), "pixel_scale": 1.0,

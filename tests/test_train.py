@@ -542,7 +542,7 @@ def test_a_torch_file_from_elsewhere_and_a_file_as_run_folder_are_named(setup, t
             res = CliRunner().invoke(main, command)
             assert (res.exit_code, res.output) == (1, f"{tmp_path / f'no-{key}.pt'}: convspec checkpoint without its "
                                                       f"'{key}' entry (edited or rewritten by another program?); use "
-                                                      "another checkpoint of the run\n"), command
+                                                      "an older one from the same run\n"), command
     res = CliRunner().invoke(main, ["train", "--resume", "--out", str(out / "best.pt"), "--epochs", "2"])
     assert (res.exit_code, res.output) == (1, f"{out / 'best.pt'}: is a file; --resume continues a run folder from "
                                               f"its furthest checkpoint: --out {out}\n")
@@ -780,6 +780,24 @@ def test_a_store_of_cifar_batches_is_scored_on_its_test_split(setup, tmp_path):
     through_store = evaluate_checkpoint(str(out), str(store), k=2).result
     through_batches = evaluate_checkpoint(str(out), str(data), k=2).result  # CIFAR batches: test_batch
     assert (through_store.images, through_store.top1_error) == (through_batches.images, through_batches.top1_error)
+    assert evaluate_checkpoint(str(out), k=2).result.images == 32  # the run's validation data: the split it read
+    # A run from before the split was recorded validated on the store's train split, and its indices say so:
+    # it still scores those images (reading the test split with them ran past its end).
+    old = ckpt.load(out / "best.pt")
+    del old["data"]["val_split"]
+    old["data"]["val_indices"] = torch.arange(192)
+    torch.save(old, tmp_path / "old.pt")
+    assert evaluate_checkpoint(str(tmp_path / "old.pt"), k=2).result.images == 192
+    # --val-data that is the training data and holds no other images would score the training images: refused.
+    one_split = tmp_path / "one-split"
+    _test_batch_as_class_folders(data, tmp_path / "folders", 10)
+    prepare(tmp_path / "folders", one_split, PrepareOptions(size=32, raw=True, workers=1), progress=False)
+    for same in (one_split, tmp_path / "folders"):
+        with pytest.raises(SpecError) as err:
+            train(_quiet(spec=str(spec), data=str(same), val_data=str(same), out=str(tmp_path / "same"), epochs=1))
+        assert str(err.value) == (f"{same}: is the training data itself, and it holds no separate validation "
+                                  "images: validation would score the images the net trains on; leave --val-data "
+                                  "out (valFraction holds some out) or give other images")
 
 
 def test_a_store_of_another_size_is_named_with_the_fix(setup, tmp_path):
