@@ -126,6 +126,11 @@ NOT_TRAINING = ("not a convspec training checkpoint (a torch file from elsewhere
                 "the .pt files convspec train writes")
 
 
+# What every reader of a training checkpoint relies on; later additions (history, provenance, ...) are read
+# with defaults, so that older checkpoints still open.
+REQUIRED = ("epoch", "model", "spec", "recipe", "options", "data")
+
+
 def load_training(path: str | Path, map_location="cpu") -> dict:
     """:func:`load`, for a checkpoint that convspec train wrote (eval, show, resume, convspec.load)."""
     state = load(path, map_location)
@@ -136,11 +141,6 @@ def load_training(path: str | Path, map_location="cpu") -> dict:
         raise fail(f"convspec checkpoint without its '{missing[0]}' entry (edited or rewritten by another "
                    "program?); use an older one from the same run", Location(str(path)))
     return state
-
-
-# What every reader of a training checkpoint relies on; later additions (history, provenance, ...) are read
-# with defaults, so that older checkpoints still open.
-REQUIRED = ("epoch", "model", "spec", "recipe", "options", "data")
 
 
 def prune(run_dir: str | Path, keep: int) -> list[Path]:
