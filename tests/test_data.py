@@ -339,8 +339,12 @@ def test_interrupted_prepare_finishes_on_rerun(tmp_path):
 
 # Run prepare through the CLI with each image's encoding held at a gate, so that Ctrl-C surely lands mid-way:
 # a worker marks "started" and waits until the test creates "open" (a fixed sleep raced prepare on a busy machine).
+# The child takes Ctrl-C as a terminal's foreground job does. A test run started as a
+# background job (`pytest &`, as a nohup script does) passes SIGINT on ignored, and
+# Python then installs no KeyboardInterrupt handler: without this line the test hung.
 _GATED_PREPARE = """
-import sys, time
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from pathlib import Path
 import runtime.store as store
 encode, gate = store._encode, Path(sys.argv[3])
