@@ -151,6 +151,7 @@ class Run:
                        Location(str(given)))
         self.name = self.dir.name
         self.devices = devices or (["cuda:0"] if torch.cuda.is_available() else ["cpu"])
+        self.history_note = ""  # set by metrics() when the epochs come from a checkpoint
 
     def metrics(self) -> list[dict]:
         path = self.dir / runs.METRICS
@@ -169,13 +170,18 @@ class Run:
                     raise fail(f"{problem}; the run folder is damaged: restore metrics.jsonl or delete the line",
                                Location(str(path), n, 1))
                 records.append(record)
+        source = None
         if not records and self.given_checkpoint is not None:
             # A checkpoint copied out of its run folder still holds the history up to it.
-            records = [dict(r) for r in self.state.get("history", [])]
+            records, source = [dict(r) for r in self.state.get("history", [])], self.given_checkpoint
         elif not records and runs.has_checkpoints(self.dir):
             # metrics.jsonl lost or emptied: the checkpoint furthest into training holds the same records.
-            latest = ckpt.load_training(runs.resume_checkpoint(self.dir))
-            records = [dict(r) for r in latest.get("history", [])]
+            source = runs.resume_checkpoint(self.dir)
+            records = [dict(r) for r in ckpt.load_training(source).get("history", [])]
+        if records and source is not None:
+            # A history ends at its checkpoint's epoch (best.pt's at the best one): the picture says so.
+            self.history_note = (f"No {runs.METRICS} here: the epochs drawn are those held in {source.name}, "
+                                 f"which end at its epoch {records[-1].get('epoch', len(records))}.")
         if not records:
             if not any(self.dir.glob("*.pt")):
                 raise fail("is not a run folder (no checkpoint, no metrics.jsonl); give a folder that convspec "
@@ -209,8 +215,10 @@ class Run:
 
 def _curves(run: Run, o: ShowOptions):
     series = [(run.name, run.metrics())]
+    compared_runs = []
     for other in o.compare:
         compared = Run(other, o.runs_root)
+        compared_runs.append(compared)
         series.append((compared.name if compared.name not in dict(series) else str(compared.dir),
                        compared.metrics()))
     image = draw.curves_picture(series)
@@ -219,6 +227,10 @@ def _curves(run: Run, o: ShowOptions):
                "the training minibatches as trained (augmentation and dropout on; training top-5 is not "
                "recorded); below, the training loss. Dashed verticals mark learning-rate changes, labelled "
                "with the new multiple of the base rate.")
+    notes = [f"{name}: {r.history_note}" for (name, _), r in zip(series, [run, *compared_runs]) if r.history_note]
+    for note in notes:
+        o.echo(f"note: {note}")
+    caption = " ".join([caption, *notes])
     return [(Picture("curves.png", "Training curves", caption, *image.size), image)]
 
 

@@ -171,6 +171,8 @@ def test_a_checkpoint_copied_out_of_its_run_draws_its_curves_from_its_own_histor
     res = _show(loose / "copied.pt", "--only", "curves,net", "--out", tmp_path / "out")
     assert res.exit_code == 0, res.output
     assert {"curves.png", "net.png"} <= set(_stated_images(tmp_path / "out" / "index.html"))
+    note = "loose: No metrics.jsonl here: the epochs drawn are those held in copied.pt, which end at its epoch 2."
+    assert f"note: {note}\n" in res.output and note in (tmp_path / "out" / "index.html").read_text()
     assert Run(str(loose / "copied.pt")).metrics() == ckpt.load(run_dir / "epoch-0002.pt")["history"]
     assert [r["epoch"] for r in Run(str(loose / "copied.pt")).metrics()] == [1, 2]
     # A run whose metrics.jsonl is emptied draws from its newest checkpoint's history (it said "no metrics yet").
@@ -180,6 +182,20 @@ def test_a_checkpoint_copied_out_of_its_run_draws_its_curves_from_its_own_histor
     res = _show(emptied, "--only", "curves", "--out", tmp_path / "out2")
     assert res.exit_code == 0, res.output
     assert [r["epoch"] for r in Run(str(emptied)).metrics()] == [1, 2, 3]
+    assert "which end at its epoch 3." in res.output
+    # A folder left with best.pt alone draws up to the best epoch, and says so.
+    best_only = tmp_path / "best-only"
+    best_only.mkdir()
+    shutil.copy(run_dir / "best.pt", best_only / "best.pt")
+    best_epoch = ckpt.load(run_dir / "best.pt")["epoch"]
+    res = _show(best_only, "--only", "curves", "--out", tmp_path / "out3")
+    assert res.exit_code == 0, res.output
+    assert [r["epoch"] for r in Run(str(best_only)).metrics()] == list(range(1, best_epoch + 1))
+    assert (f"note: best-only: No metrics.jsonl here: the epochs drawn are those held in best.pt, which end at its "
+            f"epoch {best_epoch}.\n") in res.output
+    # With metrics.jsonl in place there is nothing to say.
+    res = _show(run_dir, "--only", "curves", "--out", tmp_path / "out4")
+    assert res.exit_code == 0 and "note:" not in res.output, res.output
 
 
 @pytest.mark.parametrize("line, problem", [
