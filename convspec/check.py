@@ -123,6 +123,7 @@ def check(spec: SpecFile, params: SpecFile | None = None,
         net.recipe = parse_train(net.train)
     for layer in layers.values():
         _resolve_keys(layer)
+    _refuse_a_second_cost(layers)
     _check_inputs(layers)
     order = _topological_order(layers)
     net.layers = {name: layers[name] for name in order}
@@ -270,6 +271,16 @@ def _merge_params(layers: dict[str, Layer], params: SpecFile, net: CheckedNet) -
 # --- pass 3: keys ----------------------------------------------------------------
 
 
+def _refuse_a_second_cost(layers: dict[str, Layer]) -> None:
+    """cuda-convnet trains on the sum of every cost layer times its coeff; the compiled
+    net computes one cost, and a second was once dropped without a word (its branch
+    never trained), so it is refused until convspec sums them."""
+    costs = [l for l in layers.values() if l.type.startswith("cost.")]
+    if len(costs) > 1:
+        raise fail(f"layer '{costs[1].name}': a second cost layer (the first is '{costs[0].name}'); convspec "
+                   "trains on one cost, where cuda-convnet would add them: keep one cost layer", costs[1].loc)
+
+
 def _resolve_keys(layer: Layer) -> None:
     ltype = LAYER_TYPES[layer.type]
     canonical: dict[str, Entry] = {}
@@ -285,9 +296,12 @@ def _resolve_keys(layer: Layer) -> None:
             hint = did_you_mean(entry.key, names) or f"; {layer.type} takes {', '.join(names)}"
             raise fail(f"layer '{layer.name}': unknown key '{entry.key}' for type {layer.type}{hint}",
                        entry.loc)
-        if legacy and key.name in canonical:
-            raise fail(f"layer '{layer.name}': both sizeX= (old spelling) and size= are set; keep size=",
-                       entry.loc)
+        if key.name in canonical:  # an old spelling and the new one, in either order
+            spellings = (canonical[key.name].key, entry.key)
+            old_one = next((k for k in spellings if (layer.type, k.lower()) in LEGACY_SPELLINGS), spellings[1])
+            new_one = spellings[0] if old_one is spellings[1] else spellings[1]
+            raise fail(f"layer '{layer.name}': both {old_one}= (old spelling) and {new_one}= are set; "
+                       f"keep {new_one}=", entry.loc)
         canonical[key.name] = entry
     layer.entries = canonical
 

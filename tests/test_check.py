@@ -183,6 +183,19 @@ ERRORS = [
      "s.cfg:10:8: layer 'c': input 'dta' is not defined; did you mean 'data'?"),
     (CONV + "[c]\ntype=fc\ninputs=data\noutputs=3\n" + FC + TAIL, None,
      "s.cfg:13:2: duplicate section [c] (first at line 8); rename or merge one"),
+    # An old spelling beside the new one, in either order: the second once won silently.
+    (CONV + "numFilters=16\n" + FC + TAIL, None,
+     "s.cfg:13:1: layer 'c': both numFilters= (old spelling) and filters= are set; keep filters="),
+    ("[c]\ntype=conv\ninputs=data\nnumFilters=32\nfilterSize=5\nfilters=64\n" + FC + TAIL, None,
+     "s.cfg:13:1: layer 'c': both numFilters= (old spelling) and filters= are set; keep filters="),
+    ("[p]\ntype=pool\npool=max\ninputs=data\nsizeX=3\nsubsX=3\nstride=2\n"
+     "[fc]\ntype=fc\ninputs=p\noutputs=10\n" + TAIL, None,
+     "s.cfg:13:1: layer 'p': both subsX= (old spelling) and sizeX= are set; keep sizeX="),
+    # A second cost layer was dropped without a word: its branch never trained.
+    (CONV + FC + TAIL + "[aux]\ntype=fc\ninputs=c\noutputs=10\n[auxprobs]\ntype=softmax\ninputs=aux\n"
+     "[auxcost]\ntype=cost.logreg\ninputs=labels,auxprobs\ncoeff=0.3\n", None,
+     "s.cfg:31:2: layer 'auxcost': a second cost layer (the first is 'cost'); convspec trains on one cost, "
+     "where cuda-convnet would add them: keep one cost layer"),
     (CONV + "filters=32\n" + FC + TAIL, None,
      "s.cfg:13:1: layer 'c': duplicate key 'filters' with a different value (first at line 11); keep one"),
     ("[c]\ntype=conv\ninputs=data\nfilters=x16\nfilterSize=5\n" + FC + TAIL, None,
