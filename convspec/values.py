@@ -123,6 +123,11 @@ def _item_text(item) -> str:
     return item.text
 
 
+# No size, count or index in a spec comes near this; past it, a typo such as
+# outputs=99999999999999999999999 passed the check and crashed torch.
+LARGEST_WHOLE = 2**31 - 1
+
+
 def to_int(item, ctx: Ctx, minimum: int | None = None, maximum: int | None = None) -> int:
     # Whole numbers are written as such: cuda-convnet's int() refuses "16.0" and "1e3" too.
     if isinstance(item, Number) and isinstance(item.value, int):
@@ -131,7 +136,8 @@ def to_int(item, ctx: Ctx, minimum: int | None = None, maximum: int | None = Non
         raise fail(f"{ctx.where()} must be a whole number, not '{_item_text(item)}'", item.loc)
     if minimum is not None and value < minimum:
         raise fail(f"{ctx.where()}={value} must be at least {minimum}", item.loc)
-    if maximum is not None and value > maximum:
+    maximum = LARGEST_WHOLE if maximum is None else min(maximum, LARGEST_WHOLE)
+    if value > maximum:
         raise fail(f"{ctx.where()}={value} must be at most {maximum}", item.loc)
     return value
 
@@ -259,4 +265,6 @@ def parse_shape(text: str, what: str, loc: Location | None) -> tuple[int, int, i
         dims = ()
     if len(dims) != 3 or min(dims) < 1:
         raise fail(f"{what} must be CxHxW with positive whole numbers, e.g. 3x224x224, not '{text}'", loc)
+    if max(dims) > LARGEST_WHOLE:
+        raise fail(f"{what}={text} has a side over {LARGEST_WHOLE}; give the image's real size", loc)
     return dims  # type: ignore[return-value]

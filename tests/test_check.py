@@ -453,3 +453,23 @@ def test_train_section_errors(params, message):
     with pytest.raises(SpecError) as err:
         checked(CONV + FC + TAIL, params)
     assert str(err.value).split("\n")[0] == message
+
+
+@pytest.mark.parametrize("body, message", [
+    (CONV + FC.replace("outputs=10", "outputs=99999999999999999999999") + TAIL,
+     "s.cfg:16:9: layer 'fc': outputs=99999999999999999999999 must be at most 2147483647"),
+    (CONV.replace("filters=16", "filters=2147483648") + FC + TAIL,
+     "s.cfg:11:9: layer 'c': filters=2147483648 must be at most 2147483647"),
+])
+def test_sizes_past_any_real_net_are_refused_where_written(body, message):
+    """Once, a typo'd size passed the check and crashed torch in bench and train."""
+    with pytest.raises(SpecError) as err:
+        checked(body)
+    assert str(err.value).split("\n")[0] == message
+
+
+def test_an_input_size_past_any_real_image_is_refused():
+    with pytest.raises(SpecError) as err:
+        checked(CONV + FC + TAIL, head=HEAD.replace("3x32x32", "3x32x99999999999"))
+    assert str(err.value).split("\n")[0] == (
+        "s.cfg:3:11: layer 'data': inputSize=3x32x99999999999 has a side over 2147483647; give the image's real size")
