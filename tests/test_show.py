@@ -18,10 +18,11 @@ from test_train import PARAMS, SPEC, make_data
 
 import convspec
 from convspec.check import check_paths
+from convspec.errors import SpecError
 from convspec.cli import main
 from runtime import checkpoint as ckpt
 from runtime import draw
-from runtime.show import PICTURES, Run, ShowOptions, class_names, hidden_layers, scored_sample
+from runtime.show import PICTURES, Run, ShowOptions, class_names, hidden_layers, scored_sample, show
 from runtime.train import TrainOptions, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,6 +87,28 @@ def test_default_out_is_run_show(run_dir, tmp_path):
     assert _show(copy, "--only", "curves").exit_code == 0  # its own index.html is replaced
 
 
+def test_a_folder_of_the_users_own_files_is_not_written_into(run_dir, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "curves.png").write_text("my own picture")
+    res = _show(run_dir, "--only", "curves", "--out", mine)
+    assert (res.exit_code, res.output) == (1, f"{mine}: is not empty and holds no convspec show pictures (it has "
+                                              "curves.png); choose an empty or new --out\n")
+    assert [p.name for p in mine.iterdir()] == ["curves.png"] and (mine / "curves.png").read_text() == "my own picture"
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(SpecError) as err:  # the CLI's own check says so first; the Python API gets this
+        show(ShowOptions(run=str(run_dir), out=str(tmp_path / "a-file"), only=["curves"], echo=lambda s: None))
+    assert str(err.value) == f"{tmp_path / 'a-file'}: is a file; give a folder for the pictures as --out"
+    # A show stopped part-way leaves its marked index.html, so running it again may finish the folder.
+    stopped = tmp_path / "stopped"
+    assert _show(run_dir, "--only", "curves", "--out", stopped).exit_code == 0
+    (stopped / "index.html").write_text((stopped / "index.html").read_text()[:200])
+    (stopped / "net.png").write_text("half-written")
+    res = _show(run_dir, "--only", "curves,net", "--out", stopped)
+    assert res.exit_code == 0, res.output
+    assert Image.open(stopped / "net.png").format == "PNG"
+
+
 def test_an_index_html_show_did_not_write_is_not_overwritten(run_dir, tmp_path):
     site = tmp_path / "site"
     site.mkdir()
@@ -145,7 +168,8 @@ def _filters_png(checkpoint: Path, out: Path) -> np.ndarray:
     return np.asarray(Image.open(out / "filters-conv1.png").convert("RGB"))
 
 
-@pytest.mark.parametrize("case", ["no metrics", "unknown layer", "not a conv layer", "no conv layer"])
+@pytest.mark.parametrize("case", ["no metrics", "unknown layer", "not a conv layer", "no conv layer",
+                                  "layer not drawn"])
 def test_failures_are_one_located_line(case, run_dir, fc_run_dir, tmp_path):
     empty = tmp_path / "empty-run"
     empty.mkdir()
@@ -158,10 +182,15 @@ def test_failures_are_one_located_line(case, run_dir, fc_run_dir, tmp_path):
                                                           "filters are drawn for conv layers (conv1)"),
         "no conv layer": ([fc_run_dir, "--only", "filters"],
                           f"{fc_run_dir}/best.pt: the net has no conv layer, so there are no filters to draw"),
+        "layer not drawn": ([run_dir, "--only", "curves,net", "--layer", "conv1"],
+                            "error: --layer picks the layers of the filters picture, which --only curves,net leaves "
+                            "out; add filters to --only or drop --layer"),
     }[case]
     res = _show(*args, "--out", tmp_path / "out")
     assert res.exit_code == 1
     assert res.stderr == message + "\n"
+    if "--layer" in args:  # checked before any picture is drawn (curves.png was once written first)
+        assert not (tmp_path / "out").exists()
 
 
 def test_a_checkpoint_copied_out_of_its_run_draws_its_curves_from_its_own_history(run_dir, tmp_path):
