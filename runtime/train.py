@@ -686,12 +686,12 @@ class Trainer:
     # --- failures and signals ---------------------------------------------------------------
 
     def _nan_error(self, step: int, epoch: int, x: torch.Tensor, value: float) -> SpecError:
-        layer, what = diagnose(self.net, x)
+        what, fastest = diagnose(self.net, x, self.step / self.total_steps)
         good = ckpt.epoch_files(self.run_dir)
         kept = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written yet"
-        return fail(f"loss became {value} at step {step} (epoch {epoch + 1}); the first layer to go bad is "
-                    f"'{layer}' ({what}). Training stopped and {kept}. Lower the learning rate "
-                    f"(e.g. --set {layer}.epsW=...) or check the data")
+        return fail(f"loss became {value} at step {step} (epoch {epoch + 1}); {what}. Training stopped and "
+                    f"{kept}. Lower the learning rates (the highest epsW is {fastest}'s: --set {fastest}.epsW=...) "
+                    "or check the data")
 
     def _save_interrupted(self, epoch, batch, sums, loss_sum, wrong_sum, seen, seconds) -> None:
         partial = self._epoch_sums(sums, loss_sum, wrong_sum, seen, seconds)
@@ -793,23 +793,33 @@ class Trainer:
                 f"{', channels_last' if self.channels_last else ''}{', compiled' if self.compile else ''}")
 
 
-def diagnose(net, x: torch.Tensor) -> tuple[str, str]:
-    """Which layer went bad first: the first (in order) with non-finite
-    weights, else the first whose output is not finite on this batch."""
+def diagnose(net, x: torch.Tensor, progress: float) -> tuple[str, str]:
+    """What is not finite, and the layer whose learning rate to lower first.
+
+    The loss is read every few steps, and by then a layer that blew up has
+    usually sent non-finite gradients to every other: the first bad layer in
+    the net's order was often an innocent one, so the advice names the layer
+    with the highest weight learning rate now, among those gone bad."""
     from convspec.layers import LAYER_TYPES
 
-    for layer in net.spec.layers.values():
-        if LAYER_TYPES[layer.type].has_weights:
-            module = net.layer_module(layer.name)
-            if not all(torch.isfinite(p).all() for p in module.parameters()):
-                return layer.name, "weights are not finite"
+    learned = [l for l in net.spec.layers.values() if LAYER_TYPES[l.type].has_weights]
+
+    def rate(layer) -> float:
+        return max((s.value(progress) for s in (layer["epsW"] or []) if s is not None), default=0.0)
+
+    bad = [l for l in learned if not all(torch.isfinite(p).all() for p in net.layer_module(l.name).parameters())]
+    if bad:
+        what = ("the weights of every learned layer are not finite" if len(bad) == len(learned) else
+                f"the weights of {', '.join(repr(l.name) for l in bad)} are not finite")
+        return what, max(bad, key=rate).name
+    fastest = max(learned, key=rate).name if learned else "LAYER"
     names = [l.name for l in net.spec.layers.values() if l.type not in ("data",) and not l.type.startswith("cost.")]
     with torch.no_grad():
         outputs = net(x, outputs=names)
     for name in names:
         if not torch.isfinite(outputs[name]).all():
-            return name, "outputs are not finite"
-    return names[-1], "the loss is not finite"
+            return f"the first layer whose output is not finite is '{name}'", fastest
+    return "the weights and outputs are finite but the loss is not", fastest
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
