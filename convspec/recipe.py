@@ -29,7 +29,7 @@ from dataclasses import dataclass, fields, replace
 
 from . import values as V
 from .errors import did_you_mean, fail
-from .parse import Section
+from .parse import Section, Word
 
 
 @dataclass(frozen=True)
@@ -124,6 +124,9 @@ def parse_train(section: Section | None) -> Recipe:
         items = entry.value.items
         if not is_list and len(items) != 1:
             raise fail(f"[train]: {key} takes one value", entry.value.loc)
+        if is_list and len(items) == 1 and isinstance(items[0], Word) and items[0].text.lower() == "none":
+            values[attr] = ()  # lrDrops=none: an ablation clears the spec's drops with --set
+            continue
         converted = [convert(item, V.Ctx("[train]", key)) for item in items]
         if is_list:
             if converted != sorted(set(converted)):

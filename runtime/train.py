@@ -539,7 +539,7 @@ class Trainer:
         # --set train.lrDrops can still change it; a resume cannot, and the first run said it already.
         if late and self.state is None:
             self.say(f"note: lrDrops={','.join(late)} come at or after the last of {plural(r.epochs, 'epoch')}: "
-                     "those drops never happen; change them with --set train.lrDrops=N")
+                     "those drops never happen; change them with --set train.lrDrops=N (or =none)")
         steps_per_epoch = len(self.batches)
         self.total_steps = steps_per_epoch * r.epochs
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -366,6 +366,11 @@ def test_train_section_recipe_keys():
     assert (r.epochs, r.batch_size, r.lr_drops, r.lr_factor, r.plateau) == (140, 64, (120, 130), 0.5, 2)
     assert (r.val_fraction, r.split_seed, r.seed, r.image_size) == (0.2, 7, 3, 32)
     assert r.with_options(epochs=5, seed=None).epochs == 5 and r.with_options(seed=None).seed == 3
+    # lrDrops=none clears a spec's drops: the ablation once needed a drop past the last epoch.
+    assert checked(CONV + FC + TAIL, "[train]\nlrDrops=None\n").recipe.lr_drops == ()
+    with_drops = check(parse_text(HEAD + CONV + FC + TAIL, "s.cfg"), parse_text("[train]\nlrDrops=5\n", "p.cfg"),
+                       None, overrides=["train.lrDrops=none"])
+    assert with_drops.recipe.lr_drops == ()
 
 
 @pytest.mark.parametrize("overrides, message", [

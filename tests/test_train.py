@@ -324,7 +324,7 @@ def test_plateau_rule_divides_the_rate(setup, tmp_path):
     train(TrainOptions(spec=str(spec), data=str(data), out=str(out), epochs=4, progress=False, echo=said.append,
                        overrides=frozen + ["train.plateau=1", "train.lrDrops=3,4,10"]))
     assert said[1] == ("note: lrDrops=4,10 come at or after the last of 4 epochs: those drops never happen; "
-                       "change them with --set train.lrDrops=N")
+                       "change them with --set train.lrDrops=N (or =none)")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["lr_scale"] for r in records] == pytest.approx([1.0, 1.0, 0.1, 0.001])  # plateau twice, lrDrops=3 once
     assert len({r["val_top1_error"] for r in records}) == 1
