@@ -460,8 +460,9 @@ def bench(ctx, spec, params_path, input_shape, batch_size, iterations, warmup, d
     run alone on the inputs it saw in a real forward pass, then back-propagated;
     the loss row is the cost layer.  Below the rows: the whole training step as
     convspec train runs it (forward + loss, backward, update) and its
-    images/s.  Times are medians in milliseconds; share is a row's part of the
-    sum of the rows.
+    images/s; without learning rates in the params file there is no update to
+    time, and the line says so.  Times are medians in milliseconds; share is a
+    row's part of the sum of the rows.
 
     \b
     Examples:

@@ -256,8 +256,10 @@ def as_text(result: BenchResult) -> str:
     lines = [f"{r.spec}: batch {r.batch} of {shape}, {','.join(r.devices)}, {r.precision}{layout}, "
              f"{r.threads} threads; medians of {r.iterations} iterations after {r.warmup} warm-up"]
     lines += table(rows, numeric={4, 5, 6, 7})
+    # Without an update (no learning rates) the figure is not a whole step, and says so.
     update = f", update {r.update_ms:.2f} ms" if r.update_ms is not None else ""
-    lines.append(f"whole training step: forward + loss {r.forward_ms:.2f} ms, backward {r.backward_ms:.2f} ms"
+    what = "whole training step" if r.update_ms is not None else "training step without the update"
+    lines.append(f"{what}: forward + loss {r.forward_ms:.2f} ms, backward {r.backward_ms:.2f} ms"
                  f"{update}; {r.step_ms:.2f} ms = {r.images_per_second:,.0f} images/s")
     lines.extend(f"note: {n}" for n in r.notes)
     return "\n".join(lines)
