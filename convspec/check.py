@@ -389,6 +389,9 @@ def _check_data_layers(layers: dict[str, Layer]) -> None:
         if layer.type != "data":
             continue
         index = layer["dataIdx"]
+        if index > 1:  # cuda-convnet's multi-input providers: a convspec data source gives two items
+            raise fail(f"layer '{layer.name}': dataIdx={index}, but a convspec data source gives two items: the "
+                       "images (dataIdx=0) and the labels (dataIdx=1)", layer.loc_of("dataIdx"))
         if index in first:
             kind, fix = {0: ("the images", "the labels are dataIdx=1"),
                          1: ("the labels", "keep one labels layer")}.get(index, (f"item {index}", "keep one"))

@@ -124,7 +124,8 @@ def _item_text(item) -> str:
 
 
 # No size, count or index in a spec comes near this; past it, a typo such as
-# outputs=99999999999999999999999 passed the check and crashed torch.
+# outputs=99999999999999999999999 passed the check and crashed torch.  Keys with a
+# bound of their own (seeds) keep it.
 LARGEST_WHOLE = 2**31 - 1
 
 
@@ -136,7 +137,7 @@ def to_int(item, ctx: Ctx, minimum: int | None = None, maximum: int | None = Non
         raise fail(f"{ctx.where()} must be a whole number, not '{_item_text(item)}'", item.loc)
     if minimum is not None and value < minimum:
         raise fail(f"{ctx.where()}={value} must be at least {minimum}", item.loc)
-    maximum = LARGEST_WHOLE if maximum is None else min(maximum, LARGEST_WHOLE)
+    maximum = LARGEST_WHOLE if maximum is None else maximum  # seeds take all of torch's 64 bits
     if value > maximum:
         raise fail(f"{ctx.where()}={value} must be at most {maximum}", item.loc)
     return value

@@ -266,6 +266,8 @@ ERRORS = [
      "give the layer whose output this one takes"),
     (CONV + FC + TAIL, None, "s.cfg:5:2: layer 'labels': dataIdx=0 (the images) is already read by layer 'data'; "
      "the labels are dataIdx=1", "[data]\ntype=data\ninputSize=3x32x32\n\n[labels]\ntype=data\n"),
+    (CONV + FC + TAIL, None, "s.cfg:7:9: layer 'labels': dataIdx=2, but a convspec data source gives two items: "
+     "the images (dataIdx=0) and the labels (dataIdx=1)", HEAD.replace("dataIdx=1", "dataIdx=2")),
     (CONV + FC + TAIL, None, "s.cfg:10:9: layer 'labels2': dataIdx=1 (the labels) is already read by layer "
      "'labels'; keep one labels layer", HEAD + "[labels2]\ntype=data\ndataIdx=1\n"),
 ]
