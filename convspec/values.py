@@ -175,7 +175,7 @@ def to_bool(item, ctx: Ctx) -> bool:
         return True
     if text in _FALSE:
         return False
-    raise fail(f"{ctx.where()} must be 1, 0, true or false, not '{_item_text(item)}'", item.loc)
+    raise fail(f"{ctx.where()} must be 1, 0, true, false, yes, no, on or off, not '{_item_text(item)}'", item.loc)
 
 
 def to_word(item, ctx: Ctx, choices: tuple[str, ...] | None = None) -> str:
@@ -204,7 +204,9 @@ def to_neuron(item, ctx: Ctx) -> Neuron:
     if len(args) != len(expected) or any(a.key is not None for a in args):
         form = f"{name}[{','.join(expected)}]" if expected else name
         raise fail(f"{ctx.where()}: neuron '{name}' is written {form} ({formula}), not '{item.text}'", item.loc)
-    params = tuple(to_float(a.value, ctx) for a in args)
+    # "layer 'c': neuron=tanh[a,b]: a must be a number": which argument, not just "neuron".
+    params = tuple(to_float(a.value, Ctx(ctx.layer, f"{ctx.key}={name}[{','.join(expected)}]: {letter}"))
+                   for a, letter in zip(args, expected))
     if name == "abstanh":
         # |tanh(bx)| = |tanh(-bx)|; cuda-convnet makes b positive too.
         params = (params[0], abs(params[1]))

@@ -225,6 +225,8 @@ ERRORS = [
      "a spec must never run code, so use initW=STD (Gaussian) instead"),
     (CONV + "neuron=relux\n" + FC + TAIL, None,
      "s.cfg:13:8: layer 'c': neuron: unknown neuron function 'relux'; did you mean 'relu'?"),
+    (CONV + "neuron=tanh[1.7,b]\n" + FC + TAIL, None,
+     "s.cfg:13:17: layer 'c': neuron=tanh[a,b]: b must be a number, not 'b'"),
     (CONV + "neuron=tanh[1]\n" + FC + TAIL, None,
      "s.cfg:13:8: layer 'c': neuron: neuron 'tanh' is written tanh[a,b] (f(x) = a * tanh(b * x)), not 'tanh[1]'"),
     ("[p]\ntype=pool\npool=mean\ninputs=data\nsizeX=3\nstride=2\n[fc]\ntype=fc\ninputs=p\noutputs=10\n" + TAIL, None,
@@ -443,7 +445,7 @@ def test_train_section_data_keys_and_crop_override():
 @pytest.mark.parametrize("params, message", [
     ("[train]\ncropp=24\n", "p.cfg:2:1: [train]: unknown key 'cropp'; did you mean 'crop'?"),
     ("[train]\ntestViews=5\n", "p.cfg:2:11: [train]: testViews must be 1 (centre crop) or 10 (the paper's 10 views), not 5"),
-    ("[train]\nflip=maybe\n", "p.cfg:2:6: [train]: flip must be 1, 0, true or false, not 'maybe'"),
+    ("[train]\nflip=maybe\n", "p.cfg:2:6: [train]: flip must be 1, 0, true, false, yes, no, on or off, not 'maybe'"),
     ("[train]\npcaNoise=-1\n", "p.cfg:2:10: [train]: pcaNoise=-1 must be at least 0"),
     ("[train]\nepochs=0\n", "p.cfg:2:8: [train]: epochs=0 must be at least 1"),
     ("[train]\nseed=99999999999999999999\n",
