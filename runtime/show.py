@@ -359,9 +359,9 @@ def class_names(run: Run, synsets: str | None) -> list[str]:
     d = run.state["data"]
     names = list(d["class_names"])
     if synsets:
-        from .sources import read_synsets
+        from .sources import names_from_synsets
 
-        table = read_synsets(Path(synsets))
+        table, _ = names_from_synsets(Path(synsets), list(d["classes"]))
         names = [table.get(wnid, name) for wnid, name in zip(d["classes"], names)]
     return [name.split(",")[0].replace("_", " ").strip() for name in names]
 

@@ -38,7 +38,7 @@ from convspec.errors import Location, fail
 from . import cifar
 from .preprocess import Stats, load_square
 from .progress import Progress
-from .sources import (STORE_MARKER, detect, list_class_folders, loose_note, read_synsets, refuse_one_class,
+from .sources import (STORE_MARKER, detect, list_class_folders, loose_note, names_from_synsets, refuse_one_class,
                       resolve, sides_of_first)
 
 FORMAT = "convspec-store"
@@ -138,7 +138,8 @@ def prepare(source: Path, out: Path, options: PrepareOptions, synsets: Path | No
     options = _settle_size(options, splits[0][1], source)
     _refuse_upscaling_everything(splits[0][1], options)
     fingerprint = options.fingerprint(source)
-    names = read_synsets(synsets) if synsets else {}  # before writing anything: a bad file leaves OUT as it was
+    # Before writing anything: a bad file leaves OUT as it was.
+    names, synsets_note = names_from_synsets(synsets, list(splits[0][1].classes)) if synsets else ({}, None)
     out.mkdir(parents=True, exist_ok=True)
     if (out / "prepare.json").is_file():
         previous = json.loads((out / "prepare.json").read_text())
@@ -155,6 +156,7 @@ def prepare(source: Path, out: Path, options: PrepareOptions, synsets: Path | No
 
     classes = splits[0][1].classes
     notes = [loose_note(getattr(data, "loose", []), "stored") for _, data in splits]
+    notes.append(synsets_note and f"note: {synsets_note}")
     meta = {**fingerprint, "classes": [{"index": i, "folder": c, "name": names.get(c, c)}
                                        for i, c in enumerate(classes)], "splits": {}, "skipped": 0,
             "notes": [note for note in notes if note]}

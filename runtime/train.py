@@ -43,7 +43,7 @@ from .loader import (HELD_OUT, Batches, augment_for, eval_batches, holdout, open
 from .optim import ConvnetSGD
 from .progress import Progress
 from .store import StoreSplit
-from .sources import (class_folders, detect, fingerprint, is_image, loose_note, read_synsets, refuse_one_class,
+from .sources import (class_folders, detect, fingerprint, is_image, loose_note, names_from_synsets, refuse_one_class,
                       resolve, sides_of_first)
 
 DATA_ENV = "CONVSPEC_DATA"
@@ -380,8 +380,10 @@ class Trainer:
         self.classes = list(self.train_source.classes)
         names = getattr(self.train_source, "class_names", None) or self.classes
         if self.o.synsets:
-            synsets = read_synsets(Path(self.o.synsets))
+            synsets, note = names_from_synsets(Path(self.o.synsets), self.classes)
             names = [synsets.get(c, c) for c in self.classes]
+            if note:
+                self.say(f"note: {note}")
         self.class_names = list(names)
         self.resolved_data = resolve(self.data_path).resolve()
         self.fingerprint = fingerprint(self.resolved_data)
@@ -422,6 +424,9 @@ class Trainer:
         if self.state is None and self.train_limit and self.train_limit < len(self.train_idx):
             pick = np.random.default_rng([r.split_seed, 1]).choice(len(self.train_idx), self.train_limit, replace=False)
             self.train_idx = np.sort(self.train_idx[pick])
+        elif self.state is None and self.train_limit:
+            self.say(f"note: --train-limit {self.train_limit:,} is not below the {len(self.train_idx):,} training "
+                     "images; training on all of them")
         if self.val_path:
             held_out = recorded_held_out(self.state["data"]) if self.state is not None else HELD_OUT
             self.val_source = open_source(self.val_path, "val", classes=self.classes, size=self.train_source.size,

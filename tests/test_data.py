@@ -16,7 +16,7 @@ from runtime import cifar
 from runtime.loader import ArraySource, Batches, eval_batches, holdout, open_source
 from runtime.preprocess import Augment, Stats, augment_batch, eval_views, load_square
 from runtime.store import PrepareOptions, StoreSplit, prepare
-from runtime.sources import list_flat, read_synsets
+from runtime.sources import list_flat, names_from_synsets, read_synsets
 
 from conftest import SHARED
 
@@ -638,3 +638,24 @@ def test_dropped_batches_recycle_their_buffers():
     source = _source(64)
     pointers = [x.data_ptr() for x, _ in Batches(source, np.arange(64), 8, Augment(6), seed=1).epoch(0)]
     assert len(set(pointers)) < len(pointers)  # a buffer came back once its batch was dropped
+
+
+def test_a_synsets_file_that_names_no_class_folder_is_refused_and_gaps_are_noted(tmp_path):
+    """A wrong --synsets file was once taken without a word: every class kept its folder name."""
+    root = _image_folder(tmp_path, bad=False)
+    wrong = tmp_path / "wrong.txt"
+    wrong.write_text("n01440764 tench\nn01443537 goldfish\n")
+    with pytest.raises(SpecError) as err:
+        prepare(root, tmp_path / "out", PrepareOptions(size=16, raw=True, workers=1), synsets=wrong, progress=False)
+    assert str(err.value) == (f"{wrong}: names none of the 2 class folders (e.g. cat); give the synsets file of this "
+                              "data (lines of 'FOLDER name'), or leave --synsets out")
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+    half = tmp_path / "half.txt"
+    half.write_text("cat house cat, Felis catus\n")
+    assert names_from_synsets(half, ["cat", "dog"]) == (
+        {"cat": "house cat, Felis catus"},
+        f"1 of 2 class folders are not named in {half} (e.g. dog); they keep their folder names")
+    meta = prepare(root, tmp_path / "out", PrepareOptions(size=16, raw=True, workers=1), synsets=half, progress=False)
+    assert [c["name"] for c in meta["classes"]] == ["house cat, Felis catus", "dog"]
+    assert meta["notes"] == [f"note: 1 of 2 class folders are not named in {half} (e.g. dog); they keep their "
+                             "folder names"]

@@ -315,6 +315,18 @@ def test_nan_advice_names_the_layer_with_the_runaway_rate_not_the_first_in_the_n
         "--set fc2.epsW=...) or check the data"), message
 
 
+def test_a_train_limit_above_the_training_images_is_noted(setup, tmp_path):
+    spec, data = setup
+    said = []
+    train(TrainOptions(spec=str(spec), data=str(data), out=str(tmp_path / "all"), epochs=1, progress=False,
+                       echo=said.append, train_limit=1000))
+    assert "note: --train-limit 1,000 is not below the 144 training images; training on all of them" in said
+    said.clear()
+    train(TrainOptions(spec=str(spec), data=str(data), out=str(tmp_path / "some"), epochs=1, progress=False,
+                       echo=said.append, train_limit=64))
+    assert not any("--train-limit" in line for line in said) and "64 training images" in said[0]
+
+
 def test_plateau_rule_divides_the_rate(setup, tmp_path):
     spec, data = setup
     out = tmp_path / "run"
