@@ -272,6 +272,7 @@ def _launch_ranks(ctx, options, nproc: int, nnodes: int, node_rank: int, endpoin
     import torch
 
     from runtime import distributed as D
+    from runtime import runs
     from runtime.runs import RANK_LOGS
     from runtime.train import Trainer
 
@@ -297,7 +298,8 @@ def _launch_ranks(ctx, options, nproc: int, nnodes: int, node_rank: int, endpoin
     # rank; reading the data itself is left to the ranks, which read it anyway.
     settled = Trainer(dataclasses.replace(options, echo=lambda text: None))
     settled.settle(world=nproc * nnodes)
-    run_dir = str(settled.run_dir)
+    settled_dir = settled.run_dir
+    run_dir = str(settled_dir)
     del settled
     argv = (["--debug"] if ctx.obj and ctx.obj.get("debug") else []) + ["train"] \
         + _typed_args(ctx, leave_out=LAUNCHER_OPTIONS + ("out",)) + ["--out", run_dir]
@@ -331,7 +333,12 @@ def _launch_ranks(ctx, options, nproc: int, nnodes: int, node_rank: int, endpoin
     else:
         said = D.last_line(failed.output) or f"exit status {failed.exit_code} and no message"
     where = f"; all of its output: {failed.output}" if failed.output else ""
-    click.echo(f"rank {failed.rank}: {said}{where}", err=True)
+    resume = ""
+    if (failed.exit_code < 0 or failed.exit_code == D.LOST_A_RANK) and runs.has_checkpoints(settled_dir):
+        # Killed from outside, not stopped by its own error: the run goes on from its last checkpoint.
+        resume = (f"; continue from the last checkpoint with: convspec train --resume --out {run_dir} "
+                  f"{os.environ.get(D.LAUNCHER_ENV, '')}".rstrip())
+    click.echo(f"rank {failed.rank}: {said}{where}{resume}", err=True)
     sys.exit(code)
 
 

@@ -118,6 +118,37 @@ if os.environ.get("RANK") == "1":
 """
 
 
+# Rank 1 is killed from outside (as the kernel's OOM killer does) once the first checkpoint is on disk.
+KILL_RANK_1_AFTER_EPOCH_1 = """import os, signal, sys, threading, time
+from pathlib import Path
+if os.environ.get("RANK") == "1":
+    def kill_after_the_first_checkpoint():
+        run = Path(sys.argv[sys.argv.index("--out") + 1])
+        while not (run / "epoch-0001.pt").exists():
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGKILL)
+    threading.Thread(target=kill_after_the_first_checkpoint, daemon=True).start()
+"""
+
+
+@NEEDS_GLOO
+def test_a_rank_killed_from_outside_says_how_to_continue(tmp_path):
+    spec = write_spec(tmp_path)
+    data = make_data(tmp_path / "data")
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(KILL_RANK_1_AFTER_EPOCH_1)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "convspec", "train", str(spec), "--data", str(data), "--out", str(run),
+                           "--epochs", "200", "--quiet", "--nproc-per-node", "2"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    [log] = (run / "ranks").glob("*/attempt_0/1/stderr.log")
+    assert proc.stderr.splitlines()[-1] == (
+        f"rank 1: killed by SIGKILL (out of memory?); all of its output: {log}; continue from the last checkpoint "
+        f"with: convspec train --resume --out {run} --nproc-per-node 2")
+
+
 @NEEDS_GLOO
 def test_a_rank_that_fails_is_named_in_one_line_with_its_output_file(tmp_path):
     spec = write_spec(tmp_path)
