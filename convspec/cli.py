@@ -567,6 +567,9 @@ def _guard(ctx: click.Context, fn) -> None:
         if debug:
             raise
         click.echo(f"error: {err}" if err.location is None else str(err), err=True)
+        if err.every_rank and os.environ.get("RANK", "0") != "0":
+            from runtime.distributed import STOPPED_WITH_RANK_0
+            sys.exit(STOPPED_WITH_RANK_0)  # rank 0 says the same on the terminal: the launcher names no other
         sys.exit(1)
     except OSError as err:  # a path that cannot be made, read or written; a full disk
         if debug:

@@ -40,6 +40,9 @@ class SpecError(Exception):
     fix.  ``location`` points at the offending text when there is one.
     """
 
+    # Raised by every rank of a distributed run together (a NaN loss): rank 0 alone reports it.
+    every_rank = False
+
     def __init__(self, message: str, location: Location | None = None):
         super().__init__(message)
         self.message = message

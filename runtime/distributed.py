@@ -99,6 +99,9 @@ LAUNCHER_ENV = "CONVSPEC_LAUNCHED_WITH"
 # The exit status of a rank whose collective failed because another rank went away: the launcher then
 # names the rank that stopped first rather than this one.
 LOST_A_RANK = 75
+# The exit status of a rank other than 0 that stopped on an error every rank reached together (a NaN
+# loss, seen through a collective): rank 0 says it, so the launcher does not say it again for this one.
+STOPPED_WITH_RANK_0 = 76
 
 
 @dataclass(frozen=True)
@@ -168,7 +171,7 @@ def first_to_stop(failures: dict) -> int:
     """The rank that stopped first on its own: not one that lost contact with it,
     nor one the agent then stopped with SIGTERM (failures seen in one pass of the
     agent's monitor share a time, so the time alone cannot tell)."""
-    own = {r: f for r, f in failures.items() if f.exitcode not in (LOST_A_RANK, -15, 128 + 15)}
+    own = {r: f for r, f in failures.items() if f.exitcode not in (LOST_A_RANK, STOPPED_WITH_RANK_0, -15, 128 + 15)}
     pool = own or failures
     return min(pool, key=lambda r: (pool[r].timestamp, r))
 

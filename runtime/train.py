@@ -694,9 +694,11 @@ class Trainer:
         what, fastest = diagnose(self.net, x, self.step / self.total_steps)
         good = ckpt.epoch_files(self.run_dir)
         kept = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written yet"
-        return fail(f"loss became {value} at step {step} (epoch {epoch + 1}); {what}. Training stopped and "
-                    f"{kept}. Lower the learning rates (the highest epsW is {fastest}'s: --set {fastest}.epsW=...) "
-                    "or check the data")
+        err = fail(f"loss became {value} at step {step} (epoch {epoch + 1}); {what}. Training stopped and "
+                   f"{kept}. Lower the learning rates (the highest epsW is {fastest}'s: --set {fastest}.epsW=...) "
+                   "or check the data")
+        err.every_rank = True  # every rank stops here together (the flag is broadcast): rank 0 speaks for all
+        return err
 
     def _save_interrupted(self, epoch, batch, sums, loss_sum, wrong_sum, seen, seconds) -> None:
         partial = self._epoch_sums(sums, loss_sum, wrong_sum, seen, seconds)

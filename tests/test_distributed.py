@@ -150,6 +150,43 @@ def test_a_rank_killed_from_outside_says_how_to_continue(tmp_path):
 
 
 @NEEDS_GLOO
+def test_a_nan_loss_on_two_ranks_is_said_once(tmp_path):
+    """Every rank stops on a NaN together; rank 1's copy of the error once followed rank 0's
+    as "rank 1: error: loss became nan ...", which read as rank 1's fault."""
+    spec = write_spec(tmp_path)
+    data = make_data(tmp_path / "data")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "convspec", "train", str(spec), "--data", str(data), "--out",
+                           str(tmp_path / "run"), "--epochs", "2", "--quiet", "--nproc-per-node", "2",
+                           "--set", "fc2.epsW=1e6"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    said = [line for line in proc.stderr.splitlines() if "loss became" in line]
+    assert len(said) == 1 and said[0].startswith("error: loss became ") and "fc2.epsW=..." in said[0], proc.stderr
+    assert "rank 1" not in proc.stderr
+
+
+def test_an_error_every_rank_reaches_is_left_to_rank_0(monkeypatch, capsys):
+    """Which rank the agent sees stop first is a race; rank 1's copy of a shared error is
+    marked by its exit status, so the launcher names rank 0, which said it already."""
+    from types import SimpleNamespace as Failure
+
+    from convspec.cli import _guard
+    from convspec.errors import SpecError
+
+    shared = SpecError("loss became nan at step 3 (epoch 1); ...")
+    shared.every_rank = True
+    for rank, status in (("1", D.STOPPED_WITH_RANK_0), ("0", 1)):
+        monkeypatch.setenv("RANK", rank)
+        with pytest.raises(SystemExit) as stop:
+            _guard(Failure(obj=None), lambda: (_ for _ in ()).throw(shared))
+        assert stop.value.code == status
+    assert capsys.readouterr().err.count("error: loss became nan") == 2  # each rank's own output keeps it
+    # Rank 1 stopped first by the clock, with the shared error: rank 0 is named.
+    assert D.first_to_stop({0: Failure(exitcode=1, timestamp=6), 1: Failure(exitcode=D.STOPPED_WITH_RANK_0,
+                                                                           timestamp=5)}) == 0
+
+
+@NEEDS_GLOO
 def test_a_rank_that_fails_is_named_in_one_line_with_its_output_file(tmp_path):
     spec = write_spec(tmp_path)
     data = make_data(tmp_path / "data")
