@@ -64,9 +64,12 @@ def main(ctx: click.Context, debug: bool) -> None:
 @click.option("--input", "input_shape", metavar="CxHxW", callback=_shape_option,
               help="Image size fed to the data layer, e.g. 3x224x224.  Overrides the spec's "
                    "inputSize=; needed for original cuda-convnet files, which have none.")
+@click.option("--set", "overrides", multiple=True, metavar="LAYER.KEY=VALUE",
+              help="Override a spec or params value before checking, as train does, e.g. --set conv1.filters=64 "
+                   "(repeatable): an ablation's shapes and parameters before it trains.")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 @click.pass_context
-def check(ctx, spec, params_path, input_shape, as_json):
+def check(ctx, spec, params_path, input_shape, overrides, as_json):
     """Parse and check SPEC: shapes, parameters, devices.
 
     Prints one row per layer (type, gpu, output shape, parameters, neurons,
@@ -78,12 +81,13 @@ def check(ctx, spec, params_path, input_shape, as_json):
       convspec check specs/alexnet.cfg
       convspec check ../shared/reference-specs/cuda-convnet-layers-80sec.cfg --input 3x32x32
       convspec check specs/alexnet.cfg --json | python -m json.tool
+      convspec check specs/cifar10-80sec.cfg --set conv1.filters=64
     """
     from .check import check_paths
     from .report import as_dict, as_text
 
     def run():
-        net = check_paths(spec, params_path, input_shape)
+        net = check_paths(spec, params_path, input_shape, overrides=overrides)
         click.echo(json.dumps(as_dict(net), indent=2) if as_json else as_text(net))
 
     _guard(ctx, run)

@@ -386,3 +386,17 @@ def test_out_of_memory_says_what_to_shrink(tmp_path, monkeypatch):
                              "can't allocate memory: you tried to allocate 409599999999995904 bytes. Error code 12 "
                              "(Cannot ...); use a smaller --batch-size, or check the layer sizes (a huge fc layer's "
                              "weights) with convspec check SPEC\n")
+
+
+def test_check_takes_set_as_train_does():
+    """An ablation's parameter count before it trains: fc64 widened to 128 outputs."""
+    spec = str(ROOT / "specs" / "cifar10-80sec.cfg")
+    base = json.loads(invoke("check", spec, "--json").stdout)["total_params"]
+    result = invoke("check", spec, "--set", "fc64.outputs=128", "--json")
+    assert result.exit_code == 0, result.output
+    # fc64 reads 64 channels of 4x4; fc10 reads fc64: (1024 + 1) * 64 + (64 + 1) * 10 become the same at 128.
+    widened = base - (1024 + 1) * 64 - (64 + 1) * 10 + (1024 + 1) * 128 + (128 + 1) * 10
+    assert json.loads(result.stdout)["total_params"] == widened == 211_818
+    bad = invoke("check", spec, "--set", "fc64.outputs=x")
+    assert (bad.exit_code, bad.stderr.splitlines()[0]) == (1, "--set:1:14: layer 'fc64': outputs must be a whole "
+                                                              "number, not 'x'")
