@@ -239,6 +239,15 @@ def _syntax_error(err: lark.exceptions.UnexpectedInput, path: str, lines: list[s
         if column == 1 or not source[: column - 1].strip()
         else f"; expected {_describe(expected)}"
     )
+    # Python 2's ConfigParser read an indented line as more of the value above it; convspec does not.
+    following = lines[line] if line < len(lines) else ""
+    previous = lines[line - 2] if line >= 2 else ""
+    if got == "line ends too early" and following[:1] in (" ", "\t") and following.strip():
+        hint += ("; the indented line after it continues the value, which convspec does not read: "
+                 "join them into one line")
+    elif source[:1] in (" ", "\t") and "=" not in source and ":" not in source and "=" in previous:
+        hint += ("; an indented line continuing the value above it is not read by convspec: join it to "
+                 f"line {line - 1}")
     return fail(got + hint, loc)
 
 

@@ -48,6 +48,11 @@ def test_locations_point_at_the_value():
 @pytest.mark.parametrize("text, message", [
     ("[a\nx=1\n", "t.cfg:1:1: section header '[a' is missing its closing ']'"),
     ("[a]\nx=1,\n", "t.cfg:2:5: line ends too early; expected a number or a value"),
+    # ConfigParser's continuation lines (an indented line goes on with the value above): named, not read.
+    ("[a]\ninputs=labels,\n  probs\n", "t.cfg:2:15: line ends too early; expected a number or a value; the "
+     "indented line after it continues the value, which convspec does not read: join them into one line"),
+    ("[a]\ninputs=labels\n\tprobs\n", "t.cfg:3:7: line ends too early; expected '='; an indented line continuing "
+     "the value above it is not read by convspec: join it to line 2"),
     ("[a]\nx=tanh[1,2\n", "t.cfg:2:11: line ends too early; expected ',' or ';' or ']'"),
     ("[a]\n=3\n", "t.cfg:2:1: unexpected '='; a spec line is '[section]', 'key=value' or a comment starting with # or ;"),
     ("[a]\nkey value\n", "t.cfg:2:5: unexpected 'value'; expected '='"),
