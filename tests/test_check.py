@@ -319,8 +319,18 @@ def test_missing_file(tmp_path):
 
 
 def test_unknown_params_section_is_noted_not_fatal():
-    net = checked(CONV + FC + TAIL, "[conv9]\nepsW=0.1\n")
+    net = checked(CONV + FC + TAIL, "[c]\nepsW=0.1\n[conv9]\nepsW=0.1\n")
     assert any("params section [conv9] names no layer" in n for n in net.notes)
+
+
+def test_a_params_file_for_another_spec_is_refused():
+    """Once only notes (one per section) and a net with no learning rates; bench timed it without its update."""
+    with pytest.raises(SpecError) as err:
+        checked(CONV + FC + TAIL, "[conv1a]\nepsW=0.1\n[fc8]\nepsW=0.1\n[cost]\ncoeff=1\n[train]\nepochs=2\n")
+    assert str(err.value) == ("p.cfg: sets nothing for the layers with weights in s.cfg (c, fc) and names layers it "
+                              "lacks (conv1a, fc8); give the params file of this spec with --params")
+    # A params file with only the recipe, or only for weightless layers, names no stranger: fine.
+    assert checked(CONV + FC + TAIL, "[train]\nepochs=2\n").recipe.epochs == 2
 
 
 # --- speed ---------------------------------------------------------------------------------------
