@@ -118,6 +118,20 @@ if os.environ.get("RANK") == "1":
 """
 
 
+def _launch_two_ranks_with(sitecustomize: str, tmp_path: Path, epochs: int):
+    """convspec train --nproc-per-node 2 on the tiny net, with code run as each rank's Python starts."""
+    spec = write_spec(tmp_path)
+    data = make_data(tmp_path / "data")
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(sitecustomize)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "convspec", "train", str(spec), "--data", str(data), "--out", str(run),
+                           "--epochs", str(epochs), "--quiet", "--nproc-per-node", "2"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    return proc, run
+
+
 # Rank 1 is killed from outside (as the kernel's OOM killer does) once the first checkpoint is on disk.
 KILL_RANK_1_AFTER_EPOCH_1 = """import os, signal, sys, threading, time
 from pathlib import Path
@@ -133,15 +147,7 @@ if os.environ.get("RANK") == "1":
 
 @NEEDS_GLOO
 def test_a_rank_killed_from_outside_says_how_to_continue(tmp_path):
-    spec = write_spec(tmp_path)
-    data = make_data(tmp_path / "data")
-    (tmp_path / "site").mkdir()
-    (tmp_path / "site" / "sitecustomize.py").write_text(KILL_RANK_1_AFTER_EPOCH_1)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
-    run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "convspec", "train", str(spec), "--data", str(data), "--out", str(run),
-                           "--epochs", "200", "--quiet", "--nproc-per-node", "2"],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc, run = _launch_two_ranks_with(KILL_RANK_1_AFTER_EPOCH_1, tmp_path, epochs=200)
     assert proc.returncode == 1, proc.stderr
     [log] = (run / "ranks").glob("*/attempt_0/1/stderr.log")
     assert proc.stderr.splitlines()[-1] == (
@@ -188,15 +194,7 @@ def test_an_error_every_rank_reaches_is_left_to_rank_0(monkeypatch, capsys):
 
 @NEEDS_GLOO
 def test_a_rank_that_fails_is_named_in_one_line_with_its_output_file(tmp_path):
-    spec = write_spec(tmp_path)
-    data = make_data(tmp_path / "data")
-    (tmp_path / "site").mkdir()
-    (tmp_path / "site" / "sitecustomize.py").write_text(FAIL_ON_RANK_1)  # runs as each rank's Python starts
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT)]), "OMP_NUM_THREADS": "1"}
-    run = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "convspec", "train", str(spec), "--data", str(data), "--out", str(run),
-                           "--epochs", "1", "--quiet", "--nproc-per-node", "2"],
-                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc, run = _launch_two_ranks_with(FAIL_ON_RANK_1, tmp_path, epochs=1)
     assert proc.returncode == 7, proc.stderr
     [log] = (run / "ranks").glob("*/attempt_0/1/stderr.log")
     assert proc.stderr == f"rank 1: something only rank 1 met; all of its output: {log}\n"
