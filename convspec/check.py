@@ -305,6 +305,12 @@ def _resolve_keys(layer: Layer) -> None:
             hint = did_you_mean(entry.key, names) or f"; {layer.type} takes {', '.join(names)}"
             raise fail(f"layer '{layer.name}': unknown key '{entry.key}' for type {layer.type}{hint}",
                        entry.loc)
+        if key.name in canonical and ORIGIN in (entry.loc.path, canonical[key.name].loc.path):
+            # --set replaces a key however the file spells it (runs were trained with --set filters=
+            # on a numFilters= file); it is no second value the file holds.
+            if entry.loc.path == ORIGIN:
+                canonical[key.name] = entry
+            continue
         if key.name in canonical:  # an old spelling and the new one, in either order
             spellings = (canonical[key.name].key, entry.key)
             old_one = next((k for k in spellings if (layer.type, k.lower()) in LEGACY_SPELLINGS), spellings[1])

@@ -318,6 +318,16 @@ def test_missing_file(tmp_path):
     assert str(err.value).startswith(f"{tmp_path / 'nope.cfg'}: no such file")
 
 
+def test_set_replaces_a_key_the_file_writes_in_its_old_spelling():
+    """Runs trained with --set conv.filters=16 on a numFilters= file must still open."""
+    old = "[c]\ntype=conv\ninputs=data\nnumFilters=8\nfilterSize=5\n" + FC + TAIL
+    for override in ("c.filters=16", "c.numFilters=16"):
+        net = check(parse_text(HEAD + old, "s.cfg"), None, None, overrides=[override])
+        assert net.layers["c"].shape[0] == 16
+    new = CONV + FC + TAIL  # filters=16
+    assert check(parse_text(HEAD + new, "s.cfg"), None, None, overrides=["c.numFilters=4"]).layers["c"].shape[0] == 4
+
+
 def test_unknown_params_section_is_noted_not_fatal():
     net = checked(CONV + FC + TAIL, "[c]\nepsW=0.1\n[conv9]\nepsW=0.1\n")
     assert any("params section [conv9] names no layer" in n for n in net.notes)
