@@ -265,12 +265,12 @@ def _merge_params(layers: dict[str, Layer], params: SpecFile, net: CheckedNet) -
                 raise fail(f"layer '{section.name}': '{entry.key}' is set in both the layer file "
                            f"(line {first.line}) and the params file; keep one", entry.loc)
             layer.entries[k] = entry
-    # A section for a missing layer alone is a leftover cuda-convnet ignores; a file that gives none of
-    # the layers with weights anything, while naming others, is another spec's params file.
+    # A section for a missing layer alone is a leftover cuda-convnet ignores; a file that names others
+    # while no layer with weights has a learning rate from either file is another spec's params file.
     strangers = [name for name in seen if name not in ("", TRAIN_SECTION) and name not in layers]
     weighted = [name for name, l in layers.items() if LAYER_TYPES[l.type].has_weights]
-    if strangers and weighted and not any(name in seen for name in weighted):
-        raise fail(f"sets nothing for the layers with weights in {net.path} ({', '.join(weighted[:4])}"
+    if strangers and weighted and not any("epsw" in layers[name].entries for name in weighted):
+        raise fail(f"gives no learning rate (epsW) to the layers with weights in {net.path} ({', '.join(weighted[:4])}"
                    f"{', ...' if len(weighted) > 4 else ''}) and names layers it lacks ({', '.join(strangers[:4])}"
                    f"{', ...' if len(strangers) > 4 else ''}); give the params file of this spec with --params",
                    Location(params.path))

@@ -337,10 +337,13 @@ def test_a_params_file_for_another_spec_is_refused():
     """Once only notes (one per section) and a net with no learning rates; bench timed it without its update."""
     with pytest.raises(SpecError) as err:
         checked(CONV + FC + TAIL, "[conv1a]\nepsW=0.1\n[fc8]\nepsW=0.1\n[cost]\ncoeff=1\n[train]\nepochs=2\n")
-    assert str(err.value) == ("p.cfg: sets nothing for the layers with weights in s.cfg (c, fc) and names layers it "
-                              "lacks (conv1a, fc8); give the params file of this spec with --params")
+    assert str(err.value) == ("p.cfg: gives no learning rate (epsW) to the layers with weights in s.cfg (c, fc) and "
+                              "names layers it lacks (conv1a, fc8); give the params file of this spec with --params")
     # A params file with only the recipe, or only for weightless layers, names no stranger: fine.
     assert checked(CONV + FC + TAIL, "[train]\nepochs=2\n").recipe.epochs == 2
+    # The rates in the layer file, and a leftover section in the params file: the spec's own pair.
+    in_layer_file = CONV + "epsW=0.01\n" + FC + "epsW=0.01\n" + TAIL
+    assert any("[rnorm1] names no layer" in n for n in checked(in_layer_file, "[rnorm1]\nscale=0.001\n").notes)
 
 
 # --- speed ---------------------------------------------------------------------------------------
