@@ -103,16 +103,20 @@ def show(o: ShowOptions) -> ShowResult:
     _refuse_repeated_runs(run, o.compare, o.runs_root)
     out = Path(o.out) if o.out else run.dir / "show"
     index = out / "index.html"
-    _refuse_a_folder_show_did_not_write(out, index)
+    _refuse_a_folder_show_did_not_write(out, index, default=not o.out)
     wanted = PICTURES if o.only is None else tuple(o.only)
-    if o.layers:  # before any picture is drawn: a typo once left a folder of half the pictures
+    # Options are checked before any picture is drawn: a typo once left a folder of half the pictures.
+    if o.layers:
         if "filters" not in wanted:
             raise fail(f"--layer picks the layers of the filters picture, which --only {','.join(wanted)} leaves "
                        "out; add filters to --only or drop --layer")
         filter_layers(run.checked, o.layers, run.where())
+    if {"preds", "neighbours"} & set(wanted):
+        if o.data:
+            images_to_show(run, o.data)
+        if o.synsets:
+            class_names(run, o.synsets)
     out.mkdir(parents=True, exist_ok=True)
-    # Marked as show's before the first picture, so a rerun after a stop may overwrite the folder.
-    index.write_text(f"<!doctype html>\n<title>{INDEX_MARK} {html.escape(run.name)} (being drawn)</title>\n")
     drawers = {"curves": _curves, "filters": _filters, "preds": _preds, "neighbours": _neighbours, "net": _net}
     pictures, skipped = [], []
     for name in (p for p in PICTURES if p in wanted):
@@ -125,25 +129,52 @@ def show(o: ShowOptions) -> ShowResult:
             o.echo(f"skipped {name}: {why.message}")
             continue
         for picture, image in made:
-            image.save(out / picture.file, optimize=True)
+            image.save(out / picture.file, optimize=True, pnginfo=_png_mark())
             pictures.append(picture)
             o.echo(f"wrote {out / picture.file} ({picture.width}x{picture.height})")
     index.write_text(index_html(run, pictures, skipped))
     return ShowResult(out, pictures, skipped, index)
 
 
-def _refuse_a_folder_show_did_not_write(out: Path, index: Path) -> None:
-    """Show overwrites its own files only: a user's curves.png was once replaced without a word."""
+PNG_MARK = ("Software", "convspec show")  # a text chunk in every picture show writes
+
+
+def _png_mark():
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text(*PNG_MARK)
+    return info
+
+
+def _written_by_show(path: Path) -> bool:
+    from PIL import Image
+
+    if not path.name.endswith(".png"):
+        return False
+    try:
+        with Image.open(path) as image:
+            return getattr(image, "text", {}).get(PNG_MARK[0]) == PNG_MARK[1]
+    except (OSError, ValueError):
+        return False
+
+
+def _refuse_a_folder_show_did_not_write(out: Path, index: Path, default: bool) -> None:
+    """Show overwrites its own files only: a user's curves.png was once replaced without a
+    word.  Its own are a marked index.html, pictures carrying its PNG mark (left by a show
+    stopped before its index.html), or anything in the default RUN/show, which lies inside
+    a run folder convspec wrote (older versions left pictures there unmarked)."""
     if index.is_file():
         if INDEX_MARK not in index.read_text(errors="replace")[:500]:
             raise fail("was not written by convspec show and would be overwritten; choose another --out",
                        Location(str(index)))
     elif out.exists() and not out.is_dir():
         raise fail("is a file; give a folder for the pictures as --out", Location(str(out)))
-    elif out.is_dir() and any(out.iterdir()):
-        names = sorted(p.name for p in out.iterdir())
-        raise fail(f"is not empty and holds no convspec show pictures (it has {', '.join(names[:3])}"
-                   f"{', ...' if len(names) > 3 else ''}); choose an empty or new --out", Location(str(out)))
+    elif out.is_dir() and not default:
+        foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and not _written_by_show(p))
+        if foreign:
+            raise fail(f"is not empty and holds no convspec show pictures (it has {', '.join(foreign[:3])}"
+                       f"{', ...' if len(foreign) > 3 else ''}); choose an empty or new --out", Location(str(out)))
 
 
 def _refuse_repeated_runs(run: "Run", compare: list[str], root: str) -> None:

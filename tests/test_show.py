@@ -108,14 +108,42 @@ def test_out_that_is_a_file_is_refused_and_a_stopped_show_can_be_finished(run_di
     with pytest.raises(SpecError) as err:  # the CLI's own check says so first; the Python API gets this
         show(ShowOptions(run=str(run_dir), out=str(tmp_path / "a-file"), only=["curves"], echo=lambda s: None))
     assert str(err.value) == f"{tmp_path / 'a-file'}: is a file; give a folder for the pictures as --out"
-    # A show stopped part-way leaves its marked index.html, so running it again may finish the folder.
+    # A show stopped before its index.html leaves pictures carrying its PNG mark: running it again finishes.
     stopped = tmp_path / "stopped"
     assert _show(run_dir, "--only", "curves", "--out", stopped).exit_code == 0
-    (stopped / "index.html").write_text((stopped / "index.html").read_text()[:200])
-    (stopped / "net.png").write_text("half-written")
+    (stopped / "index.html").unlink()
+    (stopped / ".DS_Store").write_text("a file browser's")
     res = _show(run_dir, "--only", "curves,net", "--out", stopped)
     assert res.exit_code == 0, res.output
-    assert Image.open(stopped / "net.png").format == "PNG"
+    assert Image.open(stopped / "net.png").format == "PNG" and (stopped / "index.html").is_file()
+    # An unmarked picture there is not show's.
+    (stopped / "index.html").unlink()
+    Image.new("RGB", (4, 4)).save(stopped / "mine.png")
+    res = _show(run_dir, "--only", "curves", "--out", stopped)
+    assert (res.exit_code, res.output) == (1, f"{stopped}: is not empty and holds no convspec show pictures (it has "
+                                              "mine.png); choose an empty or new --out\n")
+    # The default RUN/show lies in a folder convspec wrote: an older version's unmarked leftovers are its own.
+    copy = tmp_path / "run-copy"
+    shutil.copytree(run_dir, copy)
+    (copy / "show").mkdir(exist_ok=True)
+    for leftover in (copy / "show").iterdir():
+        leftover.unlink()
+    Image.new("RGB", (4, 4)).save(copy / "show" / "curves.png")
+    res = _show(copy, "--only", "curves")
+    assert res.exit_code == 0, res.output
+
+
+def test_bad_data_or_synsets_leave_a_finished_page_as_it_was(run_dir, tmp_path):
+    out = tmp_path / "page"
+    assert _show(run_dir, "--only", "curves,net", "--out", out).exit_code == 0
+    page = (out / "index.html").read_text()
+    wrong = tmp_path / "wrong.txt"
+    wrong.write_text("n01440764 tench\n")
+    for args in (["--data", tmp_path / "nowhere"], ["--only", "preds", "--synsets", wrong]):
+        res = _show(run_dir, "--out", out, *args)
+        assert res.exit_code == 1 and res.stderr.count("\n") == 1, res.output
+        assert (out / "index.html").read_text() == page
+        assert sorted(p.name for p in out.iterdir()) == ["curves.png", "index.html", "net.png"]
 
 
 def _reference_tile(kernel: np.ndarray, scale: int) -> np.ndarray:
