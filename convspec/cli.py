@@ -322,6 +322,8 @@ def _launch_ranks(ctx, options, nproc: int, nnodes: int, node_rank: int, endpoin
     if failed.rank < 0:  # Ctrl-C or SIGTERM reached the ranks too; rank 0 said what it saved
         sys.exit(128 - failed.exit_code)
     code = failed.exit_code if failed.exit_code > 0 else 1
+    if failed.exit_code == D.STOPPED_WITH_RANK_0:
+        sys.exit(1)  # an error every rank met; this machine's local rank 0 printed it on this terminal
     if failed.output is None and failed.exit_code > 0 and failed.exit_code != D.LOST_A_RANK:
         sys.exit(code)  # local rank 0 printed its own one-line error on this terminal
     if failed.exit_code == D.LOST_A_RANK:  # it lost a rank that stopped without a failure seen here
@@ -572,8 +574,11 @@ def _guard(ctx: click.Context, fn) -> None:
             raise
         click.echo(f"error: {err}" if err.location is None else str(err), err=True)
         if err.every_rank and os.environ.get("RANK", "0") != "0":
-            from runtime.distributed import STOPPED_WITH_RANK_0
-            sys.exit(STOPPED_WITH_RANK_0)  # rank 0 says the same on the terminal: the launcher names no other
+            from runtime.distributed import LAUNCHER_ENV, STOPPED_WITH_RANK_0
+            if os.environ.get(LAUNCHER_ENV):  # convspec's launcher: rank 0 says it on the terminal
+                import time
+                time.sleep(2)  # so that the launcher sees rank 0 stop first, not this copy of its error
+                sys.exit(STOPPED_WITH_RANK_0)
         sys.exit(1)
     except OSError as err:  # a path that cannot be made, read or written; a full disk
         if debug:
