@@ -230,7 +230,7 @@ class Run:
             records = [dict(r) for r in ckpt.load_training(source).get("history", [])]
         if records and source is not None:
             # A history ends at its checkpoint's epoch (best.pt's at the best one): the picture says so.
-            self.history_note = (f"No {runs.METRICS} here: the epochs drawn are those held in {source.name}, "
+            self.history_note = (f"no {runs.METRICS} here: the epochs drawn are those held in {source.name}, "
                                  f"which end at its epoch {records[-1].get('epoch', len(records))}.")
         if not records:
             if not any(self.dir.glob("*.pt")):

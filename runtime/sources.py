@@ -184,16 +184,16 @@ def read_synsets(path: Path) -> dict[str, str]:
 
 
 def names_from_synsets(path: Path, classes: list[str]) -> tuple[dict[str, str], str | None]:
-    """The synsets file's names for these class folders, and a note on the folders it
-    does not name.  A file that names none of them is the wrong file (it was taken
-    without a word, and every class kept its folder name): an error."""
+    """The synsets file's names for these classes (folder names, or a store's), and a
+    note on those it does not name.  A file that names none of them is the wrong file
+    (it was taken without a word, and every class kept its own name): an error."""
     table = read_synsets(path)
     missing = [c for c in classes if c not in table]
     if classes and len(missing) == len(classes):
-        raise fail(f"names none of the {len(classes)} class folders (e.g. {classes[0]}); give the synsets file "
-                   "of this data (lines of 'FOLDER name'), or leave --synsets out", Location(str(path)))
-    note = (f"{len(missing)} of {len(classes)} class folders are not named in {path} (e.g. {missing[0]}); "
-            "they keep their folder names") if missing else None
+        raise fail(f"names none of the {len(classes)} classes (e.g. {classes[0]}); give the synsets file "
+                   "of this data (lines of 'CLASS name'), or leave --synsets out", Location(str(path)))
+    note = (f"{len(missing)} of {len(classes)} classes are not named in {path} (e.g. {missing[0]}); "
+            "they keep their own names") if missing else None
     return {c: table[c] for c in classes if c in table}, note
 
 

@@ -647,15 +647,15 @@ def test_a_synsets_file_that_names_no_class_folder_is_refused_and_gaps_are_noted
     wrong.write_text("n01440764 tench\nn01443537 goldfish\n")
     with pytest.raises(SpecError) as err:
         prepare(root, tmp_path / "out", PrepareOptions(size=16, raw=True, workers=1), synsets=wrong, progress=False)
-    assert str(err.value) == (f"{wrong}: names none of the 2 class folders (e.g. cat); give the synsets file of this "
-                              "data (lines of 'FOLDER name'), or leave --synsets out")
+    assert str(err.value) == (f"{wrong}: names none of the 2 classes (e.g. cat); give the synsets file of this "
+                              "data (lines of 'CLASS name'), or leave --synsets out")
     assert not (tmp_path / "out").exists()  # refused before anything was written
     half = tmp_path / "half.txt"
     half.write_text("cat house cat, Felis catus\n")
     assert names_from_synsets(half, ["cat", "dog"]) == (
         {"cat": "house cat, Felis catus"},
-        f"1 of 2 class folders are not named in {half} (e.g. dog); they keep their folder names")
+        f"1 of 2 classes are not named in {half} (e.g. dog); they keep their own names")
     meta = prepare(root, tmp_path / "out", PrepareOptions(size=16, raw=True, workers=1), synsets=half, progress=False)
     assert [c["name"] for c in meta["classes"]] == ["house cat, Felis catus", "dog"]
-    assert meta["notes"] == [f"note: 1 of 2 class folders are not named in {half} (e.g. dog); they keep their "
-                             "folder names"]
+    assert meta["notes"] == [f"note: 1 of 2 classes are not named in {half} (e.g. dog); they keep their "
+                             "own names"]

@@ -226,7 +226,7 @@ def test_a_checkpoint_copied_out_of_its_run_draws_its_curves_from_its_own_histor
     res = _show(loose / "copied.pt", "--only", "curves,net", "--out", tmp_path / "out")
     assert res.exit_code == 0, res.output
     assert {"curves.png", "net.png"} <= set(_stated_images(tmp_path / "out" / "index.html"))
-    note = "loose: No metrics.jsonl here: the epochs drawn are those held in copied.pt, which end at its epoch 2."
+    note = "loose: no metrics.jsonl here: the epochs drawn are those held in copied.pt, which end at its epoch 2."
     assert f"note: {note}\n" in res.output and note in (tmp_path / "out" / "index.html").read_text()
     assert Run(str(loose / "copied.pt")).metrics() == ckpt.load(run_dir / "epoch-0002.pt")["history"]
     assert [r["epoch"] for r in Run(str(loose / "copied.pt")).metrics()] == [1, 2]
@@ -246,7 +246,7 @@ def test_a_checkpoint_copied_out_of_its_run_draws_its_curves_from_its_own_histor
     res = _show(best_only, "--only", "curves", "--out", tmp_path / "out3")
     assert res.exit_code == 0, res.output
     assert [r["epoch"] for r in Run(str(best_only)).metrics()] == list(range(1, best_epoch + 1))
-    assert (f"note: best-only: No metrics.jsonl here: the epochs drawn are those held in best.pt, which end at its "
+    assert (f"note: best-only: no metrics.jsonl here: the epochs drawn are those held in best.pt, which end at its "
             f"epoch {best_epoch}.\n") in res.output
     # With metrics.jsonl in place there is nothing to say.
     res = _show(run_dir, "--only", "curves", "--out", tmp_path / "out4")
