@@ -289,7 +289,8 @@ def test_nan_loss_stops_naming_step_and_layer_and_keeps_checkpoints(setup, tmp_p
     m = re.fullmatch(r"error: loss became (-?inf|nan) at step (\d+) \(epoch (\d+)\); (the weights of .+ are not "
                      r"finite|the first layer whose output is not finite is '\w+'|the weights and outputs are finite "
                      r"but the loss is not)\. Training stopped and the last good checkpoint is (\S+)\. Lower the "
-                     r"learning rates \(the highest epsW is (\w+)'s: --set \6\.epsW=\.\.\.\) or check the data", message)
+                     r"learning rates \(the highest epsW is (\w+)'s: --set \6\.epsW=\.\.\.\) or check the data",
+                     message)
     assert m, message
     step, epoch, layer, named = int(m[2]), int(m[3]), m[6], Path(m[5])
     good = sorted(out.glob("epoch-*.pt"))
