@@ -286,7 +286,32 @@ def read_spec_text(path: str | os.PathLike) -> str:
     if b"\0" in data:
         raise fail("is a binary file, not a spec; a spec is text of [section] and key=value lines",
                    Location(shown, 1, 1))
-    return decode_utf8(data, shown)
+    try:
+        return decode_utf8(data, shown)
+    except SpecError:
+        return _with_legacy_comments(data, shown)
+
+
+def _with_legacy_comments(data: bytes, shown: str) -> str:
+    """Python 2's ConfigParser, which cuda-convnet used, read bytes: a comment in Latin-1
+    (an author's name) was never looked at.  Such a file is read as it was, its
+    non-UTF-8 comments as Latin-1; a byte outside a comment stays the located error."""
+    lines = []
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            lines.append(raw.decode("utf-8"))
+            continue
+        except UnicodeDecodeError as err:
+            first_bad = err.start
+        line = raw.decode("latin-1")
+        before = line[:first_bad]
+        starts_comment = before.lstrip()[:1] in ("#", ";") or any(
+            before[i] in "#;" and before[i - 1].isspace() for i in range(1, len(before)))
+        if not starts_comment:
+            raise fail(f"is not UTF-8 text (bad byte 0x{raw[first_bad]:02x}); save it as UTF-8",
+                       Location(shown, number, first_bad + 1))
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def parse_file(path: str | os.PathLike) -> SpecFile:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import traceback
@@ -219,10 +220,23 @@ def test_missing_params_file(tmp_path):
     (b"[a]\nx=\x001\n", "{path}:1:1: is a binary file, not a spec; a spec is text of [section] and key=value lines"),
     (bytes(range(256)), "{path}:1:1: is a binary file, not a spec; a spec is text of [section] and key=value lines"),
     (b"[a]\ntype=caf\xe9\n", "{path}:2:9: is not UTF-8 text (bad byte 0xe9); save it as UTF-8"),
+    # Latin-1 in a comment is read (Python 2's ConfigParser never looked); in a value it is not.
+    (b"[a]\n# by Andr\xe9\ntype=caf\xe9 # \xe9t\xe9\n", "{path}:3:9: is not UTF-8 text (bad byte 0xe9); save it as UTF-8"),
 ])
 def test_unreadable_files(tmp_path, data, message):
     path = write(tmp_path, data)
     assert_one_located_error(invoke("check", path), message.format(path=path))
+
+
+def test_a_cuda_convnet_file_with_latin1_comments_is_read_unmodified(tmp_path):
+    """cuda-convnet read its files as bytes; convspec refused a Latin-1 comment."""
+    text = (ROOT / "specs" / "cifar10-80sec.cfg").read_bytes()
+    path = tmp_path / "latin1.cfg"
+    path.write_bytes(b"# written by Andr\xe9, \xa9 2012\n" + text.replace(b"[conv1]", b"[conv1]  ; na\xefve", 1))
+    shutil.copy(ROOT / "specs" / "cifar10-80sec.params.cfg", tmp_path / "latin1.params.cfg")
+    result = invoke("check", str(path), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["total_params"] == 145_578
 
 
 def test_an_endless_or_huge_file_is_refused_not_read_forever(tmp_path):
