@@ -87,8 +87,12 @@ def decode_utf8(data: bytes, shown: str) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
         line_start = data.rfind(b"\n", 0, err.start) + 1
-        raise fail(f"is not UTF-8 text (bad byte 0x{data[err.start]:02x}); save it as UTF-8",
-                   Location(shown, data[: err.start].count(b"\n") + 1, err.start - line_start + 1)) from None
+        raise not_utf8(data[err.start], Location(shown, data[: err.start].count(b"\n") + 1,
+                                                 err.start - line_start + 1)) from None
+
+
+def not_utf8(byte: int, where: Location) -> SpecError:
+    return fail(f"is not UTF-8 text (bad byte 0x{byte:02x}); save it as UTF-8", where)
 
 
 def read_utf8(path) -> str:

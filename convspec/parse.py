@@ -19,7 +19,7 @@ from typing import Union
 
 import lark
 
-from .errors import Location, SpecError, decode_utf8, fail
+from .errors import Location, SpecError, decode_utf8, fail, not_utf8
 
 
 @dataclass(frozen=True)
@@ -308,8 +308,7 @@ def _with_legacy_comments(data: bytes, shown: str) -> str:
         starts_comment = before.lstrip()[:1] in ("#", ";") or any(
             before[i] in "#;" and before[i - 1].isspace() for i in range(1, len(before)))
         if not starts_comment:
-            raise fail(f"is not UTF-8 text (bad byte 0x{raw[first_bad]:02x}); save it as UTF-8",
-                       Location(shown, number, first_bad + 1))
+            raise not_utf8(raw[first_bad], Location(shown, number, first_bad + 1))
         lines.append(line)
     return "\n".join(lines)
 

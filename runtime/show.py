@@ -202,6 +202,7 @@ class Run:
         self.name = self.dir.name
         self.devices = devices or (["cuda:0"] if torch.cuda.is_available() else ["cpu"])
         self.history_note = ""  # set by metrics() when the epochs come from a checkpoint
+        self.images_shown: dict[str | None, "ImageSet"] = {}  # images_to_show's, by --data
 
     def metrics(self) -> list[dict]:
         path = self.dir / runs.METRICS
@@ -264,20 +265,17 @@ class Run:
 
 
 def _curves(run: Run, o: ShowOptions):
-    series = [(run.name, run.metrics())]
-    compared_runs = []
-    for other in o.compare:
-        compared = Run(other, o.runs_root)
-        compared_runs.append(compared)
-        series.append((compared.name if compared.name not in dict(series) else str(compared.dir),
-                       compared.metrics()))
+    drawn = [run, *(Run(other, o.runs_root) for other in o.compare)]
+    series = []
+    for r in drawn:
+        series.append((r.name if r.name not in dict(series) else str(r.dir), r.metrics()))
     image = draw.curves_picture(series)
     names = ", ".join(name for name, _ in series)
     caption = (f"Error per epoch ({names}): validation top-1 and top-5 on the held-out images, and top-1 on "
                "the training minibatches as trained (augmentation and dropout on; training top-5 is not "
                "recorded); below, the training loss. Dashed verticals mark learning-rate changes, labelled "
                "with the new multiple of the base rate.")
-    notes = [f"{name}: {r.history_note}" for (name, _), r in zip(series, [run, *compared_runs]) if r.history_note]
+    notes = [f"{name}: {r.history_note}" for (name, _), r in zip(series, drawn) if r.history_note]
     for note in notes:
         o.echo(f"note: {note}")
     caption = " ".join([caption, *notes])
@@ -346,7 +344,14 @@ class ImageSet:
 
 def images_to_show(run: Run, data: str | None) -> ImageSet:
     """The images `convspec eval` would score; image folders stay on disk,
-    since only a few of them are drawn."""
+    since only a few of them are drawn.  Opened once per run: show checks
+    --data before drawing, and preds and neighbours read the same set."""
+    if data not in run.images_shown:
+        run.images_shown[data] = _open_images_to_show(run, data)
+    return run.images_shown[data]
+
+
+def _open_images_to_show(run: Run, data: str | None) -> ImageSet:
     from .evaluate import evaluation_images
 
     d = run.state["data"]
