@@ -2,7 +2,7 @@
 
     net = build(check_paths("specs/alexnet.cfg"), devices=["cuda:0", "cuda:1"])
     logits = net(images)                       # the input of the cost's softmax
-    loss = net.loss(logits, labels)            # coeff * cross-entropy
+    loss = net.loss(logits, labels)            # coeff * cross-entropy, summed over costs
     feats = net(images, outputs=["fc7a"])      # any layer's output, by name
 
 Submodules are named after the spec's sections, so state-dict keys read
@@ -84,10 +84,14 @@ class CompiledNet(nn.Module):
                 self.add_module(module_name(layer.name), module.to(self.devices[self.device_of[layer.name]]))
         self.image_input = next((l.name for l in net.layers.values()
                                  if l.type == "data" and l["dataIdx"] != 1), None)
-        self.cost = next((l for l in net.layers.values() if l.type == "cost.logreg"), None)
-        if self.cost is not None:
-            softmax = net.layers[self.cost.inputs[1]]
-            self.output_name = softmax.inputs[0]  # logits: the loss applies log-softmax itself
+        # cuda-convnet trains on the sum of every cost layer times its coeff; the first in the
+        # file is the one whose error is reported (an auxiliary classifier comes after it).
+        self.costs = net.costs
+        self.cost = self.costs[0] if self.costs else None
+        # Each cost's logits: the loss applies log-softmax itself.
+        self.cost_outputs = tuple(net.layers[c.inputs[1]].inputs[0] for c in self.costs)
+        if self.cost_outputs:
+            self.output_name = self.cost_outputs[0]
         else:
             read = net.read_layers()
             sinks = [l.name for l in net.layers.values() if l.type != "data" and l.name not in read]
@@ -96,6 +100,12 @@ class CompiledNet(nn.Module):
         if self.output_name is not None:
             # Plan now, not at the first forward, so torch.compile never traces the planner.
             self.steps((self.output_name,))
+            self.steps(self.training_outputs)
+
+    @property
+    def training_outputs(self) -> tuple[str, ...]:
+        """What a forward pass in train mode returns: every cost's logits, or the output alone."""
+        return self.cost_outputs if len(self.cost_outputs) > 1 else (self.output_name,)
 
     def to_channels_last(self) -> "CompiledNet":
         """Store every 4-D parameter and buffer NHWC (channels_last), in place."""
@@ -140,7 +150,12 @@ class CompiledNet(nn.Module):
         return wanted
 
     def forward(self, images: torch.Tensor, outputs: str | Sequence[str] | None = None):
-        wanted = self._wanted(outputs)
+        """The output's logits; with ``outputs``, a dict of those layers' outputs.  In train
+        mode a net with several cost layers returns a tuple of every cost's logits, in file
+        order, for :meth:`loss` to sum; in eval mode only the first cost's, whose error is
+        the one reported."""
+        several = not outputs and self.training and len(self.cost_outputs) > 1
+        wanted = self.cost_outputs if several else self._wanted(outputs)
         values: dict[str, torch.Tensor] = {self.image_input: images}
         fused: dict[tuple[str, ...], torch.Tensor] = {}  # members -> channel-concatenated output
         copies: dict[tuple[str, torch.device], torch.Tensor] = {}
@@ -179,6 +194,8 @@ class CompiledNet(nn.Module):
 
         if outputs:
             return {name: values[name] for name in wanted}
+        if several:
+            return tuple(values[name] for name in wanted)
         return values[self.output_name]
 
     def run_step(self, step: Step, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -212,12 +229,26 @@ class CompiledNet(nn.Module):
 
     # --- training support ---------------------------------------------------------------
 
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """cuda-convnet's cost.logreg: coeff * mean(-log softmax(logits)[label])."""
-        coeff = self.cost["coeff"] if self.cost is not None else 1.0
-        if logits.dtype in (torch.float16, torch.bfloat16):
-            logits = logits.float()  # the log-softmax of low-precision logits loses too much
-        return coeff * F.cross_entropy(logits, labels.to(logits.device))
+    def loss(self, logits: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
+        """cuda-convnet's cost.logreg: coeff * mean(-log softmax(logits)[label]), summed over
+        the cost layers when ``logits`` is train mode's tuple (one per cost, in file order);
+        a single tensor is the first cost's."""
+        several = logits if isinstance(logits, tuple) else (logits,)
+        coeffs = [c["coeff"] for c in self.costs] or [1.0]
+        if len(several) > len(coeffs):
+            raise ValueError(f"{len(several)} logits for the {len(coeffs)} cost layers of {self.spec.path}")
+        total = None
+        for coeff, one in zip(coeffs, several):
+            if one.dtype in (torch.float16, torch.bfloat16):
+                one = one.float()  # the log-softmax of low-precision logits loses too much
+            term = coeff * F.cross_entropy(one, labels.to(one.device))
+            total = term if total is None else total + term.to(total.device)
+        return total
+
+    @staticmethod
+    def first_logits(logits: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The reported cost's logits from what :meth:`forward` returned."""
+        return logits[0] if isinstance(logits, tuple) else logits
 
     def learning_rules(self) -> Iterator[tuple[str, nn.Parameter, Rule]]:
         """(state-dict name, parameter, its rule) for every learnable tensor."""

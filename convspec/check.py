@@ -62,6 +62,12 @@ class CheckedNet:
         self.cautions.append(text)
 
     @property
+    def costs(self) -> list[Layer]:
+        """The cost layers in file order: the first is the one whose error is reported
+        (``layers`` is in dependency order, which can put an auxiliary cost first)."""
+        return sorted((l for l in self.layers.values() if l.type == "cost.logreg"), key=lambda l: l.loc.line)
+
+    @property
     def total_params(self) -> int:
         return sum(layer.params for layer in self.layers.values())
 
@@ -123,7 +129,6 @@ def check(spec: SpecFile, params: SpecFile | None = None,
         net.recipe = parse_train(net.train)
     for layer in layers.values():
         _resolve_keys(layer)
-    _refuse_a_second_cost(layers)
     _check_inputs(layers)
     order = _topological_order(layers)
     net.layers = {name: layers[name] for name in order}
@@ -147,8 +152,14 @@ def check(spec: SpecFile, params: SpecFile | None = None,
     if untrainable:
         net.notes.append(f"epsW, epsB, momW or momB not set (they belong in the params file); needed to train: "
                          f"{', '.join(untrainable)}")
-    if not any(l.type == "cost.logreg" for l in net.layers.values()):
+    costs = net.costs
+    if not costs:
         net.notes.append("no cost.logreg layer; needed to train (type=cost.logreg, inputs=labels,probs)")
+    elif len(costs) > 1:
+        # As cuda-convnet: the objective is the sum, coeff times each cost.
+        terms = " + ".join(f"{c['coeff']:g}*{c.name}" for c in costs)
+        net.notes.append(f"{len(costs)} cost layers: training minimises {terms}; train and eval report "
+                         f"the error of '{costs[0].name}', the first in the file")
     read = net.read_layers()
     unused = [l.name for l in net.layers.values()
               if not l.type.startswith("cost.") and l.name not in read and not _is_labels(l)]
@@ -278,16 +289,6 @@ def _merge_params(layers: dict[str, Layer], params: SpecFile, net: CheckedNet) -
 
 
 # --- pass 3: keys ----------------------------------------------------------------
-
-
-def _refuse_a_second_cost(layers: dict[str, Layer]) -> None:
-    """cuda-convnet trains on the sum of every cost layer times its coeff; the compiled
-    net computes one cost, and a second was once dropped without a word (its branch
-    never trained), so it is refused until convspec sums them."""
-    costs = [l for l in layers.values() if l.type.startswith("cost.")]
-    if len(costs) > 1:
-        raise fail(f"layer '{costs[1].name}': a second cost layer (the first is '{costs[0].name}'); convspec "
-                   "trains on one cost, where cuda-convnet would add them: keep one cost layer", costs[1].loc)
 
 
 def _resolve_keys(layer: Layer) -> None:

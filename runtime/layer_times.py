@@ -155,7 +155,7 @@ def bench(net: CompiledNet, batch: int, iterations: int = 10, warmup: int = 2, p
         notes.append("the spec has no cost layer: the loss row times cross-entropy on the last layer's output "
                      "(train needs type=cost.logreg)")
 
-    steps = net.steps((net.output_name,))
+    steps = net.steps(net.training_outputs)  # an auxiliary cost's branch trains, so it is timed
     step_names = ["+".join(s.members) for s in steps]
     clock = _Clock(devices)
     params = list(net.parameters())
@@ -198,7 +198,7 @@ def bench(net: CompiledNet, batch: int, iterations: int = 10, warmup: int = 2, p
             else:
                 backward_ms = 0.0  # weightless and fed by the data: training computes no gradient here
             times.append((forward_ms, backward_ms))
-        logits = values[net.output_name].detach().float().requires_grad_(True)
+        logits = tuple(values[name].detach().float().requires_grad_(True) for name in net.training_outputs)
         forward_ms, loss = clock.time(lambda: net.loss(logits, labels))
         backward_ms, _ = clock.time(loss.backward)
         times.append((forward_ms, backward_ms))
@@ -231,7 +231,8 @@ def bench(net: CompiledNet, batch: int, iterations: int = 10, warmup: int = 2, p
         layers.append(LayerTime(step_names[j], first.type, str(devices[step.device]), shape,
                                 median(r[j][0] for r in rows), median(r[j][1] for r in rows)))
     cost = net.cost
-    layers.append(LayerTime("loss", "softmax+logreg" if cost is not None else "cross-entropy", str(entry), (),
+    kind = "cross-entropy" if cost is None else "softmax+logreg" + (f" x{len(net.costs)}" if len(net.costs) > 1 else "")
+    layers.append(LayerTime("loss", kind, str(entry), (),
                             median(r[-1][0] for r in rows), median(r[-1][1] for r in rows)))
     updates = [w[2] for w in whole]
     return BenchResult(spec.path, batch, input_shape, [str(d) for d in devices], precision, channels_last,

@@ -612,7 +612,7 @@ class Trainer:
             detached = loss.detach()
             window.append(detached)
             loss_sum += detached.double() * len(y)
-            wrong_sum += (logits.detach().argmax(1) != y).sum()
+            wrong_sum += (self.net.first_logits(logits).detach().argmax(1) != y).sum()
             seen += len(y)
             if len(window) >= sync_every or b == n_batches - 1:
                 values = torch.stack(window).tolist()

@@ -164,6 +164,15 @@ def test_fused_towers_are_one_row_and_towers_on_two_devices_are_two():
     assert "note: update not timed" in text
 
 
+def test_an_auxiliary_cost_branch_is_timed_and_the_loss_row_sums_both():
+    aux = ("[aux]\ntype=fc\ninputs=pool1a\noutputs=10\ngpu=0\n[auxprobs]\ntype=softmax\ninputs=aux\n"
+           "[auxcost]\ntype=cost.logreg\ninputs=labels,auxprobs\ncoeff=0.3\n")
+    result = bench(build(check(parse_text(TWO_TOWERS + aux, "aux.cfg")), devices=["cpu"], fuse=False),
+                   batch=2, iterations=1, warmup=0, progress=False)
+    assert [r.name for r in result.layers] == ["conv1a", "conv1b", "pool1a", "pool1b", "fc10", "aux", "loss"]
+    assert result.layers[-1].type == "softmax+logreg x2" and result.layers[-1].backward_ms > 0
+
+
 def test_channels_last_and_bf16_run():
     net = cifar_net()
     result = bench(net, batch=2, iterations=1, warmup=0, precision="bf16", channels_last=True, progress=False)

@@ -117,6 +117,64 @@ def test_learning_rules_are_recorded_per_parameter():
     assert len(rules) == 15 + 8 + 2 * 2 + 5 * 2
 
 
+# The main cost is written before the layers it reads, so dependency order (which
+# check gives net.layers) reaches the auxiliary cost first; file order decides.
+TWO_COSTS = """[c]
+type=conv
+inputs=data
+filters=4
+filterSize=3
+neuron=relu
+[cost]
+type=cost.logreg
+inputs=labels,probs
+[aux]
+type=fc
+inputs=c
+outputs=3
+[auxprobs]
+type=softmax
+inputs=aux
+[auxcost]
+type=cost.logreg
+inputs=labels,auxprobs
+coeff=0.3
+[fc]
+type=fc
+inputs=c
+outputs=3
+[probs]
+type=softmax
+inputs=fc
+"""
+
+
+def test_several_costs_train_on_their_sum_and_report_the_first_in_the_file():
+    """cuda-convnet minimises the sum of coeff * cost over every cost layer: an auxiliary
+    classifier's branch must get its gradient (a second cost was once dropped unseen)."""
+    net = randomize(built(TWO_COSTS)).train()
+    assert [c.name for c in net.costs] == ["cost", "auxcost"] and net.output_name == "fc"
+    x, labels = rand(5, 3, 8, 8), torch.tensor([0, 1, 2, 1, 0])
+    logits = net(x)
+    assert isinstance(logits, tuple) and len(logits) == 2
+    net.loss(logits, labels).backward()
+
+    # By hand, from copies of the same weights.
+    w = {k: v.detach().clone().requires_grad_(True) for k, v in net.state_dict().items()}
+    h = torch.relu(torch.nn.functional.conv2d(x, w["c.weight"], w["c.bias"])).flatten(1)
+    main, aux = h @ w["fc.weight"].t() + w["fc.bias"], h @ w["aux.weight"].t() + w["aux.bias"]
+    expected = (torch.nn.functional.cross_entropy(main, labels)
+                + 0.3 * torch.nn.functional.cross_entropy(aux, labels))
+    torch.testing.assert_close(net.loss(logits, labels), expected, rtol=1e-12, atol=0)
+    expected.backward()
+    for name in ("c.weight", "aux.weight", "aux.bias", "fc.weight"):
+        torch.testing.assert_close(dict(net.named_parameters())[name].grad, w[name].grad, rtol=1e-10, atol=1e-14)
+
+    # Evaluation reads the first cost's logits alone.
+    net.eval()
+    torch.testing.assert_close(net(x), main.detach(), rtol=1e-12, atol=1e-14)
+
+
 # --- single layers against formulas -----------------------------------------------------------
 
 def test_local_layer_equals_direct_loop():

@@ -191,11 +191,6 @@ ERRORS = [
     ("[p]\ntype=pool\npool=max\ninputs=data\nsizeX=3\nsubsX=3\nstride=2\n"
      "[fc]\ntype=fc\ninputs=p\noutputs=10\n" + TAIL, None,
      "s.cfg:13:1: layer 'p': both subsX= (old spelling) and sizeX= are set; keep sizeX="),
-    # A second cost layer was dropped without a word: its branch never trained.
-    (CONV + FC + TAIL + "[aux]\ntype=fc\ninputs=c\noutputs=10\n[auxprobs]\ntype=softmax\ninputs=aux\n"
-     "[auxcost]\ntype=cost.logreg\ninputs=labels,auxprobs\ncoeff=0.3\n", None,
-     "s.cfg:31:2: layer 'auxcost': a second cost layer (the first is 'cost'); convspec trains on one cost, "
-     "where cuda-convnet would add them: keep one cost layer"),
     (CONV + "filters=32\n" + FC + TAIL, None,
      "s.cfg:13:1: layer 'c': duplicate key 'filters' with a different value (first at line 11); keep one"),
     ("[c]\ntype=conv\ninputs=data\nfilters=x16\nfilterSize=5\n" + FC + TAIL, None,
@@ -331,6 +326,16 @@ def test_set_replaces_a_key_the_file_writes_in_its_old_spelling():
 def test_unknown_params_section_is_noted_not_fatal():
     net = checked(CONV + FC + TAIL, "[c]\nepsW=0.1\n[conv9]\nepsW=0.1\n")
     assert any("params section [conv9] names no layer" in n for n in net.notes)
+
+
+def test_several_cost_layers_are_noted_with_the_sum_they_train_on():
+    aux = ("[aux]\ntype=fc\ninputs=c\noutputs=10\n[auxprobs]\ntype=softmax\ninputs=aux\n"
+           "[auxcost]\ntype=cost.logreg\ninputs=labels,auxprobs\ncoeff=0.3\n")
+    net = checked(CONV + FC + TAIL + aux)
+    assert [c.name for c in net.costs] == ["cost", "auxcost"]
+    assert ("2 cost layers: training minimises 1*cost + 0.3*auxcost; train and eval report the error of "
+            "'cost', the first in the file") in net.notes
+    assert not any("cost layers" in n for n in checked(CONV + FC + TAIL).notes)
 
 
 def test_a_params_file_for_another_spec_is_refused():

@@ -25,6 +25,7 @@ from convspec.errors import SpecError
 from runtime import checkpoint as ckpt
 from runtime import cifar
 from runtime.evaluate import evaluate_checkpoint
+from runtime.runs import net_from_checkpoint
 from runtime.train import TrainOptions, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -867,6 +868,30 @@ def test_training_on_a_flat_folder_says_what_training_needs(setup, tmp_path):
     assert res.exit_code == 1
     assert res.output.strip() == (f"{flat}: is a flat folder of images; training needs one sub-folder per "
                                   "class (or a store from convspec prepare)")
+
+
+def test_an_auxiliary_cost_trains_its_branch_and_the_first_cost_is_reported(setup, tmp_path):
+    """cuda-convnet minimises every cost layer's coeff * cost: a classifier hung off pool1 with
+    its own cost must learn the colours too (with that cost dropped it ended 56% wrong), while
+    the metrics stay the main cost's, exactly as eval recomputes them."""
+    spec, data = setup
+    aux = ("[aux]\ntype=fc\ninputs=pool1\noutputs=4\ninitW=0.01\n[auxprobs]\ntype=softmax\ninputs=aux\n"
+           "[auxcost]\ntype=cost.logreg\ninputs=labels,auxprobs\ncoeff=0.5\n")
+    spec.write_text(SPEC + aux)
+    spec.with_suffix(".params.cfg").write_text(PARAMS.replace(
+        "[train]", "[aux]\nepsW=0.001\nepsB=0.02\nmomW=0.9\nmomB=0.9\nwc=0.004\n[train]"))
+    out = tmp_path / "run"
+    summary = train(_quiet(spec=str(spec), data=str(data), out=str(out)))
+    state = ckpt.load(summary.last_checkpoint)
+    net = net_from_checkpoint(state)
+    test = cifar.load_cifar(data, "test")
+    x = torch.from_numpy(test.images.astype(np.float32) - net.mean).permute(0, 3, 1, 2).contiguous()
+    with torch.no_grad():
+        got = net(x, outputs=["aux", "fc2"])
+    labels = torch.from_numpy(test.labels)
+    assert (got["aux"].argmax(1) != labels).float().mean().item() < 0.25
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert evaluate_checkpoint(str(summary.last_checkpoint)).result.top1_error == record["val_top1_error"]
 
 
 def test_channels_last_trains_a_net_with_local_layers(setup, tmp_path):
