@@ -11,6 +11,7 @@ only rank 0 prints and writes files.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,7 +153,8 @@ def launch(argv: list[str], nproc: int, log_dir: str, nnodes: int = 1, node_rank
         launcher += [f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=static",
                      f"--rdzv-endpoint={endpoint}"]
     try:
-        run(parse_args(launcher + ["--module", "convspec", *argv]))
+        with _ctrl_c_while_waiting(endpoint or "localhost"):
+            run(parse_args(launcher + ["--module", "convspec", *argv]))
     except SignalException as err:  # Ctrl-C or SIGTERM: the ranks got it too and said what they saved
         return RankFailure(-1, -err.sigval, None)
     except ChildFailedError as err:
@@ -165,6 +167,57 @@ def launch(argv: list[str], nproc: int, log_dir: str, nnodes: int = 1, node_rank
             output = str(logs[-1]) if logs else log_dir
         return RankFailure(rank, failure.exitcode, output)
     return None
+
+
+# What Ctrl-C during the rendezvous exits with: a shell's 128 + SIGINT.
+STOPPED_WAITING = 130
+
+
+@contextlib.contextmanager
+def _ctrl_c_while_waiting(endpoint: str):
+    """Make Ctrl-C work while this machine waits for the others.
+
+    torchrun's agent waits for them inside TCPStore's C++ (up to 600 s), where Python
+    cannot raise KeyboardInterrupt, so Ctrl-C went unseen until the wait timed out.
+    The interpreter's C-level handler still writes each signal to a wakeup fd at once,
+    and the wait releases the GIL, so a thread reading that fd can end the launcher
+    while no rank has started.  Once the ranks start, the agent installs its own
+    handler, and Ctrl-C is that handler's to stop them (and the ranks save)."""
+    import signal
+    import sys
+    import threading
+
+    waiting_handler = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(waiting_handler):
+        yield  # set_wakeup_fd works from the main thread only; an ignored SIGINT needs nothing
+        return
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    previous_fd = signal.set_wakeup_fd(write_end)
+
+    def watch() -> None:
+        while True:
+            try:
+                got = os.read(read_end, 1)
+            except OSError:
+                return
+            if not got:
+                return  # the launcher closed the pipe: the wait is over
+            if got[0] == signal.SIGINT and signal.getsignal(signal.SIGINT) is waiting_handler:
+                sys.stderr.write(f"\nSIGINT: stopped while waiting for the machines to meet at {endpoint}; "
+                                 "no rank had started, so nothing was trained or saved\n")
+                sys.stderr.flush()
+                os._exit(STOPPED_WAITING)
+
+    watcher = threading.Thread(target=watch, name="ctrl-c-while-waiting", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous_fd)
+        os.close(write_end)
+        watcher.join(timeout=5)
+        os.close(read_end)
 
 
 def first_to_stop(failures: dict) -> int:

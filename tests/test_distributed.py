@@ -262,6 +262,42 @@ def test_launch_on_gpus_refuses_what_cannot_work(tmp_path, monkeypatch, gpus, op
     assert not (tmp_path / "run").exists()
 
 
+@NEEDS_GLOO
+def test_ctrl_c_while_waiting_for_the_other_machines_stops_at_once(tmp_path):
+    """torchrun's agent waits for the other nodes inside C++, where Python raises no
+    KeyboardInterrupt: Ctrl-C went unseen until the 600 s rendezvous timeout."""
+    import signal
+    import socket
+    import time
+
+    spec = write_spec(tmp_path)
+    data = make_data(tmp_path / "data")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # The child takes Ctrl-C as a terminal's foreground job does (see tests/test_data.py's _GATED_PREPARE).
+    child = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "from convspec.cli import main; sys.exit(main())")
+    proc = subprocess.Popen([sys.executable, "-c", child, "train", str(spec), "--data", str(data),
+                             "--out", str(tmp_path / "run"), "--quiet", "--nproc-per-node", "1", "--nnodes", "2",
+                             "--node-rank", "0", "--rdzv-endpoint", f"127.0.0.1:{port}"],
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    first = proc.stdout.readline()
+    assert first.startswith("starting 2 ranks (1 on node 0 of 2"), first
+    time.sleep(2)  # into the wait (the line is printed just before it)
+    proc.send_signal(signal.SIGINT)
+    start = time.monotonic()
+    try:
+        stderr = proc.communicate(timeout=60)[1]
+    finally:
+        proc.kill()
+    assert time.monotonic() - start < 30
+    assert proc.returncode == D.STOPPED_WAITING == 130
+    assert stderr.strip() == (f"SIGINT: stopped while waiting for the machines to meet at 127.0.0.1:{port}; no rank "
+                            "had started, so nothing was trained or saved")
+
+
 def test_a_missing_data_path_is_one_error_and_starts_no_rank(tmp_path):
     spec = write_spec(tmp_path)
     result = CliRunner().invoke(main, ["train", str(spec), "--data", str(tmp_path / "nodata"), "--nproc-per-node", "2",
