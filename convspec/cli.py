@@ -158,7 +158,7 @@ def prepare(ctx, src, out, size, quality, raw, workers, synsets):
 @click.option("--out", metavar="RUN", help="Run folder.  Default: a new runs/<spec>-<date>-<time>.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out (default: the newest under runs/) "
                                              "from its last checkpoint, with the settings it recorded (--epochs "
-                                             "may add epochs; an option that would change the run is refused).")
+                                             "sets a new length; an option that would change the run is refused).")
 @click.option("--devices", metavar="DEVICES",
               help="Comma list, e.g. cpu, cuda:0 or cuda:0,cuda:1: the spec's gpu= groups fold onto them.  "
                    "Default: every GPU, else the CPU.")

@@ -50,6 +50,7 @@ class ImageSource(Protocol):
 
 class _Sized:
     loose: tuple = ()  # images beside the class folders, not read (set by open_source)
+    nested: tuple = ()  # images in folders inside the class folders, not read (set by open_source)
     store_split: str | None = None  # which split of a prepared store this is, for saying what was scored
 
     def __len__(self) -> int:
@@ -218,7 +219,7 @@ def open_source(path: str | Path, split: str = "train", classes: list[str] | Non
         source = _read_into_memory(listing, size, stats, progress)
     else:
         source = FolderSource(listing, size, stats)
-    source.loose = listing.loose
+    source.loose, source.nested = listing.loose, listing.nested
     return source
 
 

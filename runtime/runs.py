@@ -9,6 +9,7 @@ A run folder (``runs/<spec>-<date>-<time>`` unless ``--out`` names one) holds::
     epoch-0007.pt     a checkpoint per epoch (the newest --keep are kept)
     best.pt           the checkpoint with the lowest validation top-1 error
     interrupted.pt    written on SIGINT/SIGTERM mid-epoch; --resume continues from it
+    .lock             held by the process training here (a second one is refused)
 
 Every checkpoint holds the spec and params text with the overrides, the class
 list, the mean image and the crop, so it alone rebuilds the net
@@ -17,8 +18,10 @@ list, the mean image and the crop, so it alone rebuilds the net
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -37,12 +40,77 @@ METRICS = "metrics.jsonl"
 
 def new_run_dir(spec_path: str, root: Path = RUNS_ROOT) -> Path:
     stem = Path(spec_path).name.split(".")[0]
-    base = root / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    return _free_name(root / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def _free_name(base: Path) -> Path:
     path, n = base, 1
     while path.exists():
         n += 1
         path = base.with_name(f"{base.name}-{n}")
     return path
+
+
+def claim_new_run_dir(path: Path) -> Path:
+    """Make the default run folder, or the next free name if another run made it since it
+    was chosen (two ``convspec train`` started in the same second chose the same name)."""
+    base = path
+    while True:
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            path = _free_name(base)
+
+
+# Held (flock) by the process that trains in a run folder. The kernel lets go when that
+# process ends however it ends, so a killed run leaves no stale lock behind.
+LOCK = ".lock"
+
+
+def lock_run(run_dir: Path) -> int | None:
+    """Take the run folder's lock for as long as this process trains there, or refuse
+    with who holds it: two processes training into one folder interleave their
+    checkpoints and metrics. Returns the descriptor to close when done; None where the
+    platform or filesystem has no flock (as before there was a lock)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        return None
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        holder = os.read(fd, 200).decode(errors="replace").strip()
+        os.close(fd)
+        if err.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise _busy(run_dir, holder) from None
+        return None  # a filesystem without locks
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    return fd
+
+
+def refuse_if_busy(run_dir: Path) -> None:
+    """Refuse early, before any data is read, a run folder another process trains in."""
+    try:
+        import fcntl
+        fd = os.open(run_dir / LOCK, os.O_RDONLY)
+    except (ImportError, OSError):  # no flock, or no lock file: nobody has trained here since locks
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+            raise _busy(run_dir, os.read(fd, 200).decode(errors="replace").strip()) from None
+    finally:
+        os.close(fd)  # closing lets go of the shared lock taken to look
+
+
+def _busy(run_dir: Path, holder: str) -> SpecError:
+    who = f" ({holder})" if holder else ""
+    return fail(f"another convspec train is training in this run folder{who}; wait for it to end or stop it, "
+                "or choose another --out", Location(str(run_dir)))
 
 
 def check_can_create(run_dir: Path) -> None:
@@ -72,7 +140,7 @@ def _a_run_that_stopped_before_its_first_checkpoint(run_dir: Path) -> bool:
     wrote) and the temporary file of a checkpoint cut off while being written:
     training may write over those, and over nothing else of the user's."""
     names = {p.name for p in run_dir.iterdir()
-             if not ckpt.is_partial_write(p) and not (p.name == RANK_LOGS and p.is_dir())}
+             if not ckpt.is_partial_write(p) and not (p.name == RANK_LOGS and p.is_dir()) and p.name != LOCK}
     if not names:
         return True
     if not names <= RUN_START_FILES:

@@ -37,8 +37,11 @@ def resolve(path: str | Path) -> Path:
 
 def is_image(path: Path) -> bool:
     """An image file by its name.  A link whose target is gone counts too, so that
-    prepare lists it in report.txt (and training names it) instead of dropping it unseen."""
-    return path.suffix.lower() in IMAGE_SUFFIXES and (path.is_file() or (path.is_symlink() and not path.exists()))
+    prepare lists it in report.txt (and training names it) instead of dropping it unseen.
+    Hidden files are not: macOS's ``._name.jpg`` metadata files are no images, and the
+    fingerprint that tells a resume the data changed skips hidden files too."""
+    return (path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
+            and (path.is_file() or (path.is_symlink() and not path.exists())))
 
 
 def detect(path: Path) -> str:
@@ -71,16 +74,35 @@ class ImageList:
     items: list[tuple[Path, int]]  # (file, class index)
     classes: list[str]  # folder names (wnids), index order
     loose: list[Path] = field(default_factory=list)  # images beside the class folders: they have no class
+    nested: list[Path] = field(default_factory=list)  # images in folders inside a class folder: not read
 
 
-def loose_note(loose: list[Path], action: str) -> str | None:
-    """A note for images beside the class folders (torchvision's ImageFolder skips them unseen)."""
-    if not loose:
-        return None
-    many = len(loose) > 1
-    return (f"note: {len(loose)} image{'s' * many} beside the class folders in {loose[0].parent} ({loose[0].name}"
-            f"{', ...' * many}) {'have' if many else 'has'} no class and {'are' if many else 'is'} not {action}; "
-            f"move {'them' if many else 'it'} into a class folder to use {'them' if many else 'it'}")
+def unread_notes(listing, action: str) -> list[str]:
+    """Notes for the images a listing (or a source opened from one) does not read: those
+    beside the class folders (torchvision's ImageFolder skips them unseen) and those in
+    folders inside a class folder (which torchvision would read)."""
+    notes = []
+    loose, nested = list(getattr(listing, "loose", ())), list(getattr(listing, "nested", ()))
+    if loose:
+        many = len(loose) > 1
+        notes.append(f"note: {len(loose)} image{'s' * many} beside the class folders in {loose[0].parent} "
+                     f"({loose[0].name}{', ...' * many}) {'have' if many else 'has'} no class and "
+                     f"{'are' if many else 'is'} not {action}; move {'them' if many else 'it'} into a class folder "
+                     f"to use {'them' if many else 'it'}")
+    if nested:
+        many = len(nested) > 1
+        notes.append(f"note: {len(nested)} image{'s' * many} in folders inside the class folders ({nested[0]}"
+                     f"{', ...' * many}) {'are' if many else 'is'} not {action}; only the images directly in a class "
+                     f"folder are: move {'them' if many else 'it'} up a level to use {'them' if many else 'it'}")
+    return notes
+
+
+def _images_below(folder: Path) -> list[Path]:
+    found = []
+    for parent, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [p for p in (Path(parent) / f for f in sorted(files)) if is_image(p)]
+    return found
 
 
 def class_folders(root: Path) -> list[str]:
@@ -113,10 +135,13 @@ def list_class_folders(root: Path, classes: list[str] | None = None) -> ImageLis
     index = {name: i for i, name in enumerate(classes)}
     items = []
     empty = []
+    nested: list[Path] = []
     for name in found:
         if name not in index:
             raise not_a_run_class(name, f"class folder '{name}'", classes, root / name)
-        images = [(p, index[name]) for p in sorted((root / name).iterdir()) if is_image(p)]
+        entries = sorted((root / name).iterdir())
+        images = [(p, index[name]) for p in entries if is_image(p)]
+        nested += [p for d in entries if d.is_dir() and not d.name.startswith(".") for p in _images_below(d)]
         empty += [] if images else [name]
         items += images
     if not items:
@@ -125,7 +150,7 @@ def list_class_folders(root: Path, classes: list[str] | None = None) -> ImageLis
         # A class with no images would still be an output of the net, never right and never trained.
         raise fail(f"class folder holds no .jpg/.jpeg/.png/.bmp images; add images or remove the folder"
                    f"{f' ({len(empty) - 1} more like it)' if len(empty) > 1 else ''}", Location(str(root / empty[0])))
-    return ImageList(items, classes, [p for p in sorted(root.iterdir()) if is_image(p)])
+    return ImageList(items, classes, [p for p in sorted(root.iterdir()) if is_image(p)], nested)
 
 
 def list_flat(root: Path, labels_file: Path, classes: list[str]) -> ImageList:

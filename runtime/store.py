@@ -38,8 +38,8 @@ from convspec.errors import Location, fail
 from . import cifar
 from .preprocess import Stats, load_square
 from .progress import Progress
-from .sources import (STORE_MARKER, detect, list_class_folders, loose_note, names_from_synsets, refuse_one_class,
-                      resolve, sides_of_first)
+from .sources import (STORE_MARKER, detect, list_class_folders, names_from_synsets, refuse_one_class,
+                      resolve, sides_of_first, unread_notes)
 
 FORMAT = "convspec-store"
 VERSION = 1
@@ -155,7 +155,7 @@ def prepare(source: Path, out: Path, options: PrepareOptions, synsets: Path | No
     (out / "prepare.json").write_text(json.dumps(fingerprint, indent=1))
 
     classes = splits[0][1].classes
-    notes = [loose_note(getattr(data, "loose", []), "stored") for _, data in splits]
+    notes = [note for _, data in splits for note in unread_notes(data, "stored")]
     notes.append(synsets_note and f"note: {synsets_note}")
     meta = {**fingerprint, "classes": [{"index": i, "folder": c, "name": names.get(c, c)}
                                        for i, c in enumerate(classes)], "splits": {}, "skipped": 0,

@@ -43,8 +43,8 @@ from .loader import (HELD_OUT, Batches, augment_for, eval_batches, holdout, open
 from .optim import ConvnetSGD
 from .progress import Progress
 from .store import StoreSplit
-from .sources import (class_folders, detect, fingerprint, is_image, loose_note, names_from_synsets, refuse_one_class,
-                      resolve, sides_of_first)
+from .sources import (class_folders, detect, fingerprint, is_image, names_from_synsets, refuse_one_class, resolve,
+                      sides_of_first, unread_notes)
 
 DATA_ENV = "CONVSPEC_DATA"
 TOPK = 5
@@ -151,6 +151,9 @@ class Trainer:
         self.main = self.cluster.main
         self.stop_signal: int | None = None
         self.state: dict | None = None  # the checkpoint resumed from
+        self.auto_named = False  # runs/<spec>-<date>-<time>, not --out: another name if that one is taken
+        self._lock: int | None = None  # the run folder's lock, while training there
+        self.retimed_note: str | None = None  # a resume with another --epochs moves the schedules
 
     def say(self, text: str) -> None:
         if self.main:
@@ -178,6 +181,7 @@ class Trainer:
             torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
         if o.resume:
             self.run_dir = Path(o.out) if o.out else runs.newest_run(Path(o.runs_root), "--out")
+            runs.refuse_if_busy(self.run_dir)
             self.resumed_from = runs.resume_checkpoint(self.run_dir)
             try:
                 self.state = ckpt.load_training(self.resumed_from)
@@ -211,9 +215,10 @@ class Trainer:
                 self.say(f"note: {caution}")
             self.recipe = self.net_spec.recipe.with_options(epochs=o.epochs, batch_size=o.batch_size, seed=o.seed)
             self.run_dir = Path(o.out) if o.out else runs.new_run_dir(o.spec, Path(o.runs_root))
-            if self.run_dir.exists() and (list(self.run_dir.glob("*.pt")) or (self.run_dir / runs.METRICS).exists()):
-                raise fail("already holds a run; continue it with --resume, or choose another --out",
-                           Location(str(self.run_dir)))
+            self.auto_named = not o.out
+            if self.run_dir.is_dir():
+                runs.refuse_if_busy(self.run_dir)
+            self._refuse_a_finished_run()
             runs.check_can_create(self.run_dir)
             self.data_path = o.data or os.environ.get(DATA_ENV)
             if not o.data and self.data_path and self.data_path not in DATASETS and not Path(self.data_path).exists():
@@ -268,6 +273,12 @@ class Trainer:
         recorded = dict(s["recipe"])
         recorded["lr_drops"] = tuple(recorded["lr_drops"])
         self.recipe = Recipe(**recorded).with_options(epochs=o.epochs)  # more epochs may be asked for
+        if self.recipe.epochs != recorded["epochs"] and self._rates_over_progress():
+            # Progress is step / total steps, as cuda-convnet2's: a new length moves every point of such a curve.
+            # Said once the run starts, not before an error that stops it.
+            self.retimed_note = (f"note: the run now lasts {plural(self.recipe.epochs, 'epoch')}, not "
+                                 f"{recorded['epochs']}: the learning rates that follow training's progress "
+                                 f"({', '.join(self._rates_over_progress())}) are re-timed to the new length")
         d = s["data"]
         if o.data and str(resolve(o.data).resolve()) != d["resolved"]:
             self.say(f"note: training data is {o.data}, the run started on {d['path']}")
@@ -279,6 +290,16 @@ class Trainer:
         self.channels_last = s["options"]["channels_last"]
         self.compile = s["options"].get("compile", False)  # runs from before --compile existed
         self._refuse_changes_on_resume()
+
+    def _rates_over_progress(self) -> list[str]:
+        """The layers whose epsW or epsB is a schedule (linear, exp, dexp), not a constant."""
+        from convspec.layers import LAYER_TYPES
+
+        def over_progress(rates) -> bool:
+            return any(r is not None and r.kind != "const" for r in rates)
+
+        return [l.name for l in self.net_spec.layers.values() if LAYER_TYPES[l.type].has_weights
+                and over_progress([*(l["epsW"] or []), l["epsB"]])]
 
     def _refuse_changes_on_resume(self) -> None:
         """Options that would change a resumed run are refused, not ignored: an
@@ -387,13 +408,17 @@ class Trainer:
         self.class_names = list(names)
         self.resolved_data = resolve(self.data_path).resolve()
         self.fingerprint = fingerprint(self.resolved_data)
-        if self.state is not None and self.state["data"]["fingerprint"] != self.fingerprint:
+        recorded = self.state["data"] if self.state is not None else None
+        if recorded is not None and recorded["fingerprint"] != self.fingerprint:
             raise fail(f"this data differs from the data the run was trained on (fingerprint {self.fingerprint}, "
-                       f"recorded {self.state['data']['fingerprint']}); resume on the same data",
+                       f"recorded {recorded['fingerprint']}); resume on the same data",
                        Location(str(self.data_path)))
-        loose = loose_note(self.train_source.loose, "read")
-        if self.state is None and loose:
-            self.say(loose)
+        if recorded is not None and recorded["images"] != len(self.train_source):
+            # The same files listed otherwise (runs from before hidden files were left out of the listing).
+            raise fail(f"this data now lists {len(self.train_source):,} images where the run had "
+                       f"{recorded['images']:,}; resume with the convspec that trained it", Location(str(self.data_path)))
+        for note in unread_notes(self.train_source, "read") if self.state is None else ():
+            self.say(note)
         refuse_one_class(self.classes, "class", self.data_path)
         if self.state is None and not self.val_path:
             kind = detect(self.resolved_data)
@@ -522,6 +547,12 @@ class Trainer:
     # --- the loop -----------------------------------------------------------------------
 
     def run(self) -> RunSummary:
+        try:
+            return self._run()
+        finally:
+            self._unlock_run_dir()
+
+    def _run(self) -> RunSummary:
         self.prepare()
         r = self.recipe
         s = self.state or {}
@@ -537,8 +568,11 @@ class Trainer:
             raise fail(f"the run has finished {plural(epoch0, 'epoch')}; pass --epochs N (more than {epoch0}) "
                        "to train further", Location(str(self.run_dir)))
         if self.main:
+            self._lock_run_dir()
             self._write_run_files()
         self.say(self._banner(epoch0, batch0))
+        if self.retimed_note:
+            self.say(self.retimed_note)
         late = [str(d) for d in r.lr_drops if d >= r.epochs]
         # e.g. the 18pct spec (drops after 120, 130) tried with --epochs 10.  Said when the run starts, where
         # --set train.lrDrops can still change it; a resume cannot, and the first run said it already.
@@ -761,19 +795,31 @@ class Trainer:
     def _write_metrics(self) -> None:
         # Rewritten whole from the history the checkpoint holds, so a resumed
         # run never repeats (or loses) an epoch's record.
-        text = "".join(json.dumps(rec) + "\n" for rec in self.history)
-        ckpt_path = self.run_dir / runs.METRICS
-        tmp = ckpt_path.with_name(f".{ckpt_path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, ckpt_path)
+        _write_whole(self.run_dir / runs.METRICS, "".join(json.dumps(rec) + "\n" for rec in self.history))
+
+    def _refuse_a_finished_run(self) -> None:
+        if self.run_dir.exists() and (list(self.run_dir.glob("*.pt")) or (self.run_dir / runs.METRICS).exists()):
+            raise fail("already holds a run; continue it with --resume, or choose another --out",
+                       Location(str(self.run_dir)))
+
+    def _lock_run_dir(self) -> None:
+        """Make the run folder and hold its lock while training here; checked again under the
+        lock, since another run may have started or finished here while the data was read."""
+        if self.state is None and self.auto_named:
+            self.run_dir = runs.claim_new_run_dir(self.run_dir)
+        else:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = runs.lock_run(self.run_dir)
+        if self.state is None:
+            self._refuse_a_finished_run()
+
+    def _unlock_run_dir(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def _write_run_files(self) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         spec = self.net_spec
-        # Byte for byte as read (UTF-8, newlines as written): a resume compares them to the checkpoint's.
-        (self.run_dir / "spec.cfg").write_text(spec.spec_text, encoding="utf-8", newline="")
-        if spec.params_text:
-            (self.run_dir / "spec.params.cfg").write_text(spec.params_text, encoding="utf-8", newline="")
         info = {"spec": spec.path, "params": spec.params_path, "overrides": spec.overrides,
                 "data": str(self.data_path), "val_data": self.val_path, "train_limit": self.train_limit,
                 "recipe": self.recipe.as_dict(), "precision": self.precision,
@@ -781,7 +827,12 @@ class Trainer:
                 "devices": [str(d) for d in self.devices],
                 "world": self.cluster.world, "classes": len(self.classes), "argv": list(sys.argv),
                 "provenance": provenance()}
-        (self.run_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+        # run.json first: a folder holding it is one a rerun may write over, should the disk fill below.
+        _write_whole(self.run_dir / "run.json", json.dumps(info, indent=2) + "\n")
+        # Byte for byte as read (UTF-8, newlines as written): a resume compares them to the checkpoint's.
+        _write_whole(self.run_dir / "spec.cfg", spec.spec_text)
+        if spec.params_text:
+            _write_whole(self.run_dir / "spec.params.cfg", spec.params_text)
         if self.state is not None:
             self._write_metrics()  # drop records of epochs the checkpoint does not hold
 
@@ -827,6 +878,20 @@ def diagnose(net, x: torch.Tensor, progress: float) -> tuple[str, str]:
         if not torch.isfinite(outputs[name]).all():
             return f"the first layer whose output is not finite is '{name}'", fastest
     return "the weights and outputs are finite but the loss is not", fastest
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) under a temporary name, then rename: a reader never sees half
+    a file. A write that fails (a full disk) names ``path``, which Python's own error for
+    a failed write does not, and leaves no temporary file behind."""
+    tmp = path.with_name(f".{path.name}{ckpt.PARTIAL}{os.getpid()}")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, err.strerror or str(err), str(path)) from None
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

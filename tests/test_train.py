@@ -25,6 +25,7 @@ from convspec.errors import SpecError
 from runtime import checkpoint as ckpt
 from runtime import cifar
 from runtime.evaluate import evaluate_checkpoint
+from runtime import runs
 from runtime.runs import net_from_checkpoint
 from runtime.train import TrainOptions, train
 
@@ -485,6 +486,42 @@ def test_one_class_is_refused_and_an_unread_val_folder_is_noted(setup, tmp_path)
     assert res.exit_code == 0, res.output
     assert res.output.splitlines()[0] == (f"note: 1 image beside the class folders in {loose} (stray.png) has no "
                                           "class and is not read; move it into a class folder to use it")
+
+
+def test_images_in_sub_folders_are_noted_and_hidden_files_are_not_images(setup, tmp_path):
+    """torchvision reads a class folder's sub-folders, convspec does not: say so. A hidden
+    ``._0.png`` (macOS metadata) stopped training as an unreadable image, and a hidden image
+    was read although the fingerprint that guards resumes skips hidden files."""
+    spec, _ = setup
+    data = _class_folders(tmp_path / "folders", ["cat", "dog"])
+    (data / "dog" / "more").mkdir()
+    for i in range(2):
+        (data / "dog" / f"{i}.png").rename(data / "dog" / "more" / f"{i}.png")
+    (data / "cat" / "._0.png").write_bytes(b"\0\5\26\7 not an image")
+    res = CliRunner().invoke(main, ["train", str(spec), "--data", str(data), "--out", str(tmp_path / "r"),
+                                    "--quiet", "--epochs", "1", "--set", "fc2.outputs=2", "--batch-size", "4"])
+    assert res.exit_code == 0, res.output
+    assert res.output.splitlines()[0] == (f"note: 2 images in folders inside the class folders "
+                                          f"({data}/dog/more/0.png, ...) are not read; only the images directly in "
+                                          "a class folder are: move them up a level to use them")
+    assert " 10 training images, 4 validation images" in res.output.splitlines()[1]  # 14 = 16 - 2 nested
+
+
+def test_eval_refuses_held_out_images_it_cannot_find_again(setup, tmp_path):
+    """The held-out images are positions in the folder's listing: after a file was deleted, eval
+    scored other images (some trained on) under the same "held-out" label."""
+    spec, _ = setup
+    data = _class_folders(tmp_path / "folders", ["cat", "dog"])
+    run = tmp_path / "run"
+    train(_quiet(spec=str(spec), data=str(data), out=str(run), epochs=1, batch_size=4, overrides=["fc2.outputs=2"]))
+    assert evaluate_checkpoint(str(run)).result.images == 4
+    (data / "cat" / "3.png").unlink()
+    with pytest.raises(SpecError) as err:
+        evaluate_checkpoint(str(run))
+    assert str(err.value) == (f"{data}: has changed since the run was trained on it (files added, removed or "
+                              "changed), so its held-out images cannot be found again; put it back as it was, or "
+                              "give --data PATH to score every image under PATH")
+    assert evaluate_checkpoint(str(run), data=str(data)).result.images == 15
 
 
 def test_crops_bigger_than_every_image_are_refused_and_a_larger_image_size_is_not(setup, tmp_path):
@@ -968,6 +1005,92 @@ def test_resume_refuses_options_that_would_change_the_run(setup, tmp_path):
     # 4 classes: the closing line names the top-k it measured, as the epoch lines do
     done = res.output.splitlines()[-1]
     assert done.startswith(f"done: {out}  val top-1 ") and " top-4 " in done
+
+
+_HOLD_THE_LOCK = """
+import sys, time
+from pathlib import Path
+from runtime import runs
+runs.lock_run(Path(sys.argv[1]))
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_run_folder_another_process_trains_in_is_refused_and_freed_when_it_dies(setup, tmp_path):
+    """A second terminal's --resume picked the live run (the newest) and both trained into one
+    folder; a new run with its --out rewrote the live run's run.json."""
+    import socket
+
+    spec, data = setup
+    run = tmp_path / "run"
+    train(_quiet(spec=str(spec), data=str(data), out=str(run), epochs=1))
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_THE_LOCK, str(run)], cwd=ROOT, stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        busy = (f"{run}: another convspec train is training in this run folder (pid {holder.pid} on "
+                f"{socket.gethostname()}); wait for it to end or stop it, or choose another --out")
+        for options in (dict(resume=True, out=str(run), epochs=2), dict(spec=str(spec), data=str(data), out=str(run))):
+            with pytest.raises(SpecError) as err:
+                train(_quiet(**options))
+            assert str(err.value) == busy
+        with pytest.raises(SpecError) as err:  # taken while this one read its data: refused under the lock too
+            runs.lock_run(run)
+        assert str(err.value) == busy
+    finally:
+        holder.kill()
+        holder.wait()
+    # Killed, it held nothing: the lock file left behind stops no one.
+    assert (run / ".lock").is_file()
+    assert train(_quiet(resume=True, out=str(run), epochs=2)).epochs == 2
+
+
+def test_a_full_disk_at_the_run_files_names_the_file_and_a_rerun_goes_ahead(setup, tmp_path, monkeypatch):
+    """The error was "[Errno 28] No space left on device" alone (a failed write names no file)."""
+    import errno
+
+    spec, data = setup
+    run = tmp_path / "run"
+    real_open = open
+
+    class FullDisk:
+        def __init__(self, path, *args, **kw):
+            self.file = real_open(path, *args, **kw)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("runtime.train.open", FullDisk, raising=False)
+    res = CliRunner().invoke(main, ["train", str(spec), "--data", str(data), "--out", str(run), "--quiet"])
+    assert (res.exit_code, res.output) == (1, f"error: {run / 'run.json'}: No space left on device; check the "
+                                              "path, its permissions and the free disk space\n")
+    assert sorted(p.name for p in run.iterdir()) == [".lock"]  # no half-written or temporary file
+    monkeypatch.undo()
+    assert train(_quiet(spec=str(spec), data=str(data), out=str(run), epochs=1)).epochs == 1
+
+
+def test_a_resume_with_another_length_says_the_schedules_move(setup, tmp_path):
+    """conv1's epsW is exp[...] over training's progress: --epochs on a resume re-times it."""
+    spec, data = setup
+    run = tmp_path / "run"
+    train(_quiet(spec=str(spec), data=str(data), out=str(run), epochs=1))
+    res = CliRunner().invoke(main, ["train", "--resume", "--out", str(run), "--epochs", "2", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert res.output.splitlines()[1] == ("note: the run now lasts 2 epochs, not 1: the learning rates that follow "
+                                          "training's progress (conv1) are re-timed to the new length")
+
+
+def test_two_runs_that_chose_the_same_default_folder_get_two(tmp_path):
+    taken = runs.new_run_dir("specs/x.cfg", tmp_path)
+    assert runs.claim_new_run_dir(taken) == taken and taken.is_dir()
+    assert runs.claim_new_run_dir(taken) == taken.with_name(taken.name + "-2")
 
 
 def test_resume_refuses_a_checkpoint_from_another_run(setup, tmp_path):
