@@ -397,16 +397,27 @@ class StoreSplit:
         self.name, self.kind = split, self.meta["kind"]
         self.classes = [c["folder"] for c in self.meta["classes"]]
         self.class_names = [c["name"] for c in self.meta["classes"]]
+        self.size = int(self.meta["size"])
+        # Checked here, where a damaged file is named, not where it breaks a batch or the loss (exit 3).
+        side = (self.size, self.size, 3)
         self.mean = _load(root / "mean.npy")
+        _expect_shape(self.mean, side, "a mean image", root / "mean.npy")
         pca = _load(root / "pca.npz")
         self.eigvals, self.eigvecs = pca["eigvals"], pca["eigvecs"]
+        _expect_shape(self.eigvals, (3,), "eigenvalues", root / "pca.npz")
+        _expect_shape(self.eigvecs, (3, 3), "eigenvectors", root / "pca.npz")
         labels, self._shards, self._shard_paths, starts = [], [], [], [0]
         for name in self.meta["splits"][split]["shards"]:
             shard_labels = _load(root / f"{name}.labels.npy")
+            if len(shard_labels) and not 0 <= shard_labels.min() <= shard_labels.max() < len(self.classes):
+                wrong = next(int(x) for x in shard_labels if not 0 <= x < len(self.classes))
+                raise fail(f"holds label {wrong}, but the store has {len(self.classes)} classes "
+                           f"(0..{len(self.classes) - 1}); {DAMAGED_FIX}", Location(str(root / f"{name}.labels.npy")))
             labels.append(shard_labels)
             if self.kind == "raw":
                 self._shard_paths.append(root / f"{name}.raw.npy")
                 self._shards.append(_load(self._shard_paths[-1], mmap_mode="r"))
+                _expect_shape(self._shards[-1], (len(self._shards[-1]), *side), "images", self._shard_paths[-1])
             else:
                 self._shard_paths.append(root / f"{name}.jpeg.npy")
                 self._shards.append((_load(self._shard_paths[-1], mmap_mode="r"),
@@ -418,7 +429,6 @@ class StoreSplit:
             starts.append(starts[-1] + len(shard_labels))
         self.labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
         self._starts = np.asarray(starts)
-        self.size = int(self.meta["size"])
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -479,11 +489,19 @@ class StoreSplit:
 DAMAGED_FIX = "the store is damaged: run convspec prepare again into a new folder"
 
 
+def _expect_shape(array: np.ndarray, shape: tuple, what: str, path: Path) -> None:
+    if array.shape != shape:
+        raise fail(f"holds {what} of shape {array.shape}, not {shape}; {DAMAGED_FIX}", Location(str(path)))
+
+
 def _damaged_if_unreadable(path: Path, read):
     try:
         return read()
+    except FileNotFoundError:
+        # store.json names every file of the store, and was written after all of them.
+        raise fail(f"is missing; {DAMAGED_FIX}", Location(str(path))) from None
     except (OSError, MemoryError):
-        raise  # a missing file or a permission: the CLI names the path and says what to check
+        raise  # a permission, say: the CLI names the path and says what to check
     except Exception as err:  # noqa: BLE001 - numpy and json raise several kinds for damaged bytes
         detail = " ".join(str(err).split())[:120]
         raise fail(f"cannot be read ({type(err).__name__}: {detail}); {DAMAGED_FIX}", Location(str(path))) from None

@@ -683,6 +683,25 @@ def test_a_damaged_store_is_one_line_naming_the_file(tmp_path):
         assert str(err.value) == expected, workers
 
 
+@pytest.mark.parametrize("damage, file, message", [
+    (lambda out: np.save(out / "mean.npy", np.zeros((64, 64, 3), np.float32)), "mean.npy",
+     "holds a mean image of shape (64, 64, 3), not (16, 16, 3)"),
+    (lambda out: np.save(out / "train-00000.labels.npy", np.array([0, 0, 99, 1, 1, 1])), "train-00000.labels.npy",
+     "holds label 99, but the store has 2 classes (0..1)"),
+    (lambda out: (out / "train-00000.raw.npy").unlink(), "train-00000.raw.npy", "is missing"),
+], ids=["mean", "label", "shard gone"])
+def test_a_store_damaged_where_no_read_fails_is_named_when_opened(tmp_path, damage, file, message):
+    """A wrong mean broke the first batch and a wrong label the loss, each as "a convspec bug" (exit 3);
+    a deleted shard said only "No such file or directory"."""
+    out = tmp_path / "out"
+    prepare(_image_folder(tmp_path, bad=False), out, PrepareOptions(size=16, raw=True, workers=1), progress=False)
+    damage(out)
+    with pytest.raises(SpecError) as err:
+        open_source(out, "train")
+    assert str(err.value) == (f"{out / file}: {message}; the store is damaged: run convspec prepare again into a "
+                              "new folder")
+
+
 def test_eval_batches_and_open_source_kinds(tmp_path):
     root, images, labels = _cifar_dir(tmp_path)
     source = open_source(root, "train")
