@@ -222,7 +222,7 @@ def names_from_synsets(path: Path, classes: list[str]) -> tuple[dict[str, str], 
     return {c: table[c] for c in classes if c in table}, note
 
 
-def _size(file: str) -> int:
+def file_size(file: str) -> int:
     try:
         return os.stat(file).st_size
     except OSError:  # a link whose target is gone: listed, so that mending it changes the fingerprint
@@ -244,7 +244,7 @@ def fingerprint(path: Path) -> str:
         for folder, dirs, files in os.walk(path):
             dirs[:] = [d for d in dirs if not d.startswith(".")]
             rel = os.path.relpath(folder, path)
-            entries += [(os.path.join(rel, f), _size(os.path.join(folder, f))) for f in files if not f.startswith(".")]
+            entries += [(os.path.join(rel, f), file_size(os.path.join(folder, f))) for f in files if not f.startswith(".")]
         for name, size in sorted(entries):
             digest.update(f"{name}\0{size}\n".encode())
     return digest.hexdigest()[:16]

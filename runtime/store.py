@@ -4,7 +4,8 @@ Layout of OUT (every array is a ``.npy`` file, so ``np.load(mmap_mode="r")``
 maps it without reading it)::
 
     store.json                  written last: its presence means "complete"
-    prepare.json                the options; a rerun with other options is refused
+    prepare.json                the options and what SRC held; a rerun with other options, or on a
+                                SRC that changed since, is refused
     classes.tsv                 index <TAB> folder name <TAB> readable name
     mean.npy                    float32 (S, S, 3): the training split's mean image
     pca.npz                     eigvals (3,), eigvecs (3, 3) columns: RGB covariance
@@ -13,7 +14,7 @@ maps it without reading it)::
     <split>-<k>.raw.npy         uint8 (n, S, S, 3)            (--raw)
     <split>-<k>.jpeg.npy        uint8 (bytes,): JPEGs back to back  (default)
     <split>-<k>.offsets.npy     int64 (n + 1,): where each JPEG starts
-    <split>-<k>.stats.npz       the shard's sums for the mean and covariance
+    <split>-<k>.stats.npz       the shard's sums for the mean and covariance, and the images it skipped
 
 Shards are fixed chunks of the sorted file list, written under temporary names
 and renamed, the labels file last; a rerun keeps every finished shard and
@@ -22,10 +23,13 @@ redoes the rest, so an interrupted prepare finishes the job.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import io
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,12 +37,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from convspec.errors import Location, fail
+from convspec.errors import Location, fail, plural
 
 from . import cifar
 from .preprocess import Stats, load_square
 from .progress import Progress
-from .sources import (STORE_MARKER, detect, list_class_folders, names_from_synsets, refuse_one_class,
+from .sources import (STORE_MARKER, detect, file_size, list_class_folders, names_from_synsets, refuse_one_class,
                       resolve, sides_of_first, unread_notes)
 
 FORMAT = "convspec-store"
@@ -72,6 +76,40 @@ def _differences(previous: dict, wanted: dict) -> list[str]:
     return said or [f"made by another convspec (store format {previous.get('format')} {previous.get('version')})"]
 
 
+def _listing(splits) -> dict:
+    """What prepare reads from SRC: every split's classes and files (name, label, size), or CIFAR's
+    arrays, as a hash and a count.  Kept shards are found by name, so a rerun on a SRC that
+    gained or lost a file or a class would keep shards of the old list beside shards of the new
+    one: shifted, duplicated and mislabelled images."""
+    digest, count = hashlib.sha256(), 0
+    for split, data in splits:
+        digest.update(f"split\0{split}\n".encode())
+        digest.update("".join(f"class\0{c}\n" for c in data.classes).encode())
+        if isinstance(data, cifar.CifarSplit):
+            digest.update(np.ascontiguousarray(data.labels, dtype=np.int64).tobytes())
+            digest.update(np.ascontiguousarray(data.images))
+            count += len(data.labels)
+        else:
+            for path, label in data.items:
+                # The class folder and the file: os.path.relpath would cost 10 s on ImageNet's 1.28M files.
+                digest.update(f"{path.parent.name}/{path.name}\0{label}\0{file_size(str(path))}\n".encode())
+            count += len(data.items)
+    return {"fingerprint": digest.hexdigest()[:16], "images": count}
+
+
+def _refuse_a_changed_source(previous: dict | None, listing: dict, source: Path, out: Path, complete: bool) -> None:
+    if previous is None or previous == listing:
+        return
+    then, now = previous.get("images"), listing["images"]
+    counts = (f"{then:,} images then, {now:,} now" if then != now
+              else f"{now:,} images then and now, but other file names, sizes or classes")
+    if complete:
+        raise fail(f"changed since {out} was prepared from it ({counts}); the store holds the old images: delete "
+                   f"{out} and prepare again, or prepare into a new folder", Location(str(source)))
+    raise fail(f"changed since {out} was started ({counts}), so its finished shards no longer match it: delete "
+               f"{out} and prepare again, or prepare into a new folder", Location(str(source)))
+
+
 def _tsv(text: str) -> str:
     """A class name as one classes.tsv field (store.json keeps the exact name)."""
     return " ".join(text.replace("\t", " ").splitlines())
@@ -79,11 +117,30 @@ def _tsv(text: str) -> str:
 
 def _save_atomic(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        f = open(tmp, "wb")  # a folder that cannot be written: the CLI names it and says what to check
+        try:
+            with f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as err:
+            raise _not_written(path, err) from None
+        os.replace(tmp, path)
+    finally:
+        # A half-written shard of an ImageNet store is gigabytes; a killed run leaves it for the rerun to replace.
+        tmp.unlink(missing_ok=True)
+
+
+def _not_written(path: Path, err: OSError):
+    """The form of the checkpoint writer's error: the file, why, the free space and the fix."""
+    detail = " ".join(str(err).split())[:120]
+    # numpy writes arrays with fwrite, whose short write on a full disk says only "N requested and M written".
+    full = err.errno in (errno.ENOSPC, errno.EDQUOT) or "requested and" in detail
+    free = shutil.disk_usage(path.parent).free
+    return fail(f"could not write this store file{', the disk is full' if full else ''} ({detail}); "
+                f"{free / 2**20:,.0f} MiB free there: free some space and run the same command again to finish "
+                "(the shards written so far are kept), or prepare into another OUT", Location(str(path)))
 
 
 def _jpeg(pixels: np.ndarray, quality: int) -> bytes:
@@ -138,25 +195,35 @@ def prepare(source: Path, out: Path, options: PrepareOptions, synsets: Path | No
     options = _settle_size(options, splits[0][1], source)
     _refuse_upscaling_everything(splits[0][1], options)
     fingerprint = options.fingerprint(source)
+    listing = _listing(splits)
     # Before writing anything: a bad file leaves OUT as it was.
     names, synsets_note = names_from_synsets(synsets, list(splits[0][1].classes)) if synsets else ({}, None)
     out.mkdir(parents=True, exist_ok=True)
+    unknown_source = None
     if (out / "prepare.json").is_file():
         previous = json.loads((out / "prepare.json").read_text())
+        previous_listing = previous.pop("listing", None)
         if isinstance(splits[0][1], cifar.CifarSplit):  # stores from CIFAR batches once recorded --size 256 unused
             previous["size"] = fingerprint["size"]
         if previous != fingerprint:
             raise fail(f"already holds a different store ({'; '.join(_differences(previous, fingerprint))}); rerun "
                        "with its options, choose another OUT or delete it", Location(str(out)))
-        if (out / STORE_MARKER).is_file():
+        complete = (out / STORE_MARKER).is_file()
+        _refuse_a_changed_source(previous_listing, listing, source, out, complete)
+        if complete:
             return {**json.loads((out / STORE_MARKER).read_text()), "already_complete": True}
+        if previous_listing is None:  # started by a convspec that did not record what SRC held
+            unknown_source = (f"note: {out} was started by an older convspec, which did not record what {source} "
+                              f"held; if it changed since, delete {out} and prepare again")
     elif any(out.iterdir()):
         raise fail("is not empty and holds no convspec store; choose an empty or new folder", Location(str(out)))
-    (out / "prepare.json").write_text(json.dumps(fingerprint, indent=1))
+    _save_atomic(out / "prepare.json", lambda f: f.write(json.dumps({**fingerprint, "listing": listing},
+                                                                    indent=1).encode()))
 
     classes = splits[0][1].classes
     notes = [note for _, data in splits for note in unread_notes(data, "stored")]
     notes.append(synsets_note and f"note: {synsets_note}")
+    notes.append(unknown_source)
     meta = {**fingerprint, "classes": [{"index": i, "folder": c, "name": names.get(c, c)}
                                        for i, c in enumerate(classes)], "splits": {}, "skipped": 0,
             "notes": [note for note in notes if note]}
@@ -176,6 +243,8 @@ def prepare(source: Path, out: Path, options: PrepareOptions, synsets: Path | No
     meta["skipped"] = len(bad)
     meta["size"] = int(total_stats.pixel_sum.shape[0])
     _save_atomic(out / "report.txt", lambda f: f.write("".join(line + "\n" for line in bad).encode()))
+    if not isinstance(splits[0][1], cifar.CifarSplit):  # CIFAR has no unreadable images to skip
+        _refuse_a_class_left_empty(splits[0][1], meta["splits"]["train"]["shards"], out)
     _save_atomic(out / "classes.tsv", lambda f: f.write("".join(
         f"{c['index']}\t{_tsv(c['folder'])}\t{_tsv(c['name'])}\n" for c in meta["classes"]).encode()))
     _save_atomic(out / "mean.npy", lambda f: np.save(f, total_stats.mean_image()))
@@ -183,6 +252,22 @@ def prepare(source: Path, out: Path, options: PrepareOptions, synsets: Path | No
     _save_atomic(out / "pca.npz", lambda f: np.savez(f, eigvals=eigvals, eigvecs=eigvecs))
     _save_atomic(out / STORE_MARKER, lambda f: f.write(json.dumps(meta, indent=1).encode()))
     return meta
+
+
+def _refuse_a_class_left_empty(data, shards: list[str], out: Path) -> None:
+    """A class folder whose every image was skipped: training would fit an output never right and never
+    trained, as for an empty folder (refused up front), but only report.txt would say so."""
+    labels = [np.load(out / f"{name}.labels.npy") for name in shards]
+    counts = np.bincount(np.concatenate(labels) if labels else np.zeros(0, np.int64), minlength=len(data.classes))
+    empty = [c for c in range(len(data.classes)) if counts[c] == 0]
+    if not empty:
+        return
+    folder = next(path.parent for path, label in data.items if label == empty[0])
+    listed = sum(label == empty[0] for _, label in data.items)
+    raise fail(f"no image of this class folder could be read ({plural(listed, 'file')} listed in "
+               f"{out / 'report.txt'}); a class without images would be an output never trained: replace the "
+               f"images or remove the folder, then delete {out} and prepare again"
+               f"{f' ({len(empty) - 1} more like it)' if len(empty) > 1 else ''}", Location(str(folder)))
 
 
 def _settle_size(options: PrepareOptions, data, source: Path) -> PrepareOptions:
@@ -241,10 +326,14 @@ def _write_split(split, data, out: Path, options: PrepareOptions, pool, bad: lis
         stop = min(n, start + SHARD)
         if (out / f"{name}.labels.npy").is_file():  # finished by an earlier run
             count += len(np.load(out / f"{name}.labels.npy", mmap_mode="r"))
-            if stats is not None:
-                stats.merge(Stats.from_arrays(np.load(out / f"{name}.stats.npz")))
+            with np.load(out / f"{name}.stats.npz") as kept:
+                if stats is not None:
+                    stats.merge(Stats.from_arrays(kept))
+                # The images it skipped, for report.txt and the count (a shard of an older convspec has none).
+                bad += [str(line) for line in kept["skipped"]] if "skipped" in kept.files else []
             bar.update(stop - start)
             continue
+        skipped: list[str] = []
         if is_cifar:
             pixels = [img for img in data.images[start:stop]]
             labels = list(data.labels[start:stop])
@@ -254,17 +343,19 @@ def _write_split(split, data, out: Path, options: PrepareOptions, pool, bad: lis
             encoded, labels = [], []
             for (path, label), (px, jpeg, err) in zip(data.items[start:stop], pool.imap(_encode, jobs, chunksize=8)):
                 if err is not None:
-                    bad.append(f"{path}\t{err}")
+                    skipped.append(f"{path}\t{err}")
                     continue
                 encoded.append((px, jpeg))
                 labels.append(label)
-        count += _write_shard(out, name, encoded, labels, options, stats)
+        count += _write_shard(out, name, encoded, labels, options, stats, skipped)
+        bad += skipped
         bar.update(stop - start)
     bar.close()
     return shards, count
 
 
-def _write_shard(out: Path, name: str, encoded, labels, options: PrepareOptions, stats: Stats | None) -> int:
+def _write_shard(out: Path, name: str, encoded, labels, options: PrepareOptions, stats: Stats | None,
+                 skipped: list[str]) -> int:
     pixels = np.stack([px for px, _ in encoded]) if encoded else np.zeros((0, options.size, options.size, 3), np.uint8)
     shard_stats = Stats.empty(pixels.shape[1])
     shard_stats.add(pixels)
@@ -277,7 +368,9 @@ def _write_shard(out: Path, name: str, encoded, labels, options: PrepareOptions,
         data = np.frombuffer(b"".join(blobs), dtype=np.uint8)
         _save_atomic(out / f"{name}.jpeg.npy", lambda f: np.save(f, data))
         _save_atomic(out / f"{name}.offsets.npy", lambda f: np.save(f, offsets))
-    _save_atomic(out / f"{name}.stats.npz", lambda f: np.savez(f, **shard_stats.to_arrays()))
+    # A string array, which np.load reads without pickle.
+    _save_atomic(out / f"{name}.stats.npz", lambda f: np.savez(f, **shard_stats.to_arrays(),
+                                                                skipped=np.asarray(skipped, dtype=str)))
     _save_atomic(out / f"{name}.labels.npy", lambda f: np.save(f, np.asarray(labels, dtype=np.int64)))
     if stats is not None:
         stats.merge(shard_stats)
@@ -304,16 +397,27 @@ class StoreSplit:
         self.name, self.kind = split, self.meta["kind"]
         self.classes = [c["folder"] for c in self.meta["classes"]]
         self.class_names = [c["name"] for c in self.meta["classes"]]
+        self.size = int(self.meta["size"])
+        # Checked here, where a damaged file is named, not where it breaks a batch or the loss (exit 3).
+        side = (self.size, self.size, 3)
         self.mean = _load(root / "mean.npy")
+        _expect_shape(self.mean, side, "a mean image", root / "mean.npy")
         pca = _load(root / "pca.npz")
         self.eigvals, self.eigvecs = pca["eigvals"], pca["eigvecs"]
+        _expect_shape(self.eigvals, (3,), "eigenvalues", root / "pca.npz")
+        _expect_shape(self.eigvecs, (3, 3), "eigenvectors", root / "pca.npz")
         labels, self._shards, self._shard_paths, starts = [], [], [], [0]
         for name in self.meta["splits"][split]["shards"]:
             shard_labels = _load(root / f"{name}.labels.npy")
+            if len(shard_labels) and not 0 <= shard_labels.min() <= shard_labels.max() < len(self.classes):
+                wrong = next(int(x) for x in shard_labels if not 0 <= x < len(self.classes))
+                raise fail(f"holds label {wrong}, but the store has {len(self.classes)} classes "
+                           f"(0..{len(self.classes) - 1}); {DAMAGED_FIX}", Location(str(root / f"{name}.labels.npy")))
             labels.append(shard_labels)
             if self.kind == "raw":
                 self._shard_paths.append(root / f"{name}.raw.npy")
                 self._shards.append(_load(self._shard_paths[-1], mmap_mode="r"))
+                _expect_shape(self._shards[-1], (len(self._shards[-1]), *side), "images", self._shard_paths[-1])
             else:
                 self._shard_paths.append(root / f"{name}.jpeg.npy")
                 self._shards.append((_load(self._shard_paths[-1], mmap_mode="r"),
@@ -325,7 +429,6 @@ class StoreSplit:
             starts.append(starts[-1] + len(shard_labels))
         self.labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
         self._starts = np.asarray(starts)
-        self.size = int(self.meta["size"])
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -386,11 +489,19 @@ class StoreSplit:
 DAMAGED_FIX = "the store is damaged: run convspec prepare again into a new folder"
 
 
+def _expect_shape(array: np.ndarray, shape: tuple, what: str, path: Path) -> None:
+    if array.shape != shape:
+        raise fail(f"holds {what} of shape {array.shape}, not {shape}; {DAMAGED_FIX}", Location(str(path)))
+
+
 def _damaged_if_unreadable(path: Path, read):
     try:
         return read()
+    except FileNotFoundError:
+        # store.json names every file of the store, and was written after all of them.
+        raise fail(f"is missing; {DAMAGED_FIX}", Location(str(path))) from None
     except (OSError, MemoryError):
-        raise  # a missing file or a permission: the CLI names the path and says what to check
+        raise  # a permission, say: the CLI names the path and says what to check
     except Exception as err:  # noqa: BLE001 - numpy and json raise several kinds for damaged bytes
         detail = " ".join(str(err).split())[:120]
         raise fail(f"cannot be read ({type(err).__name__}: {detail}); {DAMAGED_FIX}", Location(str(path))) from None

@@ -1,10 +1,13 @@
 """Data: CIFAR batches, the paper's preprocessing, the prepared store and the loader."""
 
+import errno
 import io
+import json
 import os
 import pickle
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -437,6 +440,97 @@ def test_prepare_refuses_a_different_store_and_bad_paths(tmp_path):
     assert not (tmp_path / "o4").exists()
 
 
+def test_prepare_refuses_to_finish_or_reuse_a_store_whose_source_changed(tmp_path):
+    """Kept shards are found by name: a class added before the rerun of a killed prepare left every kept label
+    one class off, and later shards shifted; a complete store said "already complete" of a SRC it no longer held."""
+    root = _image_folder(tmp_path, bad=False)
+    out, options = tmp_path / "out", PrepareOptions(size=16, raw=True, workers=1)
+    prepare(root, out, options, progress=False)
+    assert prepare(root, out, options, progress=False)["already_complete"]
+    (root / "train" / "ant").mkdir()  # sorts first: cat would be 1, dog 2
+    _png(root / "train" / "ant" / "0.png", np.zeros((20, 20, 3), np.uint8))
+    with pytest.raises(SpecError) as err:
+        prepare(root, out, options, progress=False)
+    assert str(err.value) == (f"{root}: changed since {out} was prepared from it (12 images then, 13 now); the store "
+                              f"holds the old images: delete {out} and prepare again, or prepare into a new folder")
+    (out / "store.json").unlink()  # what a killed run leaves
+    (out / "val-00000.labels.npy").unlink()
+    with pytest.raises(SpecError) as err:
+        prepare(root, out, options, progress=False)
+    assert str(err.value) == (f"{root}: changed since {out} was started (12 images then, 13 now), so its finished "
+                              f"shards no longer match it: delete {out} and prepare again, or prepare into a new "
+                              "folder")
+    shutil.rmtree(root / "train" / "ant")
+    first = (root / "train" / "cat" / "0.PNG").read_bytes()
+    _png(root / "train" / "cat" / "0.PNG", np.zeros((40, 40, 3), np.uint8))  # as many images, one of them replaced
+    with pytest.raises(SpecError) as err:
+        prepare(root, out, options, progress=False)
+    assert str(err.value).startswith(f"{root}: changed since {out} was started (12 images then and now, but other "
+                                     "file names, sizes or classes), so")
+    (root / "train" / "cat" / "0.PNG").write_bytes(first)
+    # A store started by a convspec that recorded no listing still finishes, with a note that it cannot tell.
+    recorded = json.loads((out / "prepare.json").read_text())
+    del recorded["listing"]
+    (out / "prepare.json").write_text(json.dumps(recorded))
+    meta = prepare(root, out, options, progress=False)
+    assert meta["splits"]["val"]["count"] == 6 and meta["notes"] == [
+        f"note: {out} was started by an older convspec, which did not record what {root} held; if it changed "
+        f"since, delete {out} and prepare again"]
+    assert prepare(root, out, options, progress=False)["already_complete"]
+
+
+@pytest.mark.parametrize("error, said", [
+    (OSError(errno.ENOSPC, "No space left on device"), "[Errno 28] No space left on device"),
+    (OSError("1572864 requested and 98176 written"), "1572864 requested and 98176 written"),  # numpy's fwrite
+], ids=["errno", "numpy"])
+def test_a_full_disk_during_prepare_names_the_file_and_leaves_no_temp_file(tmp_path, monkeypatch, error, said):
+    """It said only "error: 1572864 requested and 98176 written; ..." and left the shard's .tmp behind."""
+    root = _image_folder(tmp_path, bad=False)
+    out = tmp_path / "out"
+    save = np.save
+
+    def filling(file, array, *args, **kwargs):
+        if getattr(file, "name", "").endswith(".raw.npy.tmp"):
+            file.write(b"\x93NUMPY" + bytes(100))  # a part, as a disk that fills up leaves it
+            raise error
+        return save(file, array, *args, **kwargs)
+
+    monkeypatch.setattr(np, "save", filling)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=2**30, used=2**30, free=0))
+    with pytest.raises(SpecError) as err:
+        prepare(root, out, PrepareOptions(size=16, raw=True, workers=1), progress=False)
+    assert str(err.value) == (f"{out / 'train-00000.raw.npy'}: could not write this store file, the disk is full "
+                              f"({said}); 0 MiB free there: free some space and run the same command again to finish "
+                              "(the shards written so far are kept), or prepare into another OUT")
+    assert [p.name for p in out.iterdir()] == ["prepare.json"]
+
+
+def test_a_resumed_prepare_still_reports_the_images_skipped_before(tmp_path):
+    """Skipped images were kept in memory only: those of shards written before a kill left report.txt and the count."""
+    root = _image_folder(tmp_path)
+    out, options = tmp_path / "out", PrepareOptions(size=16, raw=True, workers=1)
+    prepare(root, out, options, progress=False)
+    report = (out / "report.txt").read_text()
+    for name in ("store.json", "report.txt", "val-00000.labels.npy"):  # killed while writing the val split
+        (out / name).unlink()
+    meta = prepare(root, out, options, progress=False)
+    assert meta["skipped"] == 4 and (out / "report.txt").read_text() == report
+
+
+def test_a_class_whose_every_image_is_unreadable_is_refused(tmp_path):
+    """It became a class of 0 images, which training then made an output never trained, without a word."""
+    root = _image_folder(tmp_path, bad=False) / "train"
+    for image in (root / "dog").iterdir():
+        image.write_bytes(b"")
+    out = tmp_path / "out"
+    with pytest.raises(SpecError) as err:
+        prepare(root, out, PrepareOptions(size=16, raw=True, workers=1), progress=False)
+    assert str(err.value) == (f"{root / 'dog'}: no image of this class folder could be read (3 files listed in "
+                              f"{out / 'report.txt'}); a class without images would be an output never trained: "
+                              f"replace the images or remove the folder, then delete {out} and prepare again")
+    assert len((out / "report.txt").read_text().splitlines()) == 3 and not (out / "store.json").exists()
+
+
 def test_a_class_name_with_a_tab_or_newline_stays_one_classes_tsv_field():
     from runtime.store import _tsv
 
@@ -587,6 +681,25 @@ def test_a_damaged_store_is_one_line_naming_the_file(tmp_path):
         with pytest.raises(SpecError) as err:
             list(batches.epoch(0))
         assert str(err.value) == expected, workers
+
+
+@pytest.mark.parametrize("damage, file, message", [
+    (lambda out: np.save(out / "mean.npy", np.zeros((64, 64, 3), np.float32)), "mean.npy",
+     "holds a mean image of shape (64, 64, 3), not (16, 16, 3)"),
+    (lambda out: np.save(out / "train-00000.labels.npy", np.array([0, 0, 99, 1, 1, 1])), "train-00000.labels.npy",
+     "holds label 99, but the store has 2 classes (0..1)"),
+    (lambda out: (out / "train-00000.raw.npy").unlink(), "train-00000.raw.npy", "is missing"),
+], ids=["mean", "label", "shard gone"])
+def test_a_store_damaged_where_no_read_fails_is_named_when_opened(tmp_path, damage, file, message):
+    """A wrong mean broke the first batch and a wrong label the loss, each as "a convspec bug" (exit 3);
+    a deleted shard said only "No such file or directory"."""
+    out = tmp_path / "out"
+    prepare(_image_folder(tmp_path, bad=False), out, PrepareOptions(size=16, raw=True, workers=1), progress=False)
+    damage(out)
+    with pytest.raises(SpecError) as err:
+        open_source(out, "train")
+    assert str(err.value) == (f"{out / file}: {message}; the store is damaged: run convspec prepare again into a "
+                              "new folder")
 
 
 def test_eval_batches_and_open_source_kinds(tmp_path):
