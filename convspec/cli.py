@@ -421,6 +421,8 @@ def eval_(ctx, checkpoint, data, labels, topk, views, devices, batch_size, per_c
             if per_class:
                 out["per_class"] = _per_class_rows(r, done.class_names)
             click.echo(json.dumps(out))
+            for note in done.notes:  # beside the JSON, not in it: stdout stays one object
+                click.echo(note, err=True)
             return
         click.echo(f"{done.checkpoint} on {done.data}: {r.images:,} images, "
                    f"{views_described(r.views, done.whole_image)}")
@@ -430,6 +432,8 @@ def eval_(ctx, checkpoint, data, labels, topk, views, devices, batch_size, per_c
         elif _typed(ctx, "topk") and topk == len(done.class_names):  # a 0.00% that says nothing about the net
             capped = f"   (the top {topk} of {topk} classes always hold the right one)"
         click.echo(f"top-1 error {100 * r.top1_error:.2f}%   top-{r.k} error {100 * r.topk_error:.2f}%{capped}")
+        for note in done.notes:
+            click.echo(note)
         if per_class:
             rows = _per_class_rows(r, done.class_names)
             width = max(len(row["class"]) for row in rows)

@@ -133,6 +133,24 @@ class CheckpointEval:
     # True when the crop is the whole image (CIFAR's 32x32 crops of 32x32 images): "centre
     # crop" would then mislead, and the 10 views are the image and its mirror, five times each.
     whole_image: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+def trained_on_note(recorded: dict, data: str | None) -> str | None:
+    """A note when ``--data`` is the folder the run trained on (or its train/ split): the
+    error is then mostly on images the net learned, not a held-out figure."""
+    from pathlib import Path
+
+    from .download import DATASETS
+
+    if data is None or recorded.get("resolved") is None or (data in DATASETS and not Path(data).exists()):
+        return None
+    here, trained = Path(data).resolve(), Path(recorded["resolved"])
+    if here not in (trained, trained / "train"):
+        return None
+    n = len(recorded["train_indices"])
+    return (f"note: {data} is the data this run trained on: {n:,} of its images are training images, so this is "
+            "no held-out error (leave --data out to score the run's held-out images)")
 
 
 def evaluate_checkpoint(checkpoint: str | None = None, data: str | None = None, labels: str | None = None,
@@ -163,5 +181,6 @@ def evaluate_checkpoint(checkpoint: str | None = None, data: str | None = None, 
     result = evaluate(net, batches, torch.device(device_list[0]), len(recorded["classes"]), k,
                       options["precision"], total=len(indices), progress=progress,
                       channels_last=options["channels_last"])
+    note = trained_on_note(recorded, data)
     return CheckpointEval(result, str(path), shown, list(recorded["class_names"]),
-                          whole_image=int(recorded["crop"]) == int(recorded["size"]))
+                          whole_image=int(recorded["crop"]) == int(recorded["size"]), notes=[note] if note else [])

@@ -521,7 +521,11 @@ def test_eval_refuses_held_out_images_it_cannot_find_again(setup, tmp_path):
     assert str(err.value) == (f"{data}: has changed since the run was trained on it (files added, removed or "
                               "changed), so its held-out images cannot be found again; put it back as it was, or "
                               "give --data PATH to score every image under PATH")
-    assert evaluate_checkpoint(str(run), data=str(data)).result.images == 15
+    whole = evaluate_checkpoint(str(run), data=str(data))
+    assert whole.result.images == 15
+    # Every image of the training folder, 12 of them trained on: no held-out figure, and it says so.
+    assert whole.notes == [f"note: {data} is the data this run trained on: 12 of its images are training images, "
+                           "so this is no held-out error (leave --data out to score the run's held-out images)"]
 
 
 def test_crops_bigger_than_every_image_are_refused_and_a_larger_image_size_is_not(setup, tmp_path):
