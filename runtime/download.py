@@ -23,6 +23,7 @@ import hashlib
 import http.client
 import os
 import shutil
+import sys
 import tarfile
 import tempfile
 import time
@@ -150,6 +151,8 @@ class _ShortRead(OSError):
 def _download(name, url, md5, part, archive, cache, spec, progress, retries, timeout) -> None:
     """Fill ``part`` with the whole file at ``url``, resuming and retrying."""
     failures, furthest = 0, 0
+    if progress:  # said before connecting: a link that never answers is otherwise silent for minutes
+        print(f"downloading {name} from {url} into {cache}", file=sys.stderr, flush=True)
     while True:
         have = part.stat().st_size if part.exists() else 0
         request = urllib.request.Request(url, headers={"User-Agent": "convspec"})
@@ -176,6 +179,9 @@ def _download(name, url, md5, part, archive, cache, spec, progress, retries, tim
             raise fail(f"cannot download {name} from {url} ({reason}{kept}); download it elsewhere and put "
                        f"{spec.filename} in {cache} (md5 {md5}), or give the path of an extracted "
                        f"{spec.folder} folder instead of '{name}'", Location(str(archive)))
+        if progress:
+            tries = f" ({failures} of {retries})" if failures else ""
+            print(f"download {name}: {reason}; trying again{tries}", file=sys.stderr, flush=True)
         time.sleep(min(0.5 * 2 ** max(failures - 1, 0), 8.0))
 
 

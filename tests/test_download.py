@@ -160,7 +160,10 @@ def test_download_extract_and_load(archive, serve, tmp_path, capsys):
     assert split.classes[:2] == ["airplane", "automobile"]
     assert (tmp_path / "cifar-10-python.tar.gz").read_bytes() == data
     assert _leftovers(tmp_path) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
-    assert "download cifar10 [" in capsys.readouterr().err  # the progress bar
+    err = capsys.readouterr().err
+    # Said before connecting: a link that never answers was silent for two minutes.
+    assert err.startswith(f"downloading cifar10 from {server.url} into {tmp_path}\n")
+    assert "download cifar10 [" in err  # the progress bar
     assert len(server.requests) == 1 and "Range" not in server.requests[0]
 
 
@@ -208,11 +211,15 @@ def test_server_that_ignores_range(archive, serve, tmp_path):
     assert len(load_cifar(folder, "test").images) == PER_BATCH
 
 
-def test_unreachable_host_says_where_to_put_the_archive(tmp_path):
+def test_unreachable_host_says_where_to_put_the_archive(tmp_path, capsys):
     start = time.perf_counter()
+    url = _closed_port_url()
     with pytest.raises(SpecError) as err:
-        fetch("cifar10", url=_closed_port_url(), cache=tmp_path, retries=1, timeout=2, progress=False)
+        fetch("cifar10", url=url, cache=tmp_path, retries=1, timeout=2)
     assert time.perf_counter() - start < 5
+    said = capsys.readouterr().err.splitlines()
+    assert said[0] == f"downloading cifar10 from {url} into {tmp_path}"
+    assert re.fullmatch(r"download cifar10: \w[^;]*; trying again \(1 of 1\)", said[1]), said  # each retry is said
     text = str(err.value)
     assert "\n" not in text
     assert text.startswith(f"{tmp_path / 'cifar-10-python.tar.gz'}: cannot download cifar10 from http://127.0.0.1:")
