@@ -203,7 +203,9 @@ def open_source(path: str | Path, split: str = "train", classes: list[str] | Non
     if kind == "imagefolder":
         sub = path / ("train" if split == "train" else "val")
         if not sub.is_dir():
-            raise fail(f"has no {sub.name}/ folder", Location(str(path)))
+            # detect() saw train/, so only a val/ can be missing: scoring needs a folder of class folders.
+            raise fail(f"has a train/ folder but no val/ folder; give {path / 'train'} to score every image in it, "
+                       "or add val/ with one folder per class", Location(str(path)))
         listing = list_class_folders(sub, classes)
     elif kind == "classfolders":
         listing = list_class_folders(path, classes)

@@ -66,6 +66,9 @@ def detect(path: Path) -> str:
     if (path / "prepare.json").is_file():  # what an interrupted convspec prepare leaves
         raise fail("is an unfinished convspec store (no store.json); run the same convspec prepare command "
                    "again to finish it", Location(str(path)))
+    if any((path / name).is_file() for name in ("data_batch_1", "test_batch")):
+        raise fail("holds CIFAR-10 batches but no batches.meta (the class names); download the python version "
+                   "again", Location(str(path)))
     raise fail("holds no images, class folders, CIFAR batches or prepared store", Location(str(path)))
 
 
@@ -108,7 +111,8 @@ def _images_below(folder: Path) -> list[Path]:
 def class_folders(root: Path) -> list[str]:
     names = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not names:
-        raise fail("has no class sub-folders", Location(str(root)))
+        raise fail("has no class sub-folders; put the images in one folder per class (or remove the empty folder)",
+                   Location(str(root)))
     return names
 
 
@@ -121,7 +125,7 @@ def refuse_one_class(classes: list[str], what: str, where) -> None:
 
 def not_a_run_class(name: str, what: str, classes: list[str], where, more: int = 0) -> SpecError:
     """The error for class ``name`` (``what``: a folder, or a store's class) that the run's class list lacks."""
-    return fail(f"{what} is not one of the {len(classes)} classes the run was trained on{did_you_mean(name, classes)}"
+    return fail(f"{what} is not one of the {len(classes)} classes of the training data{did_you_mean(name, classes)}"
                 f"{f' ({more} more like it)' if more else ''}", Location(str(where)))
 
 

@@ -795,7 +795,7 @@ def test_eval_data_maps_class_folders_through_the_runs_classes(setup, tmp_path):
     Image.fromarray(images.images[0]).save(folder / "class9" / "x.png")
     res = CliRunner().invoke(main, ["eval", "--checkpoint", str(out), "--data", str(folder)])
     assert res.exit_code == 1
-    assert f"{folder / 'class9'}: class folder 'class9' is not one of the 4 classes the run was trained on" in res.output
+    assert f"{folder / 'class9'}: class folder 'class9' is not one of the 4 classes of the training data" in res.output
 
 
 def test_a_store_of_one_split_or_some_classes_is_evaluated(setup, tmp_path):
@@ -826,7 +826,7 @@ def test_a_store_of_one_split_or_some_classes_is_evaluated(setup, tmp_path):
     prepare(folder, other, PrepareOptions(size=32, raw=True, workers=1), progress=False)
     res = CliRunner().invoke(main, ["eval", "--checkpoint", str(out), "--data", str(other)])
     assert (res.exit_code, res.output.strip()) == (1, f"{other}: class 'zebra' of the store is not one of the 4 "
-                                                      "classes the run was trained on")
+                                                      "classes of the training data")
 
 
 def test_a_store_of_cifar_batches_is_scored_on_its_test_split(setup, tmp_path):
@@ -1089,6 +1089,29 @@ def test_a_resume_with_another_length_says_the_schedules_move(setup, tmp_path):
     assert res.exit_code == 0, res.output
     assert res.output.splitlines()[1] == ("note: the run now lasts 2 epochs, not 1: the learning rates that follow "
                                           "training's progress (conv1) are re-timed to the new length")
+
+
+@pytest.mark.parametrize("layout, message", [
+    ("train/cat", "{root}: has a train/ folder but no val/ folder; give {root}/train to score every image in it, or "
+                  "add val/ with one folder per class"),
+    ("train/cat val", "{root}/val: has no class sub-folders; put the images in one folder per class (or remove the "
+                      "empty folder)"),
+    ("data_batch_1", "{root}: holds CIFAR-10 batches but no batches.meta (the class names); download the python "
+                     "version again"),
+])
+def test_a_split_that_is_not_there_says_what_to_give_instead(tmp_path, layout, message):
+    from runtime.loader import open_source
+
+    root = tmp_path / "data"
+    root.mkdir()
+    for name in layout.split():
+        if "batch" in name:
+            (root / name).write_bytes(b"")
+        else:
+            (root / name).mkdir(parents=True)
+    with pytest.raises(SpecError) as err:
+        open_source(root, "val", classes=["cat", "dog"], stats=False, in_memory=False)
+    assert str(err.value) == message.format(root=root)
 
 
 def test_two_runs_that_chose_the_same_default_folder_get_two(tmp_path):
