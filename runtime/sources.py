@@ -50,7 +50,9 @@ def detect(path: Path) -> str:
         raise fail("no such dataset path; give a prepared store, a CIFAR python folder, "
                    "or an image folder with one sub-folder per class", Location(str(path)))
     if not path.is_dir():
-        raise fail("is a file; --data takes a folder (a prepared store, CIFAR batches or class folders)",
+        archive = f"; extract it (tar xzf {path.name}) and give the folder it makes" \
+            if path.name.endswith((".tar.gz", ".tgz")) else ""
+        raise fail(f"is a file; --data takes a folder (a prepared store, CIFAR batches or class folders){archive}",
                    Location(str(path)))
     if (path / STORE_MARKER).is_file():
         return "store"

@@ -360,6 +360,19 @@ class Trainer:
                        "drop them to continue the run, or train a new run with another --out",
                        Location(str(self.run_dir)))
 
+    def _crop_from(self) -> str:
+        """Where the crop side was set, for the errors about it: --set, [train] crop, or inputSize."""
+        from convspec.overrides import parse_override
+
+        overrides = list(map(parse_override, self.net_spec.overrides))
+        crops = [ov.text for ov in overrides if ov.section.lower() == "train" and ov.key.lower() == "crop"]
+        sizes = [ov.text for ov in overrides if ov.key.lower() == "inputsize"]
+        if crops:  # [train] crop sets the net's input over inputSize
+            return f"--set {crops[-1]}"
+        if self.recipe.crop is not None:
+            return f"[train] crop in {self.net_spec.params_path}"
+        return f"--set {sizes[-1]}" if sizes else f"inputSize in {self.net_spec.path}"
+
     def _refuse_crops_bigger_than_every_image(self) -> None:
         """Crops bigger than even the largest of a folder's first few images mean the net
         does not fit the data (AlexNet's 224 px crops of 32 px CIFAR), as prepare says of
@@ -374,7 +387,7 @@ class Trainer:
         sides = sides_of_first(sorted(p for p in first.iterdir() if is_image(p)))
         if sides and sides[0] < self.crop:
             raise fail(f"the images are at most {sides[0]} px but the net takes {self.crop}x{self.crop} crops "
-                       f"(inputSize in {self.net_spec.path}), which would upscale every one; train a net whose "
+                       f"({self._crop_from()}), which would upscale every one; train a net whose "
                        f"crops fit the images, or give images of at least {self.crop} px",
                        Location(str(self.data_path)))
 
@@ -388,15 +401,15 @@ class Trainer:
         size = r.image_size or (round(self.crop * 256 / 224) if r.random_crop else self.crop)
         if r.image_size is not None and r.image_size < self.crop:
             raise fail(f"[train] imageSize={r.image_size} is smaller than the net's {self.crop}x{self.crop} crops "
-                       f"(inputSize in {self.net_spec.path}); set imageSize={self.crop} or more, or leave it out",
+                       f"({self._crop_from()}); set imageSize={self.crop} or more, or leave it out",
                        Location(self.net_spec.params_path or self.net_spec.path))
         if self.state is None:
             self._refuse_crops_bigger_than_every_image()
         self.train_source = open_source(self.data_path, "train", size=size, progress=self.main and self.o.progress)
         if self.crop > self.train_source.size:
             raise fail(f"holds {self.train_source.size}x{self.train_source.size} images but the net takes "
-                       f"{self.crop}x{self.crop} crops (inputSize in {self.net_spec.path}); prepare the data with "
-                       f"--size {self.crop} or more, or train a net with a smaller inputSize",
+                       f"{self.crop}x{self.crop} crops ({self._crop_from()}); train a net whose crops fit the "
+                       f"images, or prepare images of at least {self.crop} px with --size {self.crop} or more",
                        Location(str(self.data_path)))
         self.classes = list(self.train_source.classes)
         names = getattr(self.train_source, "class_names", None) or self.classes

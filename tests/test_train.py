@@ -536,7 +536,8 @@ def test_crops_bigger_than_every_image_are_refused_and_a_larger_image_size_is_no
     res = CliRunner().invoke(main, ["train", str(spec), "--data", str(folders), "--out", str(tmp_path / "r"),
                                     "--quiet", "--set", "data.inputSize=3x40x40", "--set", "fc2.outputs=2"])
     assert (res.exit_code, res.output) == (1, f"{folders}: the images are at most 32 px but the net takes 40x40 "
-                                              f"crops (inputSize in {spec}), which would upscale every one; train a "
+                                              "crops (--set data.inputSize=3x40x40), which would upscale every one; "
+                                              "train a "
                                               "net whose crops fit the images, or give images of at least 40 px\n")
     shifted = ["--set", "train.imageSize=36", "--set", "train.randomCrop=1", "--set", "fc2.outputs=2"]
     res = CliRunner().invoke(main, ["train", str(spec), "--data", str(folders), "--out", str(tmp_path / "r2"),
@@ -547,6 +548,11 @@ def test_crops_bigger_than_every_image_are_refused_and_a_larger_image_size_is_no
     assert (res.exit_code, res.output) == (1, f"{spec.with_name('tiny.params.cfg')}: [train] imageSize=20 is smaller "
                                               f"than the net's 32x32 crops (inputSize in {spec}); set imageSize=32 or "
                                               "more, or leave it out\n")
+    res = CliRunner().invoke(main, ["train", str(spec), "--data", str(folders), "--out", str(tmp_path / "r4"),
+                                    "--quiet", "--set", "train.crop=40", "--set", "fc2.outputs=2"])
+    assert (res.exit_code, res.output) == (1, f"{folders}: the images are at most 32 px but the net takes 40x40 "
+                                              "crops (--set train.crop=40), which would upscale every one; train a "
+                                              "net whose crops fit the images, or give images of at least 40 px\n")
 
 
 def test_missing_data_and_runs_say_what_to_pass(setup, tmp_path, monkeypatch):
@@ -889,8 +895,8 @@ def test_a_store_of_another_size_is_named_with_the_fix(setup, tmp_path):
     assert res.exit_code == 0, res.output
     res = CliRunner().invoke(main, ["train", str(spec), "--data", str(tmp_path / "s16"), "--out", str(tmp_path / "r")])
     assert (res.exit_code, res.output.strip()) == (1, (
-        f"{tmp_path / 's16'}: holds 16x16 images but the net takes 32x32 crops (inputSize in {spec}); prepare "
-        "the data with --size 32 or more, or train a net with a smaller inputSize"))
+        f"{tmp_path / 's16'}: holds 16x16 images but the net takes 32x32 crops (inputSize in {spec}); train a "
+        "net whose crops fit the images, or prepare images of at least 32 px with --size 32 or more"))
     res = CliRunner().invoke(main, ["train", str(spec), "--data", str(data), "--val-data", str(tmp_path / "s40"),
                                     "--out", str(tmp_path / "r2")])
     assert (res.exit_code, res.output.strip().splitlines()[-1]) == (1, (
@@ -1112,6 +1118,17 @@ def test_a_split_that_is_not_there_says_what_to_give_instead(tmp_path, layout, m
     with pytest.raises(SpecError) as err:
         open_source(root, "val", classes=["cat", "dog"], stats=False, in_memory=False)
     assert str(err.value) == message.format(root=root)
+
+
+def test_an_archive_given_as_data_says_to_extract_it(tmp_path):
+    from runtime.sources import detect
+
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    archive.write_bytes(b"")
+    with pytest.raises(SpecError) as err:
+        detect(archive)
+    assert str(err.value) == (f"{archive}: is a file; --data takes a folder (a prepared store, CIFAR batches or class "
+                              "folders); extract it (tar xzf cifar-10-python.tar.gz) and give the folder it makes")
 
 
 def test_two_runs_that_chose_the_same_default_folder_get_two(tmp_path):
