@@ -436,11 +436,15 @@ def eval_(ctx, checkpoint, data, labels, topk, views, devices, batch_size, per_c
             click.echo(note)
         if per_class:
             rows = _per_class_rows(r, done.class_names)
-            width = max(len(row["class"]) for row in rows)
-            click.echo(f"{'class':<{width}}  images  top-1 err  top-{r.k} err")
+            width = max(_columns(row["class"]) for row in rows + [{"class": "class"}])
+
+            def padded(name: str) -> str:  # by terminal columns: a CJK character takes two
+                return name + " " * (width - _columns(name))
+
+            click.echo(f"{padded('class')}  images  top-1 err  top-{r.k} err")
             for row in rows:
                 if row["images"]:
-                    click.echo(f"{row['class']:<{width}}  {row['images']:>6}  {100 * row['top1_error']:>8.2f}%"
+                    click.echo(f"{padded(row['class'])}  {row['images']:>6}  {100 * row['top1_error']:>8.2f}%"
                                f"  {100 * row['topk_error']:>8.2f}%")
 
     _guard(ctx, run)
@@ -521,6 +525,13 @@ def views_described(views: int, whole_image: bool) -> str:
     if whole_image:
         return f"{views} views (the crop is the whole image: the image and its mirror, 5 times each)"
     return f"{views} views"
+
+
+def _columns(text: str) -> int:
+    """Terminal columns ``text`` takes: East Asian wide and full-width characters take two."""
+    import unicodedata
+
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
 
 
 def _per_class_rows(result, names: list[str]) -> list[dict]:

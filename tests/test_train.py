@@ -201,6 +201,25 @@ def test_eval_cli_json_views_and_per_class(setup, tmp_path):
     assert res.output.splitlines()[-2].endswith(": 48 images, 1 view (the whole image)")
 
 
+def test_per_class_columns_line_up_with_wide_class_names(setup, tmp_path):
+    """Padding by characters put a CJK name's columns two further right per character."""
+    from convspec.cli import _columns
+
+    spec, data = setup
+    names = ["猫", "dog", "卡车", "class3"]
+    (data / "batches.meta").write_bytes(__import__("pickle").dumps(
+        {b"label_names": [n.encode() for n in names]}, protocol=2))
+    out = tmp_path / "run"
+    train(_quiet(spec=str(spec), data=str(data), out=str(out), epochs=1))
+    res = CliRunner().invoke(main, ["eval", "--checkpoint", str(out), "--per-class"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.splitlines()
+    table = lines[next(i for i, line in enumerate(lines) if line.startswith("class ")):]
+    assert [line.split()[0] for line in table] == ["class"] + [n for n in names if n in res.output.split()]
+    ends = {_columns(line.rstrip()) for line in table[1:]}  # where each row ends, in terminal columns
+    assert len(ends) == 1 and _columns("卡车") == 4
+
+
 @pytest.mark.parametrize("views, whole_image, words", [
     (1, False, "1 view (centre crop)"),
     (1, True, "1 view (the whole image)"),
