@@ -136,17 +136,22 @@ class CheckpointEval:
     notes: list[str] = field(default_factory=list)
 
 
-def trained_on_note(recorded: dict, data: str | None) -> str | None:
-    """A note when ``--data`` is the folder the run trained on (or its train/ split): the
-    error is then mostly on images the net learned, not a held-out figure."""
+def trained_on_note(recorded: dict, data: str | None, source) -> str | None:
+    """A note when ``--data`` scored the very images the run trained on: the class folders
+    it trained on (or the train/ of its train/ and val/ folders), or the train split of
+    its store. CIFAR batches and two-split folders are scored on their other split."""
     from pathlib import Path
 
     from .download import DATASETS
+    from .sources import detect
 
     if data is None or recorded.get("resolved") is None or (data in DATASETS and not Path(data).exists()):
         return None
     here, trained = Path(data).resolve(), Path(recorded["resolved"])
-    if here not in (trained, trained / "train"):
+    kind = detect(here)
+    same_folders = kind == "classfolders" and here in (trained, trained / "train")
+    same_store = kind == "store" and here == trained and getattr(source, "store_split", None) == "train"
+    if not (same_folders or same_store):
         return None
     n = len(recorded["train_indices"])
     return (f"note: {data} is the data this run trained on: {n:,} of its images are training images, so this is "
@@ -181,6 +186,6 @@ def evaluate_checkpoint(checkpoint: str | None = None, data: str | None = None, 
     result = evaluate(net, batches, torch.device(device_list[0]), len(recorded["classes"]), k,
                       options["precision"], total=len(indices), progress=progress,
                       channels_last=options["channels_last"])
-    note = trained_on_note(recorded, data)
+    note = trained_on_note(recorded, data, source)
     return CheckpointEval(result, str(path), shown, list(recorded["class_names"]),
                           whole_image=int(recorded["crop"]) == int(recorded["size"]), notes=[note] if note else [])

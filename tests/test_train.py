@@ -184,6 +184,7 @@ def test_eval_cli_json_views_and_per_class(setup, tmp_path):
     res = runner.invoke(main, ["eval", "--checkpoint", str(out), "--views", "10", "--data", str(data), "--per-class"])
     assert res.exit_code == 0, res.output
     assert "32 images, 10 views" in res.output and "class3" in res.output and "top-1 error" in res.output
+    assert "note:" not in res.output  # the CIFAR folder it trained on, but scored on its test batch
     # These 32x32 images are cropped whole, so the ten views are two, and it says so.
     assert "the crop is the whole image: the image and its mirror, 5 times each" in res.output
     res = runner.invoke(main, ["eval", "--checkpoint", str(out), "--topk", "7"])
