@@ -89,7 +89,7 @@ class CompiledNet(nn.Module):
         self.costs = net.costs
         self.cost = self.costs[0] if self.costs else None
         # Each cost's logits: the loss applies log-softmax itself.
-        self.cost_outputs = tuple(net.layers[c.inputs[1]].inputs[0] for c in self.costs)
+        self.cost_outputs = tuple(net.cost_logits)
         if self.cost_outputs:
             self.output_name = self.cost_outputs[0]
         else:

@@ -68,6 +68,11 @@ class CheckedNet:
         return sorted((l for l in self.layers.values() if l.type == "cost.logreg"), key=lambda l: l.loc.line)
 
     @property
+    def cost_logits(self) -> list[str]:
+        """Each cost's logits (the input of its softmax), in the order of :attr:`costs`."""
+        return [self.layers[c.inputs[1]].inputs[0] for c in self.costs]
+
+    @property
     def total_params(self) -> int:
         return sum(layer.params for layer in self.layers.values())
 
@@ -156,6 +161,7 @@ def check(spec: SpecFile, params: SpecFile | None = None,
     if not costs:
         net.notes.append("no cost.logreg layer; needed to train (type=cost.logreg, inputs=labels,probs)")
     elif len(costs) > 1:
+        _refuse_heads_of_other_widths(net)
         # As cuda-convnet: the objective is the sum, coeff times each cost.
         terms = " + ".join(f"{c['coeff']:g}*{c.name}" for c in costs)
         net.notes.append(f"{len(costs)} cost layers: training minimises {terms}; train and eval report "
@@ -289,6 +295,19 @@ def _merge_params(layers: dict[str, Layer], params: SpecFile, net: CheckedNet) -
 
 
 # --- pass 3: keys ----------------------------------------------------------------
+
+
+def _refuse_heads_of_other_widths(net: CheckedNet) -> None:
+    """Every cost reads the one labels layer, so every head scores the same classes; a narrower
+    auxiliary head failed only at the first training step, deep in cross-entropy."""
+    first, *others = net.costs
+    width = numel(net.layers[first.inputs[1]].shape)
+    for cost in others:
+        other = numel(net.layers[cost.inputs[1]].shape)
+        if other != width:
+            raise fail(f"layer '{cost.name}': its softmax '{cost.inputs[1]}' has {other} outputs but "
+                       f"'{first.name}''s has {width}; every cost reads the same labels, so give each the same "
+                       "outputs", cost.loc_of("inputs", 1))
 
 
 def _resolve_keys(layer: Layer) -> None:

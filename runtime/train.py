@@ -446,11 +446,12 @@ class Trainer:
                          f"{unread} not read (pass --val-data {self.data_path} to validate on it)")
         outputs = self._output_count()
         if outputs != len(self.classes):
-            out_layer = self._output_layer()
+            out_layer, n = self._output_layer(), len(self.classes)
+            heads = list(dict.fromkeys(self.net_spec.cost_logits))  # every cost's head has this width
             raise fail(f"the net ends in {outputs} outputs (layer '{out_layer}') but the data has "
-                       f"{plural(len(self.classes), 'class', 'classes')}; set outputs={len(self.classes)} "
-                       f"on '{out_layer}' "
-                       f"(e.g. --set {out_layer}.outputs={len(self.classes)})", Location(self.net_spec.path))
+                       f"{plural(n, 'class', 'classes')}; set outputs={n} on "
+                       f"{' and '.join(repr(h) for h in heads)} "
+                       f"(e.g. {' '.join(f'--set {h}.outputs={n}' for h in heads)})", Location(self.net_spec.path))
         n = len(self.train_source)
         if self.state is not None:
             self.train_idx = self.state["data"]["train_indices"].numpy()
@@ -493,11 +494,11 @@ class Trainer:
                        "use a smaller --batch-size or more data", Location(str(self.data_path)))
 
     def _output_layer(self) -> str:
-        cost = next((l for l in self.net_spec.layers.values() if l.type == "cost.logreg"), None)
-        if cost is None:
+        """The reported cost's logits layer (check gives every cost's head the same width)."""
+        if not self.net_spec.costs:
             raise fail("the spec has no cost.logreg layer to train against; add one "
                        "(type=cost.logreg, inputs=labels,probs)", Location(self.net_spec.path))
-        return self.net_spec.layers[cost.inputs[1]].inputs[0]
+        return self.net_spec.cost_logits[0]
 
     def _check_learning_rules(self) -> None:
         from convspec.check import layers_without_learning_rules

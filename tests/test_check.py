@@ -336,6 +336,11 @@ def test_several_cost_layers_are_noted_with_the_sum_they_train_on():
     assert ("2 cost layers: training minimises 1*cost + 0.3*auxcost; train and eval report the error of "
             "'cost', the first in the file") in net.notes
     assert not any("cost layers" in n for n in checked(CONV + FC + TAIL).notes)
+    # Both heads score the one labels layer: a narrower one failed only at the first step, in cross-entropy.
+    with pytest.raises(SpecError) as err:
+        checked(CONV + FC + TAIL + aux.replace("outputs=10", "outputs=2"))
+    assert str(err.value).splitlines()[0] == ("s.cfg:33:15: layer 'auxcost': its softmax 'auxprobs' has 2 outputs but 'cost''s has "
+                              "10; every cost reads the same labels, so give each the same outputs")
 
 
 def test_a_params_file_for_another_spec_is_refused():

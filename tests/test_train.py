@@ -959,6 +959,12 @@ def test_an_auxiliary_cost_trains_its_branch_and_the_first_cost_is_reported(setu
     assert (got["aux"].argmax(1) != labels).float().mean().item() < 0.25
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert evaluate_checkpoint(str(summary.last_checkpoint)).result.top1_error == record["val_top1_error"]
+    # Both heads are too narrow for the data: both are named, before any step.
+    with pytest.raises(SpecError) as err:
+        train(_quiet(spec=str(spec), data=str(data), out=str(tmp_path / "narrow"),
+                     overrides=["fc2.outputs=3", "aux.outputs=3"]))
+    assert str(err.value) == (f"{spec}: the net ends in 3 outputs (layer 'fc2') but the data has 4 classes; set "
+                              "outputs=4 on 'fc2' and 'aux' (e.g. --set fc2.outputs=4 --set aux.outputs=4)")
 
 
 def test_channels_last_trains_a_net_with_local_layers(setup, tmp_path):
