@@ -302,7 +302,8 @@ def _launch_ranks(ctx, options, nproc: int, nnodes: int, node_rank: int, endpoin
     # rank; reading the data itself is left to the ranks, which read it anyway.
     settled = Trainer(dataclasses.replace(options, echo=lambda text: None))
     settled.settle(world=nproc * nnodes)
-    settled_dir = settled.run_dir
+    # A default name is made now, so that two launches in one second get two folders (the ranks get --out).
+    settled_dir = runs.claim_new_run_dir(settled.run_dir) if settled.auto_named else settled.run_dir
     run_dir = str(settled_dir)
     del settled
     argv = (["--debug"] if ctx.obj and ctx.obj.get("debug") else []) + ["train"] \

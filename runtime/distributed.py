@@ -192,8 +192,14 @@ def _ctrl_c_while_waiting(endpoint: str):
         yield  # set_wakeup_fd works from the main thread only; an ignored SIGINT needs nothing
         return
     read_end, write_end = os.pipe()
-    os.set_blocking(write_end, False)
-    previous_fd = signal.set_wakeup_fd(write_end)
+    try:
+        os.set_blocking(write_end, False)  # on Windows only from Python 3.12
+        previous_fd = signal.set_wakeup_fd(write_end)
+    except (AttributeError, OSError, ValueError):
+        os.close(read_end)
+        os.close(write_end)
+        yield  # as before: Ctrl-C is seen once the wait ends
+        return
 
     def watch() -> None:
         while True:

@@ -78,16 +78,27 @@ def lock_run(run_dir: Path) -> int | None:
     except ImportError:  # Windows
         return None
     fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + 0.5  # refuse_if_busy's brief look from another process is no holder
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError as err:
+            busy = err.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK)
+            if busy and time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+            holder = os.read(fd, 200).decode(errors="replace").strip()
+            os.close(fd)
+            if busy:
+                raise _busy(run_dir, holder) from None
+            return None  # a filesystem without locks
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as err:
-        holder = os.read(fd, 200).decode(errors="replace").strip()
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    except OSError:
         os.close(fd)
-        if err.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-            raise _busy(run_dir, holder) from None
-        return None  # a filesystem without locks
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        raise
     return fd
 
 

@@ -199,7 +199,6 @@ def prepare(source: Path, out: Path, options: PrepareOptions, synsets: Path | No
     # Before writing anything: a bad file leaves OUT as it was.
     names, synsets_note = names_from_synsets(synsets, list(splits[0][1].classes)) if synsets else ({}, None)
     out.mkdir(parents=True, exist_ok=True)
-    unknown_source = None
     if (out / "prepare.json").is_file():
         previous = json.loads((out / "prepare.json").read_text())
         previous_listing = previous.pop("listing", None)
@@ -212,9 +211,12 @@ def prepare(source: Path, out: Path, options: PrepareOptions, synsets: Path | No
         _refuse_a_changed_source(previous_listing, listing, source, out, complete)
         if complete:
             return {**json.loads((out / STORE_MARKER).read_text()), "already_complete": True}
-        if previous_listing is None:  # started by a convspec that did not record what SRC held
-            unknown_source = (f"note: {out} was started by an older convspec, which did not record what {source} "
-                              f"held; if it changed since, delete {out} and prepare again")
+        if previous_listing is None:
+            # Started by a convspec that recorded no listing, and listed otherwise (hidden files were read
+            # then): its shards may not line up with this listing even if SRC never changed.
+            raise fail(f"was started by an older convspec, which did not record what {source} held, so its "
+                       f"finished shards cannot be checked against it: delete {out} and prepare again",
+                       Location(str(out)))
     elif any(out.iterdir()):
         raise fail("is not empty and holds no convspec store; choose an empty or new folder", Location(str(out)))
     _save_atomic(out / "prepare.json", lambda f: f.write(json.dumps({**fingerprint, "listing": listing},
@@ -223,7 +225,6 @@ def prepare(source: Path, out: Path, options: PrepareOptions, synsets: Path | No
     classes = splits[0][1].classes
     notes = [note for _, data in splits for note in unread_notes(data, "stored")]
     notes.append(synsets_note and f"note: {synsets_note}")
-    notes.append(unknown_source)
     meta = {**fingerprint, "classes": [{"index": i, "folder": c, "name": names.get(c, c)}
                                        for i, c in enumerate(classes)], "splits": {}, "skipped": 0,
             "notes": [note for note in notes if note]}

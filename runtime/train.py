@@ -154,6 +154,7 @@ class Trainer:
         self.auto_named = False  # runs/<spec>-<date>-<time>, not --out: another name if that one is taken
         self._lock: int | None = None  # the run folder's lock, while training there
         self.retimed_note: str | None = None  # a resume with another --epochs moves the schedules
+        self.resumed_mtime = 0  # the checkpoint resumed from, as it was when read
 
     def say(self, text: str) -> None:
         if self.main:
@@ -183,6 +184,7 @@ class Trainer:
             self.run_dir = Path(o.out) if o.out else runs.newest_run(Path(o.runs_root), "--out")
             runs.refuse_if_busy(self.run_dir)
             self.resumed_from = runs.resume_checkpoint(self.run_dir)
+            self.resumed_mtime = self.resumed_from.stat().st_mtime_ns
             try:
                 self.state = ckpt.load_training(self.resumed_from)
             except SpecError as err:
@@ -826,6 +828,12 @@ class Trainer:
         self._lock = runs.lock_run(self.run_dir)
         if self.state is None:
             self._refuse_a_finished_run()
+            return
+        # Another --resume of this run may have trained on (and let go) while this one read its data.
+        now = runs.resume_checkpoint(self.run_dir)
+        if now != self.resumed_from or now.stat().st_mtime_ns != self.resumed_mtime:
+            raise fail(f"the run went on while this --resume read its data (it now ends at {now.name}); "
+                       "--resume again to continue from there", Location(str(self.run_dir)))
 
     def _unlock_run_dir(self) -> None:
         if self._lock is not None:
@@ -902,6 +910,8 @@ def _write_whole(path: Path, text: str) -> None:
     try:
         with open(tmp, "w", encoding="utf-8", newline="") as f:
             f.write(text)
+            f.flush()
+            os.fsync(f.fileno())  # a power cut leaves the old file or the new one, never an empty one
         os.replace(tmp, path)
     except OSError as err:
         tmp.unlink(missing_ok=True)

@@ -468,14 +468,16 @@ def test_prepare_refuses_to_finish_or_reuse_a_store_whose_source_changed(tmp_pat
     assert str(err.value).startswith(f"{root}: changed since {out} was started (12 images then and now, but other "
                                      "file names, sizes or classes), so")
     (root / "train" / "cat" / "0.PNG").write_bytes(first)
-    # A store started by a convspec that recorded no listing still finishes, with a note that it cannot tell.
+    # A store started by a convspec that recorded no listing (and read hidden files) cannot be finished safely.
     recorded = json.loads((out / "prepare.json").read_text())
     del recorded["listing"]
     (out / "prepare.json").write_text(json.dumps(recorded))
-    meta = prepare(root, out, options, progress=False)
-    assert meta["splits"]["val"]["count"] == 6 and meta["notes"] == [
-        f"note: {out} was started by an older convspec, which did not record what {root} held; if it changed "
-        f"since, delete {out} and prepare again"]
+    with pytest.raises(SpecError) as err:
+        prepare(root, out, options, progress=False)
+    assert str(err.value) == (f"{out}: was started by an older convspec, which did not record what {root} held, so "
+                              f"its finished shards cannot be checked against it: delete {out} and prepare again")
+    shutil.rmtree(out)
+    assert prepare(root, out, options, progress=False)["splits"]["val"]["count"] == 6
     assert prepare(root, out, options, progress=False)["already_complete"]
 
 

@@ -285,7 +285,12 @@ def test_ctrl_c_while_waiting_for_the_other_machines_stops_at_once(tmp_path):
                             stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     first = proc.stdout.readline()
     assert first.startswith("starting 2 ranks (1 on node 0 of 2"), first
-    time.sleep(2)  # into the wait (the line is printed just before it)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # into the wait: node 0's store listens for the other machine
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
     start = time.monotonic()
     try:

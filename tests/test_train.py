@@ -1157,6 +1157,28 @@ def test_an_archive_given_as_data_says_to_extract_it(tmp_path):
                               "folders); extract it (tar xzf cifar-10-python.tar.gz) and give the folder it makes")
 
 
+def test_a_resume_whose_run_went_on_meanwhile_is_refused_under_the_lock(setup, tmp_path, monkeypatch):
+    """Two --resume of one run both read epoch 1; the first trained on and let go of the lock
+    while the second read its data, which then wrote over the first's epochs."""
+    spec, data = setup
+    run = tmp_path / "run"
+    train(_quiet(spec=str(spec), data=str(data), out=str(run), epochs=1))
+    real_lock = runs.lock_run
+
+    def the_other_resume_trained_first(run_dir):
+        checkpoint = run / "epoch-0001.pt"
+        os.utime(checkpoint, ns=(checkpoint.stat().st_atime_ns, checkpoint.stat().st_mtime_ns + 10**9))
+        return real_lock(run_dir)
+
+    monkeypatch.setattr(runs, "lock_run", the_other_resume_trained_first)
+    with pytest.raises(SpecError) as err:
+        train(_quiet(resume=True, out=str(run), epochs=2))
+    assert str(err.value) == (f"{run}: the run went on while this --resume read its data (it now ends at "
+                              "epoch-0001.pt); --resume again to continue from there")
+    monkeypatch.undo()
+    assert train(_quiet(resume=True, out=str(run), epochs=2)).epochs == 2
+
+
 def test_two_runs_that_chose_the_same_default_folder_get_two(tmp_path):
     taken = runs.new_run_dir("specs/x.cfg", tmp_path)
     assert runs.claim_new_run_dir(taken) == taken and taken.is_dir()
