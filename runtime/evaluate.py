@@ -92,7 +92,7 @@ def evaluation_images(recorded: dict, data: str | None = None, labels: str | Non
     import numpy as np
 
     from .loader import open_source, recorded_held_out, refuse_other_size
-    from .runs import recorded_data_path
+    from .runs import data_change, recorded_data_path
     from .sources import fingerprint, resolve
 
     classes, size = recorded["classes"], recorded["size"]
@@ -115,12 +115,13 @@ def evaluation_images(recorded: dict, data: str | None = None, labels: str | Non
                                         "image under PATH instead)")
     # The held-out images are positions in the listing: after a file is added or removed they are other
     # images, some of them trained on (a resume refuses such data the same way).
-    changed = fingerprint(resolve(path).resolve()) != recorded["fingerprint"]
-    source = None if changed else open_source(path, "train", size=size, stats=False, in_memory=False)
-    if changed or len(source) != recorded["images"]:
-        raise fail("has changed since the run was trained on it (files added, removed or changed), so its held-out "
-                   "images cannot be found again; put it back as it was, or give --data PATH to score every image "
-                   "under PATH", Location(str(path)))
+    change = data_change(recorded, fingerprint(resolve(path).resolve()))
+    source = None if change else open_source(path, "train", size=size, stats=False, in_memory=False)
+    change = change or data_change(recorded, recorded["fingerprint"], len(source))
+    if change:
+        raise fail(f"is not the data the run was trained on: {change}; its held-out images cannot be found again: "
+                   "put it back as it was, or give --data PATH to score every image under PATH",
+                   Location(str(path)))
     return source, indices, f"{path} ({len(indices):,} held-out validation images)"
 
 

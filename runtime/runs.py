@@ -296,6 +296,18 @@ def recorded_data_path(recorded: dict, fix: str, split: str = "training") -> str
     raise fail(f"the run's {split} data is not there any more (moved or deleted?); {fix}", Location(typed))
 
 
+def data_change(recorded: dict, fingerprint: str, images: int | None = None) -> str | None:
+    """Why data is not the data a run trained on (its checkpoint's ``data`` entry), or None.
+    Resume and eval both need the same data: the held-out images are positions in its listing."""
+    if fingerprint != recorded["fingerprint"]:
+        return (f"files were added, removed or changed since the run trained on it (fingerprint {fingerprint}, "
+                f"recorded {recorded['fingerprint']})")
+    if images is not None and images != recorded["images"]:
+        return (f"it lists {images:,} images where the run had {recorded['images']:,} (the convspec that trained "
+                "the run listed its folders otherwise)")
+    return None
+
+
 def checked_net_from(state: dict, where: str = "checkpoint"):
     """The checked spec as trained: the recorded texts with the recorded overrides."""
     from convspec.check import check

@@ -423,15 +423,10 @@ class Trainer:
         self.class_names = list(names)
         self.resolved_data = resolve(self.data_path).resolve()
         self.fingerprint = fingerprint(self.resolved_data)
-        recorded = self.state["data"] if self.state is not None else None
-        if recorded is not None and recorded["fingerprint"] != self.fingerprint:
-            raise fail(f"this data differs from the data the run was trained on (fingerprint {self.fingerprint}, "
-                       f"recorded {recorded['fingerprint']}); resume on the same data",
+        change = self.state and runs.data_change(self.state["data"], self.fingerprint, len(self.train_source))
+        if change:
+            raise fail(f"is not the data the run was trained on: {change}; resume on the same data",
                        Location(str(self.data_path)))
-        if recorded is not None and recorded["images"] != len(self.train_source):
-            # The same files listed otherwise (runs from before hidden files were left out of the listing).
-            raise fail(f"this data now lists {len(self.train_source):,} images where the run had "
-                       f"{recorded['images']:,}; resume with the convspec that trained it", Location(str(self.data_path)))
         for note in unread_notes(self.train_source, "read") if self.state is None else ():
             self.say(note)
         refuse_one_class(self.classes, "class", self.data_path)

@@ -26,6 +26,7 @@ from runtime import checkpoint as ckpt
 from runtime import cifar
 from runtime.evaluate import evaluate_checkpoint
 from runtime import runs
+from runtime import sources as runtime_sources
 from runtime.runs import net_from_checkpoint
 from runtime.train import TrainOptions, train
 
@@ -535,12 +536,21 @@ def test_eval_refuses_held_out_images_it_cannot_find_again(setup, tmp_path):
     run = tmp_path / "run"
     train(_quiet(spec=str(spec), data=str(data), out=str(run), epochs=1, batch_size=4, overrides=["fc2.outputs=2"]))
     assert evaluate_checkpoint(str(run)).result.images == 4
+    recorded = ckpt.load(run / "best.pt")["data"]
     (data / "cat" / "3.png").unlink()
     with pytest.raises(SpecError) as err:
         evaluate_checkpoint(str(run))
-    assert str(err.value) == (f"{data}: has changed since the run was trained on it (files added, removed or "
-                              "changed), so its held-out images cannot be found again; put it back as it was, or "
-                              "give --data PATH to score every image under PATH")
+    now = runtime_sources.fingerprint(data)
+    assert str(err.value) == (f"{data}: is not the data the run was trained on: files were added, removed or changed "
+                              f"since the run trained on it (fingerprint {now}, recorded {recorded['fingerprint']}); "
+                              "its held-out images cannot be found again: put it back as it was, or give --data PATH "
+                              "to score every image under PATH")
+    # The same for a resume; and the same files listed otherwise (hidden files were once read) are named so.
+    with pytest.raises(SpecError) as err:
+        train(_quiet(resume=True, out=str(run), epochs=2))
+    assert str(err.value).startswith(f"{data}: is not the data the run was trained on: files were added, removed")
+    assert runs.data_change(recorded, recorded["fingerprint"], 17) == (
+        "it lists 17 images where the run had 16 (the convspec that trained the run listed its folders otherwise)")
     whole = evaluate_checkpoint(str(run), data=str(data))
     assert whole.result.images == 15
     # Every image of the training folder, 12 of them trained on: no held-out figure, and it says so.
