@@ -476,6 +476,12 @@ def _class_folders(root: Path, classes: list[str], per_class: int = 8) -> Path:
     return root
 
 
+def _train_two_classes(spec: Path, data: Path, out: Path):
+    """One short epoch of the tiny net, cut to two classes, through the CLI."""
+    return CliRunner().invoke(main, ["train", str(spec), "--data", str(data), "--out", str(out), "--quiet",
+                                     "--epochs", "1", "--set", "fc2.outputs=2", "--batch-size", "4"])
+
+
 def test_one_class_is_refused_and_an_unread_val_folder_is_noted(setup, tmp_path):
     spec, _ = setup
     one = _class_folders(tmp_path / "one", ["cat"])
@@ -484,8 +490,7 @@ def test_one_class_is_refused_and_an_unread_val_folder_is_noted(setup, tmp_path)
                                               "give the folder that holds the class folders\n")
     split = tmp_path / "split"
     _class_folders(split / "train", ["cat", "dog"]), _class_folders(split / "val", ["cat", "dog"], 2)
-    res = CliRunner().invoke(main, ["train", str(spec), "--data", str(split), "--out", str(tmp_path / "r2"),
-                                    "--quiet", "--epochs", "1", "--set", "fc2.outputs=2", "--batch-size", "4"])
+    res = _train_two_classes(spec, split, tmp_path / "r2")
     assert res.exit_code == 0, res.output
     assert res.output.splitlines()[0] == (f"note: training holds out 0.25 of {split}/train for validation; "
                                           f"{split}/val is not read (pass --val-data {split} to validate on it)")
@@ -494,16 +499,14 @@ def test_one_class_is_refused_and_an_unread_val_folder_is_noted(setup, tmp_path)
 
     store = tmp_path / "store"
     prepare(split, store, PrepareOptions(size=32, raw=True, workers=1), progress=False)
-    res = CliRunner().invoke(main, ["train", str(spec), "--data", str(store), "--out", str(tmp_path / "r4"),
-                                    "--quiet", "--epochs", "1", "--set", "fc2.outputs=2", "--batch-size", "4"])
+    res = _train_two_classes(spec, store, tmp_path / "r4")
     assert res.exit_code == 0, res.output
     assert res.output.splitlines()[0] == (f"note: training holds out 0.25 of the train split of {store} for "
                                           f"validation; its val split is not read (pass --val-data {store} to "
                                           "validate on it)")
     loose = _class_folders(tmp_path / "loose", ["cat", "dog"])
     (loose / "cat" / "0.png").rename(loose / "stray.png")  # beside the class folders: it has no class
-    res = CliRunner().invoke(main, ["train", str(spec), "--data", str(loose), "--out", str(tmp_path / "r3"),
-                                    "--quiet", "--epochs", "1", "--set", "fc2.outputs=2", "--batch-size", "4"])
+    res = _train_two_classes(spec, loose, tmp_path / "r3")
     assert res.exit_code == 0, res.output
     assert res.output.splitlines()[0] == (f"note: 1 image beside the class folders in {loose} (stray.png) has no "
                                           "class and is not read; move it into a class folder to use it")
@@ -519,8 +522,7 @@ def test_images_in_sub_folders_are_noted_and_hidden_files_are_not_images(setup, 
     for i in range(2):
         (data / "dog" / f"{i}.png").rename(data / "dog" / "more" / f"{i}.png")
     (data / "cat" / "._0.png").write_bytes(b"\0\5\26\7 not an image")
-    res = CliRunner().invoke(main, ["train", str(spec), "--data", str(data), "--out", str(tmp_path / "r"),
-                                    "--quiet", "--epochs", "1", "--set", "fc2.outputs=2", "--batch-size", "4"])
+    res = _train_two_classes(spec, data, tmp_path / "r")
     assert res.exit_code == 0, res.output
     assert res.output.splitlines()[0] == (f"note: 2 images in folders inside the class folders "
                                           f"({data}/dog/more/0.png, ...) are not read; only the images directly in "
