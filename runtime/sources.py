@@ -102,6 +102,12 @@ def unread_notes(listing, action: str) -> list[str]:
     return notes
 
 
+def _is_image_entry(entry: os.DirEntry) -> bool:
+    """:func:`is_image` for a directory entry, from what the directory listing already knows."""
+    return (os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES and not entry.name.startswith(".")
+            and (entry.is_file() or (entry.is_symlink() and not os.path.exists(entry.path))))
+
+
 def _images_below(folder: Path) -> list[Path]:
     found = []
     for parent, dirs, files in os.walk(folder):
@@ -145,9 +151,11 @@ def list_class_folders(root: Path, classes: list[str] | None = None) -> ImageLis
     for name in found:
         if name not in index:
             raise not_a_run_class(name, f"class folder '{name}'", classes, root / name)
-        entries = sorted((root / name).iterdir())
-        images = [(p, index[name]) for p in entries if is_image(p)]
-        nested += [p for d in entries if d.is_dir() and not d.name.startswith(".") for p in _images_below(d)]
+        # os.scandir knows each entry's type from the directory itself: no stat per file (1.28M on ImageNet).
+        with os.scandir(root / name) as found_here:
+            entries = sorted(found_here, key=lambda e: e.name)
+        images = [(Path(e.path), index[name]) for e in entries if _is_image_entry(e)]
+        nested += [p for e in entries if e.is_dir() and not e.name.startswith(".") for p in _images_below(Path(e.path))]
         empty += [] if images else [name]
         items += images
     if not items:
