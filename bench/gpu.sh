@@ -22,6 +22,11 @@ OUT=${OUT:-out}; mkdir -p "$OUT"
 DEVICE=${DEVICE:-cuda}
 BATCHES=${BATCHES:-"128 256"}
 STEPS=${STEPS:-20}
+# The ImageNet photos option_cost.py trains on, decoded: read from here where ../shared is absent (a lent
+# machine sees only the checkout), written here where it is present.  Before a lent machine's run:
+#   python bench/option_cost.py --steps 1 --settings fp32 --squares .gpu-carry/squares.npz   # 12.6 MB
+# and carry .gpu-carry (kept out of git by .git/info/exclude).
+SQUARES=${SQUARES:-.gpu-carry/squares.npz}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
@@ -46,8 +51,6 @@ step_time() { python3 bench/step_time.py --device "$DEVICE" --steps "$STEPS" "$@
   for args in "--channels-last" "--precision bf16 --channels-last"; do
     step_time --nets alexnet,cifar10-80sec --batch "${BATCHES%% *}" --plain-peer $args
   done
-  timeout 240 python3 bench/step_time.py --device "$DEVICE" --steps "$STEPS" --nets alexnet,cifar10-80sec \
-    --batch "${BATCHES%% *}" --plain-peer --precision bf16 --channels-last --compile | tee -a "$OUT/step_time.jsonl"
   bench_device=$DEVICE; [ "$DEVICE" = cuda ] && bench_device=cuda:0
   python3 -m convspec bench specs/alexnet.cfg --devices "$bench_device" --batch-size "${BATCHES%% *}" \
     --iterations "$STEPS" --json > "$OUT/bench-alexnet.json" && python3 - "$OUT/bench-alexnet.json" <<'EOF'
@@ -55,9 +58,12 @@ import json, sys
 from runtime.layer_times import BenchResult, as_text
 print(as_text(BenchResult.from_dict(json.load(open(sys.argv[1])))))
 EOF
-  timeout 240 python3 bench/option_cost.py --device "$bench_device" --steps "${COST_STEPS:-40}" \
+  timeout 240 python3 bench/option_cost.py --device "$bench_device" --steps "${COST_STEPS:-40}" --squares "$SQUARES" \
     --settings fp32,channels_last,bf16,bf16+channels_last > "$OUT/option-cost.txt" && cat "$OUT/option-cost.txt" \
     && tail -n 1 "$OUT/option-cost.txt" > "$OUT/option-cost.json"
+  # last, since it is the slowest to start (compilation) and the least needed: a run cut short keeps the rest
+  timeout "${COMPILE_LIMIT:-150}" python3 bench/step_time.py --device "$DEVICE" --steps "$STEPS" --nets alexnet,cifar10-80sec \
+    --batch "${BATCHES%% *}" --plain-peer --precision bf16 --channels-last --compile | tee -a "$OUT/step_time.jsonl"
   python3 - "$OUT" <<'EOF'
 import datetime, json, subprocess, sys
 from pathlib import Path

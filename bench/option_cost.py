@@ -51,16 +51,21 @@ SETTINGS = {  # name -> (precision, channels_last)
 }
 
 
-def read_batches(data: Path, images: int, batch: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def read_squares(data: Path, images: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``images`` photos of a fixed shuffle, as training reads them: (N, 256, 256, 3) uint8, labels."""
     listing = list_class_folders(data)
     order = np.random.default_rng(seed).permutation(len(listing.items))[:images]
     squares = np.stack([load_square(str(listing.items[i][0]), 256) for i in order])
     labels = np.asarray([listing.items[i][1] for i in order], dtype=np.int64)
+    return squares, labels
+
+
+def to_batches(squares: np.ndarray, labels: np.ndarray, batch: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     mean = squares.astype(np.float32).mean(axis=0)
     centre = Augment(crop=224)
     rng = np.random.default_rng(seed)  # unused by a centre crop without flips; augment_batch wants one
     return [(augment_batch(squares[i:i + batch], mean, centre, rng), torch.from_numpy(labels[i:i + batch]))
-            for i in range(0, images - batch + 1, batch)]
+            for i in range(0, len(squares) - batch + 1, batch)]
 
 
 def train_losses(spec: str, initial: dict, batches, steps: int, device: torch.device,
@@ -95,6 +100,10 @@ def main() -> None:
     parser.add_argument("--spec", default=str(ROOT / "specs" / "alexnet.cfg"))
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "datasets" / "imagenet-samples"))
     parser.add_argument("--images", type=int, default=64, help="photos to cycle through (default 64)")
+    parser.add_argument("--squares", type=Path,
+                        help="an .npz of the decoded photos: read from it when it exists, else written to it "
+                             "after reading --data (how bench/gpu.sh takes the same photos to a machine that "
+                             "cannot see ../shared; 64 photos are 12.6 MB)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--settings", default="fp32,channels_last,bf16",
@@ -111,16 +120,35 @@ def main() -> None:
     if unknown:
         sys.exit(f"option_cost.py: unknown setting {unknown[0]!r}; choose from {', '.join(SETTINGS)}")
     data = Path(args.data)
-    if not data.is_dir():
-        sys.exit(f"option_cost.py: no image folder at {data}; pass --data DIR (class folders of photos)")
+    reuse = args.squares is not None and args.squares.is_file()
+    if not reuse and not data.is_dir():
+        sys.exit(f"option_cost.py: no image folder at {data}; pass --data DIR (class folders of photos)"
+                 + (f" or an existing --squares file (not found: {args.squares})" if args.squares else ""))
     if args.images < args.batch:
         sys.exit(f"option_cost.py: --images {args.images} is fewer than one --batch of {args.batch}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
 
-    print(f"reading {args.images} photos from {data}", file=sys.stderr)
-    batches = read_batches(data, args.images, args.batch, args.seed)
+    if reuse:
+        with np.load(args.squares) as saved:
+            squares, labels = saved["squares"][:args.images], saved["labels"][:args.images]
+            saved_seed = int(saved["seed"])
+        if saved_seed != args.seed:
+            sys.exit(f"option_cost.py: {args.squares} holds the shuffle of --seed {saved_seed}, not {args.seed}; "
+                     f"pass --seed {saved_seed} or write it again from --data")
+        if len(squares) < args.images:
+            sys.exit(f"option_cost.py: {args.squares} holds {len(squares)} photos, fewer than --images "
+                     f"{args.images}; write it again with --images {args.images} from --data")
+        print(f"read {len(squares)} decoded photos from {args.squares}", file=sys.stderr)
+    else:
+        print(f"reading {args.images} photos from {data}", file=sys.stderr)
+        squares, labels = read_squares(data, args.images, args.seed)
+        if args.squares is not None:
+            args.squares.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(args.squares, squares=squares, labels=labels, seed=args.seed)
+            print(f"wrote the decoded photos to {args.squares}", file=sys.stderr)
+    batches = to_batches(squares, labels, args.batch, args.seed)
     torch.manual_seed(args.seed)
     initial = build(check_paths(args.spec), [str(device)]).state_dict()
 
