@@ -10,7 +10,8 @@
 #   * `convspec bench` of AlexNet (per-layer times) at batch 128;
 #   * what the options cost in accuracy: AlexNet's loss over the same steps on the
 #     ImageNet samples in fp32 / channels_last / bf16 / bf16 + channels_last
-#     (bench/option_cost.py; skipped with a message where ../shared is absent).
+#     (bench/option_cost.py, with dropout on and off; from .gpu-carry/squares.npz where ../shared is absent);
+#   * torch.profiler's costliest operators in AlexNet's fp32 step (in gpu.log).
 # Everything lands in $OUT (default ./out): gpu.log, step_time.jsonl, bench-alexnet.json,
 # option-cost.json and gpu.json (the card, torch, the date and every measurement).  About 5 minutes on
 # an H100.
@@ -37,7 +38,7 @@ step_time() { python3 bench/step_time.py --device "$DEVICE" --steps "$STEPS" "$@
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name(0))"
-  if [ "$DEVICE" != cpu ]; then
+  if [ "$DEVICE" != cpu ] && [ "${TESTS:-1}" != 0 ]; then
     python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_build.py -k "gpu or alexnet" 2>&1
   fi
   for batch in $BATCHES; do
@@ -51,6 +52,12 @@ step_time() { python3 bench/step_time.py --device "$DEVICE" --steps "$STEPS" "$@
   for args in "--channels-last" "--precision bf16 --channels-last"; do
     step_time --nets alexnet,cifar10-80sec --batch "${BATCHES%% *}" --plain-peer $args
   done
+  # convspec train sets cudnn.benchmark on a GPU; here it is on for both sides (one process), at both batches
+  for batch in $BATCHES; do
+    step_time --nets alexnet --batch "$batch" --plain-peer --precision bf16 --channels-last --cudnn-benchmark
+  done
+  # where the fp32 AlexNet step spends its device time (torch.profiler's table, into gpu.log)
+  python3 bench/step_time.py --device "$DEVICE" --steps 3 --nets alexnet --batch "${BATCHES%% *}" --profile 5 >/dev/null
   bench_device=$DEVICE; [ "$DEVICE" = cuda ] && bench_device=cuda:0
   python3 -m convspec bench specs/alexnet.cfg --devices "$bench_device" --batch-size "${BATCHES%% *}" \
     --iterations "$STEPS" --json > "$OUT/bench-alexnet.json" && python3 - "$OUT/bench-alexnet.json" <<'EOF'
@@ -61,6 +68,10 @@ EOF
   timeout 240 python3 bench/option_cost.py --device "$bench_device" --steps "${COST_STEPS:-40}" --squares "$SQUARES" \
     --settings fp32,channels_last,bf16,bf16+channels_last > "$OUT/option-cost.txt" && cat "$OUT/option-cost.txt" \
     && tail -n 1 "$OUT/option-cost.txt" > "$OUT/option-cost.json"
+  # the same with dropout off: on CUDA a bf16 tensor draws another dropout mask than a float32 one
+  timeout 120 python3 bench/option_cost.py --device "$bench_device" --steps "${COST_STEPS:-40}" --squares "$SQUARES" \
+    --dropout off --settings fp32,channels_last,bf16,bf16+channels_last > "$OUT/option-cost-nodropout.txt" \
+    && tail -n 3 "$OUT/option-cost-nodropout.txt"
   # last, since it is the slowest to start (compilation) and the least needed: a run cut short keeps the rest
   timeout "${COMPILE_LIMIT:-150}" python3 bench/step_time.py --device "$DEVICE" --steps "$STEPS" --nets alexnet,cifar10-80sec \
     --batch "${BATCHES%% *}" --plain-peer --precision bf16 --channels-last --compile | tee -a "$OUT/step_time.jsonl"
@@ -70,6 +81,9 @@ from pathlib import Path
 import torch
 out = Path(sys.argv[1])
 card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
+def last_json(path):
+    lines = path.read_text().splitlines() if path.exists() else []
+    return json.loads(lines[-1]) if lines and lines[-1].startswith("{") else None
 bench = out / "bench-alexnet.json"
 cost = out / "option-cost.json"
 result = {"card": card, "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -79,7 +93,8 @@ result = {"card": card, "torch": torch.__version__, "cuda": torch.version.cuda,
           "step_time": [json.loads(line) for line in (out / "step_time.jsonl").read_text().splitlines()
                         if line.startswith("{")],
           "bench_alexnet": json.loads(bench.read_text()) if bench.exists() and bench.stat().st_size else None,
-          "option_cost": json.loads(cost.read_text()) if cost.exists() and cost.stat().st_size else None}
+          "option_cost": json.loads(cost.read_text()) if cost.exists() and cost.stat().st_size else None,
+          "option_cost_dropout_off": last_json(out / "option-cost-nodropout.txt")}
 (out / "gpu.json").write_text(json.dumps(result, indent=1))
 print(f"wrote {out / 'gpu.json'}: {len(result['step_time'])} step-time results on {card}")
 EOF

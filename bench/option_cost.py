@@ -69,8 +69,9 @@ def to_batches(squares: np.ndarray, labels: np.ndarray, batch: int, seed: int) -
 
 
 def train_losses(spec: str, initial: dict, batches, steps: int, device: torch.device,
-                 precision: str, channels_last: bool, seed: int, lr_scale: float) -> tuple[list[float], float]:
-    net = build(check_paths(spec), [str(device)])
+                 precision: str, channels_last: bool, seed: int, lr_scale: float,
+                 overrides: list[str] = ()) -> tuple[list[float], float]:
+    net = build(check_paths(spec, overrides=overrides), [str(device)])
     net.load_state_dict(initial)
     if channels_last:
         net = net.to_channels_last()
@@ -112,6 +113,10 @@ def main() -> None:
                         help="multiply every learning rate, as a drop does (default 0.1: the paper's rate after "
                              "its first drop; at the full rate the loss on 64 repeated photos jumps about)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dropout", choices=["on", "off"], default="on",
+                        help="off: every dropout layer disabled (enable=0), so that only arithmetic differs "
+                             "between settings; on CUDA, dropout draws a different mask for a bf16 tensor than "
+                             "for a float32 one from the same seed")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -150,14 +155,17 @@ def main() -> None:
             print(f"wrote the decoded photos to {args.squares}", file=sys.stderr)
     batches = to_batches(squares, labels, args.batch, args.seed)
     torch.manual_seed(args.seed)
-    initial = build(check_paths(args.spec), [str(device)]).state_dict()
+    checked = check_paths(args.spec)
+    overrides = ([f"{layer.name}.enable=0" for layer in checked.layers.values() if layer.type.startswith("dropout")]
+                 if args.dropout == "off" else [])
+    initial = build(checked, [str(device)]).state_dict()
 
     curves, seconds = {}, {}
     for name in names:
         print(f"{name}:", file=sys.stderr)
         precision, channels_last = SETTINGS[name]
         curves[name], seconds[name] = train_losses(args.spec, initial, batches, args.steps, device,
-                                                   precision, channels_last, args.seed, args.lr_scale)
+                                                   precision, channels_last, args.seed, args.lr_scale, overrides)
 
     reference = curves["fp32"]
     print("step  " + "  ".join(f"{n:>18}" for n in names))
@@ -170,7 +178,7 @@ def main() -> None:
         "spec": Path(args.spec).name, "device": str(device),
         "card": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "images": args.images, "batch": args.batch, "steps": args.steps, "lr_scale": args.lr_scale,
+        "images": args.images, "batch": args.batch, "dropout": args.dropout, "steps": args.steps, "lr_scale": args.lr_scale,
         "losses": curves, "seconds": seconds,
         "max_abs_diff_from_fp32": {n: max(abs(a - b) for a, b in zip(curves[n], reference)) for n in names[1:]},
     }))

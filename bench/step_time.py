@@ -144,6 +144,19 @@ def timed(step: Callable[[], None], device: torch.device) -> float:
     return CLOCK() - start
 
 
+def profile(step: Callable[[], None], steps: int, device: torch.device) -> None:
+    """torch.profiler's table of the costliest operators over ``steps`` steps."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profiler(activities=activities) as prof:
+        for _ in range(steps):
+            timed(step, device)
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    log(prof.key_averages().table(sort_by=sort, row_limit=15))
+
+
 def run(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     bench = NETS[name]
     batch = args.batch or bench.batch
@@ -192,6 +205,8 @@ def run(name: str, args: argparse.Namespace, device: torch.device) -> dict:
             if i >= args.warmup:
                 times[side].append(seconds)
 
+    if args.profile:
+        profile(sides["built"], args.profile, device)
     built_s, hand_s = statistics.median(times["built"]), statistics.median(times["handwritten"])
     result = {
         "net": name, "batch": batch, "threads": torch.get_num_threads(), "device": str(device),
@@ -202,7 +217,7 @@ def run(name: str, args: argparse.Namespace, device: torch.device) -> dict:
         "built_min_ms": round(min(times["built"]) * 1e3, 3),
         "handwritten_min_ms": round(min(times["handwritten"]) * 1e3, 3),
         "built_images_per_s": round(batch / built_s, 1), "handwritten_images_per_s": round(batch / hand_s, 1),
-        "max_abs_diff": diff, "clock": "cpu" if CLOCK is time.process_time else "wall", "torch": torch.__version__,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark, "max_abs_diff": diff, "clock": "cpu" if CLOCK is time.process_time else "wall", "torch": torch.__version__,
     }
     log(f"{name}: built {result['built_ms']:.1f} ms, hand-written {result['handwritten_ms']:.1f} ms, "
         f"ratio {result['ratio']:.3f} (median of {steps} steps, batch {batch}, "
@@ -227,6 +242,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="options (--channels-last, --precision, --compile) on the built side only, which "
                              "also uses convspec's ConvnetSGD; the hand-written side stays fp32 eager with "
                              "torch.optim.SGD: 'speedup' is then what the options buy over a plain script")
+    parser.add_argument("--cudnn-benchmark", action="store_true",
+                        help="torch.backends.cudnn.benchmark on both sides, as convspec train sets it on a GPU "
+                             "(cuDNN times its kernels for each shape in the warm-up steps and keeps the fastest)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="after timing, profile this many steps of the built side with torch.profiler and "
+                             "print its 15 costliest operators (device time on a GPU) to stderr")
     parser.add_argument("--cpu-time", action="store_true",
                         help="time steps by this process's CPU time (all its threads) instead of the wall "
                              "clock: on a shared CPU machine, other work then cannot stretch a step")
@@ -246,6 +267,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--warmup must be at least 0")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())

@@ -17,6 +17,7 @@ the training recipe that travels with the spec, so that
     flip=1             # random horizontal flips
     pcaNoise=0.1       # std of the paper's PCA colour noise (0: off)
     testViews=10       # 1: centre crop; 10: corners and centre, each flipped
+    precision=bf16     # fp32 (default) or bf16: the layers under autocast; --precision overrides
 
 Checked like every other key: typed, with located errors and a suggestion for
 a typo.  Command-line options override these (``convspec train --epochs``,
@@ -48,6 +49,7 @@ class Recipe:
     random_crop: bool = False
     pca_noise: float = 0.0
     test_views: int = 1
+    precision: str = "fp32"
 
     def with_options(self, **options) -> "Recipe":
         """The recipe with command-line options that were given (not None)."""
@@ -82,6 +84,13 @@ def _views(item, ctx):
     return value
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+def _precision(item, ctx):
+    return V.to_word(item, ctx, PRECISIONS)
+
+
 def _positive_int(item, ctx):
     return V.to_int(item, ctx, minimum=1)
 
@@ -102,6 +111,7 @@ _KEYS = {
     "randomCrop": ("random_crop", V.to_bool, False),
     "pcaNoise": ("pca_noise", lambda item, ctx: V.to_float(item, ctx, minimum=0.0), False),
     "testViews": ("test_views", _views, False),
+    "precision": ("precision", _precision, False),
 }
 KEYS = tuple(_KEYS)
 

@@ -228,8 +228,8 @@ class Trainer:
                            "pass --data PATH", Location(self.data_path))
             self.val_path = o.val_data
             self.train_limit = o.train_limit
-            self.precision, self.channels_last, self.compile = o.precision or "fp32", bool(o.channels_last), \
-                bool(o.compile)
+            self.precision, self.channels_last, self.compile = o.precision or self.recipe.precision, \
+                bool(o.channels_last), bool(o.compile)
         if not self.data_path:
             raise fail(f"no training data: pass --data PATH (a prepared store, a CIFAR python folder, an image "
                        f"folder with one sub-folder per class, or cifar10/cifar100 to download it) or set {DATA_ENV}")

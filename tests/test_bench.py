@@ -299,6 +299,43 @@ def test_option_cost_trains_the_same_steps_in_every_setting():
     assert curves["fp32"][2] != pytest.approx(curves["fp32"][0], rel=1e-3)
 
 
+def test_option_cost_reads_the_photos_it_saved_where_the_folder_is_gone(tmp_path):
+    # bench/gpu.sh takes the decoded photos to a machine without ../shared as an .npz: a run from the .npz
+    # alone trains on the same batches (the same losses), and one with another shuffle seed is refused.
+    import subprocess
+    import sys
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (tmp_path / "photos" / f"n0{c}").mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 255, (40 + 20 * i, 60, 3), dtype=np.uint8)).save(
+                tmp_path / "photos" / f"n0{c}" / f"{i}.jpg")
+    squares = tmp_path / "carry" / "squares.npz"
+
+    def option_cost(data, *extra):
+        return subprocess.run([sys.executable, str(ROOT / "bench" / "option_cost.py"), "--data", str(data),
+                               "--squares", str(squares), "--images", "4", "--batch", "2", "--steps", "2",
+                               "--settings", "fp32", "--dropout", "off", "--threads", "1", *extra],
+                              capture_output=True, text=True, timeout=300)
+
+    first = option_cost(tmp_path / "photos")
+    assert first.returncode == 0, first.stderr
+    assert f"wrote the decoded photos to {squares}" in first.stderr
+    again = option_cost(tmp_path / "gone")
+    assert again.returncode == 0, again.stderr
+    assert f"read 4 decoded photos from {squares}" in again.stderr
+    a, b = json.loads(first.stdout.splitlines()[-1]), json.loads(again.stdout.splitlines()[-1])
+    assert a["losses"] == b["losses"] and a["dropout"] == "off"
+    other = option_cost(tmp_path / "gone", "--seed", "1")
+    assert (other.returncode, other.stderr.strip()) == (1, (
+        f"option_cost.py: {squares} holds the shuffle of --seed 0, not 1; pass --seed 0 or write it again "
+        "from --data"))
+
+
 def test_peer_accuracy_trains_the_hand_written_net_on_an_image_folder(tmp_path):
     # bench/peer_accuracy.py on 4 classes of 32x32 JPEGs that differ in colour: it runs end to end for each
     # choice it offers, prints one JSON line, and the cuda-convnet choices learn the colours.

@@ -471,6 +471,7 @@ def test_train_section_data_keys_and_crop_override():
     net = checked(CONV + FC + TAIL, "[train]\ncrop=24\nrandomCrop=1\nflip=true\npcaNoise=0.1\ntestViews=10\n")
     r = net.recipe
     assert (r.crop, r.random_crop, r.flip, r.pca_noise, r.test_views) == (24, True, True, 0.1, 10)
+    assert r.precision == "fp32" and checked(CONV + FC + TAIL, "[train]\nprecision=bf16\n").recipe.precision == "bf16"
     assert net.layers["data"].shape == (3, 24, 24)  # the net sees the crops
     assert checked(CONV + FC + TAIL, "[train]\ncrop=24\n", input_shape=(3, 28, 28)).layers["data"].shape == (3, 28, 28)
 
@@ -489,6 +490,7 @@ def test_train_section_data_keys_and_crop_override():
     ("[train]\nlrFactor=0\n",
      "p.cfg:2:10: [train]: lrFactor=0 must be above 0 and at most 1 (each drop multiplies the learning rates by it)"),
     ("[train]\nbatchSize=128,256\n", "p.cfg:2:11: [train]: batchSize takes one value"),
+    ("[train]\nprecision=fp16\n", "p.cfg:2:11: [train]: precision=fp16 is not one of fp32, bf16; did you mean 'bf16'?"),
     ("[train]\nepochs=2\nEPOCHS=3\n", "p.cfg:3:1: [train]: epochs is set twice (first at line 2); keep one"),
 ])
 def test_train_section_errors(params, message):

@@ -1017,6 +1017,25 @@ def test_channels_last_and_compile_train_the_same_net(setup, tmp_path, option):
     assert json.loads((tmp_path / option / "run.json").read_text())[option] is True
 
 
+def test_the_recipe_sets_precision_and_the_option_overrides_it(setup, tmp_path):
+    """[train] precision=bf16 trains under autocast without --precision; a typed --precision wins; a
+    resumed bf16 run stays bf16 without the option."""
+    spec, data = setup
+    cases = {"recipe": (["--set", "train.precision=bf16"], "bf16"),
+             "typed": (["--set", "train.precision=bf16", "--precision", "fp32"], "fp32"),
+             "default": ([], "fp32")}
+    for name, (extra, expected) in cases.items():
+        out = tmp_path / name
+        res = CliRunner().invoke(main, ["train", str(spec), "--data", str(data), "--out", str(out), "--quiet",
+                                        "--epochs", "1", *extra])
+        assert res.exit_code == 0, res.output
+        assert json.loads((out / "run.json").read_text())["precision"] == expected, name
+    res = CliRunner().invoke(main, ["train", "--resume", "--out", str(tmp_path / "recipe"), "--epochs", "2",
+                                    "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert ckpt.load(tmp_path / "recipe" / "epoch-0002.pt")["options"]["precision"] == "bf16"
+
+
 def test_resume_refuses_options_that_would_change_the_run(setup, tmp_path):
     """A resumed run trains what it recorded.  Retyping the first command with --resume passes; an
     option that would change the run (an ablation by --set, another SPEC) is refused, not dropped."""
