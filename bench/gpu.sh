@@ -81,11 +81,10 @@ from pathlib import Path
 import torch
 out = Path(sys.argv[1])
 card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no CUDA device"
-def last_json(path):
+def last_json(path):  # option_cost.py's result: the last line of what it printed
     lines = path.read_text().splitlines() if path.exists() else []
     return json.loads(lines[-1]) if lines and lines[-1].startswith("{") else None
 bench = out / "bench-alexnet.json"
-cost = out / "option-cost.json"
 result = {"card": card, "torch": torch.__version__, "cuda": torch.version.cuda,
           "date": datetime.date.today().isoformat(),
           "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -93,7 +92,7 @@ result = {"card": card, "torch": torch.__version__, "cuda": torch.version.cuda,
           "step_time": [json.loads(line) for line in (out / "step_time.jsonl").read_text().splitlines()
                         if line.startswith("{")],
           "bench_alexnet": json.loads(bench.read_text()) if bench.exists() and bench.stat().st_size else None,
-          "option_cost": json.loads(cost.read_text()) if cost.exists() and cost.stat().st_size else None,
+          "option_cost": last_json(out / "option-cost.txt"),
           "option_cost_dropout_off": last_json(out / "option-cost-nodropout.txt")}
 (out / "gpu.json").write_text(json.dumps(result, indent=1))
 print(f"wrote {out / 'gpu.json'}: {len(result['step_time'])} step-time results on {card}")

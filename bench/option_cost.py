@@ -178,7 +178,8 @@ def main() -> None:
         "spec": Path(args.spec).name, "device": str(device),
         "card": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "images": args.images, "batch": args.batch, "dropout": args.dropout, "steps": args.steps, "lr_scale": args.lr_scale,
+        "images": args.images, "batch": args.batch, "dropout": args.dropout, "steps": args.steps,
+        "lr_scale": args.lr_scale,
         "losses": curves, "seconds": seconds,
         "max_abs_diff_from_fp32": {n: max(abs(a - b) for a, b in zip(curves[n], reference)) for n in names[1:]},
     }))

@@ -217,7 +217,8 @@ def run(name: str, args: argparse.Namespace, device: torch.device) -> dict:
         "built_min_ms": round(min(times["built"]) * 1e3, 3),
         "handwritten_min_ms": round(min(times["handwritten"]) * 1e3, 3),
         "built_images_per_s": round(batch / built_s, 1), "handwritten_images_per_s": round(batch / hand_s, 1),
-        "cudnn_benchmark": torch.backends.cudnn.benchmark, "max_abs_diff": diff, "clock": "cpu" if CLOCK is time.process_time else "wall", "torch": torch.__version__,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark, "max_abs_diff": diff,
+        "clock": "cpu" if CLOCK is time.process_time else "wall", "torch": torch.__version__,
     }
     log(f"{name}: built {result['built_ms']:.1f} ms, hand-written {result['handwritten_ms']:.1f} ms, "
         f"ratio {result['ratio']:.3f} (median of {steps} steps, batch {batch}, "
