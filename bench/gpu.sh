@@ -11,7 +11,8 @@
 #   * what the options cost in accuracy: AlexNet's loss over the same steps on the
 #     ImageNet samples in fp32 / channels_last / bf16 / bf16 + channels_last
 #     (bench/option_cost.py, with dropout on and off; from .gpu-carry/squares.npz where ../shared is absent);
-#   * torch.profiler's costliest operators in AlexNet's fp32 step (in gpu.log).
+#   * torch.profiler's costliest operators in AlexNet's fp32 step (in gpu.log);
+#   * the same steps captured as CUDA graphs (--cuda-graph): the ratio without Python or launch overhead.
 # Everything lands in $OUT (default ./out): gpu.log, step_time.jsonl, bench-alexnet.json,
 # option-cost.json and gpu.json (the card, torch, the date and every measurement).  About 5 minutes on
 # an H100.
@@ -72,6 +73,16 @@ EOF
   timeout 120 python3 bench/option_cost.py --device "$bench_device" --steps "${COST_STEPS:-40}" --squares "$SQUARES" \
     --dropout off --settings fp32,channels_last,bf16,bf16+channels_last > "$OUT/option-cost-nodropout.txt" \
     && tail -n 3 "$OUT/option-cost-nodropout.txt"
+  # CUDA graphs: each side's whole step captured once and replayed, so neither keeps Python or launch
+  # overhead and the built/hand-written ratio is the kernels' alone; then the built side so against a plain script
+  if [ "$DEVICE" != cpu ]; then
+    for args in "" "--precision bf16 --channels-last"; do
+      timeout 120 python3 bench/step_time.py --device "$DEVICE" --steps "$STEPS" --nets alexnet,cifar10-80sec \
+        --batch "${BATCHES%% *}" --cuda-graph $args | tee -a "$OUT/step_time.jsonl"
+    done
+    timeout 120 python3 bench/step_time.py --device "$DEVICE" --steps "$STEPS" --nets alexnet --batch "${BATCHES%% *}" \
+      --plain-peer --precision bf16 --channels-last --cuda-graph | tee -a "$OUT/step_time.jsonl"
+  fi
   # last, since it is the slowest to start (compilation) and the least needed: a run cut short keeps the rest
   timeout "${COMPILE_LIMIT:-150}" python3 bench/step_time.py --device "$DEVICE" --steps "$STEPS" --nets alexnet,cifar10-80sec \
     --batch "${BATCHES%% *}" --plain-peer --precision bf16 --channels-last --compile | tee -a "$OUT/step_time.jsonl"

@@ -43,7 +43,10 @@ both), 2 warm-up steps, then 10 timed steps for the AlexNets and 30 for CIFAR
 ``torch.compile``.  With ``--plain-peer`` the options apply to the built side
 only (which then trains with ``runtime.optim.ConvnetSGD``, as ``convspec
 train`` does) and the hand-written side stays fp32 eager: ``speedup`` =
-median(hand-written) / median(built) is what the options buy.
+median(hand-written) / median(built) is what the options buy.  ``--cuda-graph``
+captures each side's whole step once as a CUDA graph and times its replays
+(PyTorch's whole-network capture), which takes Python and kernel launches out of
+the step; with ``--plain-peer`` only the built side is captured.
 """
 
 from __future__ import annotations
@@ -130,6 +133,27 @@ def train_step(model: nn.Module, opt: torch.optim.Optimizer, images: torch.Tenso
     opt.step()
 
 
+def graphed(step: Callable[[], None], device: torch.device, warmup: int = 3) -> Callable[[], None]:
+    """``step`` captured once as a CUDA graph; the returned callable replays it.
+
+    PyTorch's whole-network recipe: a few eager steps on a side stream first (cuDNN's
+    choices, the optimizer's momentum buffers and the allocator settle there), then one
+    captured step.  Every replay reads the same input tensors and writes the same
+    gradient and parameter memory, and Python values read during capture (a learning
+    rate, the step count) are frozen into the graph: right for timing a step, not for
+    a training loop whose rates change."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
 CLOCK = time.perf_counter
 
 
@@ -172,7 +196,9 @@ def run(name: str, args: argparse.Namespace, device: torch.device) -> dict:
         images = images.contiguous(memory_format=torch.channels_last)
 
     if args.precision == "bf16":
-        precision = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
+        # A captured graph must not reuse autocast's cast cache across replays.
+        cache = not args.cuda_graph
+        precision = lambda: torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache)  # noqa: E731
     else:
         precision = contextlib.nullcontext
     sides = {}
@@ -197,6 +223,11 @@ def run(name: str, args: argparse.Namespace, device: torch.device) -> dict:
             opt = torch.optim.SGD(compiled[side].parameters(), lr=0.01, momentum=0.9, foreach=True)
             sides[side] = lambda m=compiled[side], opt=opt: train_step(m, opt, images, labels, precision)
 
+    if args.cuda_graph:
+        # A plain script is eager: only the built side gets the option then.
+        for side in ("built",) if args.plain_peer else ("built", "handwritten"):
+            sides[side] = graphed(sides[side], device)
+
     times: dict[str, list[float]] = {"built": [], "handwritten": []}
     for i in range(args.warmup + steps):
         order = ("built", "handwritten") if i % 2 == 0 else ("handwritten", "built")
@@ -211,6 +242,7 @@ def run(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     result = {
         "net": name, "batch": batch, "threads": torch.get_num_threads(), "device": str(device),
         "precision": args.precision, "channels_last": args.channels_last, "compile": args.compile,
+        "cuda_graph": args.cuda_graph,
         "plain_peer": args.plain_peer, "steps": steps, "speedup": round(hand_s / built_s, 3),
         "built_ms": round(built_s * 1e3, 3), "handwritten_ms": round(hand_s * 1e3, 3),
         "ratio": round(built_s / hand_s, 4),
@@ -222,7 +254,8 @@ def run(name: str, args: argparse.Namespace, device: torch.device) -> dict:
     }
     log(f"{name}: built {result['built_ms']:.1f} ms, hand-written {result['handwritten_ms']:.1f} ms, "
         f"ratio {result['ratio']:.3f} (median of {steps} steps, batch {batch}, "
-        f"{result['threads']} threads, {args.precision}{', channels_last' if args.channels_last else ''})")
+        f"{result['threads']} threads, {args.precision}{', channels_last' if args.channels_last else ''}"
+        f"{', CUDA graph' if args.cuda_graph else ''})")
     return result
 
 
@@ -246,6 +279,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cudnn-benchmark", action="store_true",
                         help="torch.backends.cudnn.benchmark on both sides, as convspec train sets it on a GPU "
                              "(cuDNN times its kernels for each shape in the warm-up steps and keeps the fastest)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="capture each side's whole step as a CUDA graph and time its replays (no Python or "
+                             "launch overhead left; with --plain-peer, the built side only); needs --device cuda")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
                         help="after timing, profile this many steps of the built side with torch.profiler and "
                              "print its 15 costliest operators (device time on a GPU) to stderr")
@@ -266,6 +302,10 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--{option} must be at least 1")
     if args.warmup < 0:
         parser.error("--warmup must be at least 0")
+    if args.cuda_graph and not args.device.startswith("cuda"):
+        parser.error(f"--cuda-graph needs a CUDA device, not --device {args.device}; add --device cuda")
+    if args.cuda_graph and args.compile:
+        parser.error("--cuda-graph and --compile both take the overhead out; time one at a time")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.cudnn_benchmark:

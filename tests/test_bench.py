@@ -7,6 +7,7 @@ and no other row does), and the command's output and errors."""
 
 import json
 import os
+import sys
 import time
 
 import pytest
@@ -275,6 +276,7 @@ def _load_bench_script(name):
     import importlib.util
     spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -303,7 +305,6 @@ def test_option_cost_reads_the_photos_it_saved_where_the_folder_is_gone(tmp_path
     # bench/gpu.sh takes the decoded photos to a machine without ../shared as an .npz: a run from the .npz
     # alone trains on the same batches (the same losses), and one with another shuffle seed is refused.
     import subprocess
-    import sys
 
     import numpy as np
     from PIL import Image
@@ -341,7 +342,6 @@ def test_peer_accuracy_trains_the_hand_written_net_on_an_image_folder(tmp_path):
     # choice it offers, prints one JSON line, and the cuda-convnet choices learn the colours.
     import re
     import subprocess
-    import sys
 
     import numpy as np
     from PIL import Image
@@ -365,3 +365,27 @@ def test_peer_accuracy_trains_the_hand_written_net_on_an_image_folder(tmp_path):
         assert re.fullmatch(r"read 320 images in \d+\.\d s; 288 train, 32 validation", proc.stdout.splitlines()[0])
         runs[inputs] = result["val_top1_error"]
     assert runs["raw"][-1] < 10  # 32 validation images: at most 3 wrong
+
+
+def test_step_time_races_the_built_net_against_its_peer_and_prints_json(capsys):
+    # bench/step_time.py end to end on the CPU, one step a side: one JSON line per net, whose
+    # two sides compute the same function (the logit check) and whose ratio is built / hand-written.
+    step_time = _load_bench_script("step_time")
+    step_time.main(["--nets", "cifar10-80sec", "--batch", "4", "--steps", "2", "--warmup", "0", "--threads", "1"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (result["net"], result["batch"], result["steps"], result["cuda_graph"]) == ("cifar10-80sec", 4, 2, False)
+    assert result["max_abs_diff"] < 1e-3
+    assert result["ratio"] == pytest.approx(result["built_ms"] / result["handwritten_ms"], rel=0.01)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cuda-graph"], "--cuda-graph needs a CUDA device, not --device cpu; add --device cuda"),
+    (["--cuda-graph", "--device", "cuda", "--compile"],
+     "--cuda-graph and --compile both take the overhead out; time one at a time"),
+])
+def test_step_time_refuses_a_cuda_graph_it_cannot_capture(args, message, capsys):
+    step_time = _load_bench_script("step_time")
+    with pytest.raises(SystemExit) as exit_info:
+        step_time.main(["--nets", "cifar10-80sec", *args])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"error: {message}")
