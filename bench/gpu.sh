@@ -74,7 +74,8 @@ EOF
     --dropout off --settings fp32,channels_last,bf16,bf16+channels_last > "$OUT/option-cost-nodropout.txt" \
     && tail -n 3 "$OUT/option-cost-nodropout.txt"
   # CUDA graphs: each side's whole step captured once and replayed, so neither keeps Python or launch
-  # overhead and the built/hand-written ratio is the kernels' alone; then the built side so against a plain script
+  # overhead and the built/hand-written ratio is the kernels' alone; then the captured built side against
+  # a plain eager script
   if [ "$DEVICE" != cpu ]; then
     for args in "" "--precision bf16 --channels-last"; do
       timeout 120 python3 bench/step_time.py --device "$DEVICE" --steps "$STEPS" --nets alexnet,cifar10-80sec \

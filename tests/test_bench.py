@@ -371,7 +371,8 @@ def test_step_time_races_the_built_net_against_its_peer_and_prints_json(capsys):
     # bench/step_time.py end to end on the CPU, one step a side: one JSON line per net, whose
     # two sides compute the same function (the logit check) and whose ratio is built / hand-written.
     step_time = _load_bench_script("step_time")
-    step_time.main(["--nets", "cifar10-80sec", "--batch", "4", "--steps", "2", "--warmup", "0", "--threads", "1"])
+    # (no --threads: it would set the thread count of the whole test process)
+    step_time.main(["--nets", "cifar10-80sec", "--batch", "4", "--steps", "2", "--warmup", "0"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert (result["net"], result["batch"], result["steps"], result["cuda_graph"]) == ("cifar10-80sec", 4, 2, False)
     assert result["max_abs_diff"] < 1e-3
