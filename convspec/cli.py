@@ -19,6 +19,7 @@ from click.core import ParameterSource
 
 from . import __version__
 from .errors import SpecError, fail
+from .recipe import PRECISIONS
 from .values import parse_shape
 
 
@@ -163,7 +164,7 @@ def prepare(ctx, src, out, size, quality, raw, workers, synsets):
               help="Comma list, e.g. cpu, cuda:0 or cuda:0,cuda:1: the spec's gpu= groups fold onto them.  "
                    "Default: every GPU, else the CPU.")
 @click.option("--seed", type=click.IntRange(0, 2**63 - 1), help="Override [train] seed (weights, data order, augmentation).")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]),
+@click.option("--precision", type=click.Choice(PRECISIONS),
               help="bf16 runs the layers under autocast (changes results slightly; the loss stays fp32): "
                    "about 2x faster on a CPU with bf16 units (avx512_bf16 or AMX), far slower on one without.  "
                    "Default: [train] precision, else fp32.")
@@ -467,7 +468,7 @@ def eval_(ctx, checkpoint, data, labels, topk, views, devices, batch_size, per_c
               help="Untimed iterations first (allocator, kernel choice, caches).")
 @click.option("--devices", metavar="DEVICES",
               help="As for train: cpu, cuda:0 or cuda:0,cuda:1.  Default: every GPU, else the CPU.")
-@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
               help="bf16: layers under autocast, as train --precision bf16.")
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True,
               help="NHWC memory layout, as train's default; --no-channels-last times NCHW.")
