@@ -24,7 +24,10 @@ net prints one JSON line on stdout with the median step time of each side,
 slower), images/s, the fastest step of each side (``*_min_ms``: on a shared
 machine the median is only as steady as the neighbours) and ``max_abs_diff``,
 the largest logit difference between the two sides on two images (eval mode,
-fp32, before timing), a check that they really are the same net.  Progress
+fp32, before timing), a check that they really are the same net.  ``*_ops`` counts
+the aten operators of one whole step of each side, views left out (eager steps
+only; null with ``--compile`` or ``--cuda-graph``): on a GPU each is a kernel launch
+and its Python, which is what a step of small kernels is bound by.  Progress
 goes to stderr.
 
 Run from the repository root:
@@ -64,6 +67,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # reference_nets: the hand-written peers
@@ -157,6 +161,28 @@ def graphed(step: Callable[[], None], device: torch.device, warmup: int = 3) -> 
 CLOCK = time.perf_counter
 
 
+class _CountOps(TorchDispatchMode):
+    """Counts the aten operators that run, views left out.  On a GPU each is at least one
+    kernel launch plus its Python and dispatcher time: a step made of many small ones is
+    bound by those, not by the card."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def ops_per_step(step: Callable[[], None]) -> int:
+    """Non-view aten operators in one whole training step (forward, loss, backward, update)."""
+    with _CountOps() as counter:
+        step()
+    return counter.count
+
+
 def timed(step: Callable[[], None], device: torch.device) -> float:
     """Seconds for one step; on a GPU, wait for queued kernels on both ends."""
     if device.type == "cuda":
@@ -223,6 +249,11 @@ def run(name: str, args: argparse.Namespace, device: torch.device) -> dict:
             opt = torch.optim.SGD(compiled[side].parameters(), lr=0.01, momentum=0.9, foreach=True)
             sides[side] = lambda m=compiled[side], opt=opt: train_step(m, opt, images, labels, precision)
 
+    # Counted on the eager steps (a compiled or captured step runs other operators, or none),
+    # before timing: the counting step is one more warm-up step for each side.
+    eager = not (args.compile or args.cuda_graph)
+    ops = {side: ops_per_step(sides[side]) if eager else None for side in sides}
+
     if args.cuda_graph:
         # A plain script is eager: only the built side gets the option then.
         for side in ("built",) if args.plain_peer else ("built", "handwritten"):
@@ -249,14 +280,19 @@ def run(name: str, args: argparse.Namespace, device: torch.device) -> dict:
         "built_min_ms": round(min(times["built"]) * 1e3, 3),
         "handwritten_min_ms": round(min(times["handwritten"]) * 1e3, 3),
         "built_images_per_s": round(batch / built_s, 1), "handwritten_images_per_s": round(batch / hand_s, 1),
+        "built_ops": ops["built"], "handwritten_ops": ops["handwritten"],
         "cudnn_benchmark": torch.backends.cudnn.benchmark, "max_abs_diff": diff,
         "clock": "cpu" if CLOCK is time.process_time else "wall", "torch": torch.__version__,
     }
     log(f"{name}: built {result['built_ms']:.1f} ms, hand-written {result['handwritten_ms']:.1f} ms, "
-        f"ratio {result['ratio']:.3f} (median of {steps} steps, batch {batch}, "
+        f"ratio {result['ratio']:.3f}{_ops_text(ops)} (median of {steps} steps, batch {batch}, "
         f"{result['threads']} threads, {args.precision}{', channels_last' if args.channels_last else ''}"
         f"{', CUDA graph' if args.cuda_graph else ''})")
     return result
+
+
+def _ops_text(ops: dict) -> str:
+    return f", {ops['built']} ops a step against {ops['handwritten']}" if ops["built"] is not None else ""
 
 
 def main(argv: list[str] | None = None) -> None:

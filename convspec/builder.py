@@ -74,6 +74,7 @@ class CompiledNet(nn.Module):
         self.devices = [torch.device(d) for d in devices] if devices else default_devices()
         self.fuse = fuse
         self.device_of: dict[str, int] = {}
+        self._module_names: dict[str, str] = {}  # layer name -> submodule name
         for layer in net.layers.values():
             if layer.type == "data":
                 continue
@@ -82,6 +83,7 @@ class CompiledNet(nn.Module):
             if module_class:
                 module = getattr(ops, module_class)(layer)
                 self.add_module(module_name(layer.name), module.to(self.devices[self.device_of[layer.name]]))
+                self._module_names[layer.name] = module_name(layer.name)
         self.image_input = next((l.name for l in net.layers.values()
                                  if l.type == "data" and l["dataIdx"] != 1), None)
         # cuda-convnet trains on the sum of every cost layer times its coeff; the first in the
@@ -160,9 +162,11 @@ class CompiledNet(nn.Module):
         fused: dict[tuple[str, ...], torch.Tensor] = {}  # members -> channel-concatenated output
         copies: dict[tuple[str, torch.device], torch.Tensor] = {}
 
+        one_device = len(self.devices) == 1
+
         def fetch(name: str, device: torch.device) -> torch.Tensor:
             x = values[name]
-            if x.device == device:
+            if one_device or x.device == device:
                 return x
             key = (name, device)
             if key not in copies:  # one copy per edge target, shared by its readers
@@ -176,21 +180,22 @@ class CompiledNet(nn.Module):
                 return fused[names]
             return torch.cat([fetch(n, device) for n in names], dim=1)
 
+        modules = self._modules  # looked up once: nn.Module's __getattr__ costs a call per layer
         for step in self.steps(wanted):
             device = self.devices[step.device]
             if step.kind == "single":
                 name = step.members[0]
-                layer = self.spec.layers[name]
-                values[name] = self.run_step(step, [fetch(s, device) for s in layer.inputs])
+                values[name] = modules[self._module_names[name]]([fetch(s, device) for s in step.sources])
                 continue
             x = gather(step.sources, device)
             y = self._run_fused(step, x)
             fused[step.members] = y
-            offset = 0
-            for name in step.members:
-                width = self.spec.layers[name].shape[0]
-                values[name] = y.narrow(1, offset, width)
-                offset += width
+            # One split, not a narrow per member: a layer that reads members one by one
+            # (AlexNet's fc6a and fc6b read pool5a and pool5b) then sends its gradients back
+            # through one concatenation, where each narrow's backward zero-fills a
+            # tensor of the whole step's size and the copies are then summed.
+            widths = [self.spec.layers[name].shape[0] for name in step.members]
+            values.update(zip(step.members, torch.split(y, widths, dim=1)))
 
         if outputs:
             return {name: values[name] for name in wanted}
@@ -213,14 +218,14 @@ class CompiledNet(nn.Module):
         layer = self.spec.layers[step.members[0]]
         if layer.type == "conv":
             if step.kind == "full":
-                weight = torch.cat([
-                    torch.cat([m.weights()[self.spec.layers[n].inputs.index(s)] for s in step.sources], dim=1)
+                weight = _cat([
+                    _cat([m.weights()[self.spec.layers[n].inputs.index(s)] for s in step.sources], dim=1)
                     for n, m in zip(step.members, mods)], dim=0)
                 groups = 1
             else:
-                weight = torch.cat([m.weights()[0] for m in mods], dim=0)
+                weight = _cat([m.weights()[0] for m in mods], dim=0)
                 groups = len(mods) * first.geometry[0][2]
-            y = first.conv(x, weight, 0, groups=groups, bias=torch.cat([m.bias for m in mods], dim=0))
+            y = first.conv(x, weight, 0, groups=groups, bias=_cat([m.bias for m in mods], dim=0))
             return ops.apply_neuron(first.neuron, y)
         if layer.type == "cmrnorm":
             return first([x], towers=len(mods))  # the channel window must not cross towers
@@ -241,7 +246,9 @@ class CompiledNet(nn.Module):
         for coeff, one in zip(coeffs, several):
             if one.dtype in (torch.float16, torch.bfloat16):
                 one = one.float()  # the log-softmax of low-precision logits loses too much
-            term = coeff * F.cross_entropy(one, labels.to(one.device))
+            term = F.cross_entropy(one, labels.to(one.device))
+            if coeff != 1:  # 1 * x is x: skip a kernel forward and another backward
+                term = coeff * term
             total = term if total is None else total + term.to(total.device)
         return total
 
@@ -264,6 +271,12 @@ class CompiledNet(nn.Module):
                                                    layer["wball"][i], layer["updatePeriod"], layer.type)
             yield f"{prefix}.bias", module.bias, Rule(layer["epsB"], layer["momB"], 0.0, 0.0,
                                                       layer["updatePeriod"], layer.type)
+
+
+def _cat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """torch.cat, except that one tensor is used as it is: cat would copy it (a kernel
+    forward and another backward) for nothing."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
 
 
 def build(net: CheckedNet, devices: Sequence[str | torch.device] | None = None,

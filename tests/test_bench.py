@@ -5,6 +5,7 @@ the rows are the executor's steps, that time is attributed to the right row
 (a layer slowed by a known sleep, forward and backward separately, carries it
 and no other row does), and the command's output and errors."""
 
+import contextlib
 import json
 import os
 import sys
@@ -12,6 +13,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 from click.testing import CliRunner
 
 from convspec.builder import build
@@ -377,6 +379,26 @@ def test_step_time_races_the_built_net_against_its_peer_and_prints_json(capsys):
     assert (result["net"], result["batch"], result["steps"], result["cuda_graph"]) == ("cifar10-80sec", 4, 2, False)
     assert result["max_abs_diff"] < 1e-3
     assert result["ratio"] == pytest.approx(result["built_ms"] / result["handwritten_ms"], rel=0.01)
+    assert result["built_ops"] == result["handwritten_ops"] > 20
+
+
+def test_the_built_step_runs_no_more_operators_than_the_hand_written_one():
+    """What a step costs beyond its kernels grows with the operators it runs (on a GPU each
+    is a launch).  cifar10-80sec built from its spec runs exactly the hand-written module's
+    operators, and convspec's loss exactly F.cross_entropy's; views are not counted."""
+    step_time = _load_bench_script("step_time")
+    net, ref = step_time.make_models(step_time.NETS["cifar10-80sec"], torch.device("cpu"))
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([3, 7])
+    counts = {}
+    for side, model in (("built", net), ("hand-written", ref)):
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, foreach=True)
+        counts[side] = step_time.ops_per_step(
+            lambda: step_time.train_step(model, opt, images, labels, contextlib.nullcontext))
+    assert counts["built"] == counts["hand-written"] > 20
+    logits = net(images)
+    ours = step_time.ops_per_step(lambda: net.loss(logits, labels).backward(retain_graph=True))
+    theirs = step_time.ops_per_step(lambda: F.cross_entropy(logits, labels).backward(retain_graph=True))
+    assert ours == theirs
 
 
 @pytest.mark.parametrize("args, message", [

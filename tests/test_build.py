@@ -193,6 +193,40 @@ def test_local_layer_equals_direct_loop():
     torch.testing.assert_close(y, expected)
 
 
+@pytest.mark.parametrize("attrs, shape, plain", [
+    ("filterSize=3\nstride=1\npadding=1", "4x6x6", True),
+    ("filterSize=3\nstride=2\npadding=1\ngroups=2", "4x7x7", True),
+    ("filterSize=3\nstride=2\npadding=0", "4x6x6", False),  # the last window overhangs: zeros there
+    ("filterSize=3\nstride=1\npadding=1\nsharedBiases=0", "4x5x5", False),
+], ids=["plain", "grouped", "overhang", "unshared-biases"])
+def test_conv_equals_direct_loop(attrs, shape, plain):
+    """Both the one-call path and the general one against cuda-convnet's definition: output
+    (i, j) sums the filterSize window at (-padding + i*stride, -padding + j*stride), zero
+    outside the image, over 1 + ceil((2*padding + size - filterSize) / stride) positions."""
+    net = randomize(built(f"[c]\ntype=conv\ninputs=data\nfilters=2\n{attrs}\n"
+                          "[fc]\ntype=fc\ninputs=c\noutputs=2\n", shape=shape))
+    assert net.c.single_call == plain
+    channels, size = int(shape.split("x")[0]), int(shape.split("x")[1])
+    f, s, p, g = (int(net.spec.layers["c"][k][0]) for k in ("filterSize", "stride", "padding", "groups"))
+    x = rand(2, channels, size, size)
+    y = net(x, outputs=["c"])["c"]
+    out = 1 + math.ceil((2 * p + size - f) / s)
+    padded = torch.zeros(2, channels, size + 2 * p + f, size + 2 * p + f, dtype=torch.float64)
+    padded[:, :, p:p + size, p:p + size] = x
+    w, b = net.c.weight, net.c.bias  # (filters, channels / groups, f, f); (filters,) or (filters, out, out)
+    filters, per_group = w.shape[0], channels // g
+    expected = torch.empty(2, filters, out, out, dtype=torch.float64)
+    for k in range(filters):
+        group = k // (filters // g)
+        chans = slice(group * per_group, (group + 1) * per_group)
+        for i in range(out):
+            for j in range(out):
+                patch = padded[:, chans, i * s:i * s + f, j * s:j * s + f]
+                expected[:, k, i, j] = (patch * w[k]).sum((1, 2, 3)) + (b[k] if b.dim() == 1 else b[k, i, j])
+    assert y.shape == expected.shape
+    torch.testing.assert_close(y, expected)
+
+
 def test_grouped_local_layer_equals_loop_per_group():
     net = randomize(built("[l]\ntype=local\ninputs=data\nfilters=1\nfilterSize=2\ngroups=2\n"
                           "[fc]\ntype=fc\ninputs=l\noutputs=2\n", shape="4x3x3"))
