@@ -382,6 +382,28 @@ def test_step_time_races_the_built_net_against_its_peer_and_prints_json(capsys):
     assert result["built_ops"] == result["handwritten_ops"] > 20
 
 
+def test_optim_step_times_cuda_convnets_update_and_sums_the_weights_it_left(capsys):
+    """bench/optim_step.py on cifar10-80sec: its checksum is the weights after three updates
+    with its fixed gradients, recomputed here in float64 from cuda-convnet's rule."""
+    optim_step = _load_bench_script("optim_step")
+    result = optim_step.main(["--spec", str(ROOT / "specs/cifar10-80sec.cfg"), "--steps", "3"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+    torch.manual_seed(0)
+    net = build(check_paths(ROOT / "specs/cifar10-80sec.cfg"), devices=["cpu"])
+    gen = torch.Generator().manual_seed(1)
+    total = 0.0
+    for _name, p, rule in net.learning_rules():
+        g = (torch.randn(p.shape, generator=gen) * 1e-3).double()
+        w, inc = p.detach().double(), torch.zeros(p.shape, dtype=torch.float64)
+        for _ in range(3):
+            inc = rule.mom * inc - rule.eps.value(0.0) * (g + rule.wc * w)
+            w = w + inc
+        total += w.sum().item()
+    assert result["parameters"] == sum(p.numel() for p in net.parameters())
+    assert result["checksum"] == pytest.approx(total, rel=1e-6, abs=1e-4)
+    assert 0 < result["min_ms"] <= result["median_ms"]
+
+
 def test_the_built_step_runs_no_more_operators_than_the_hand_written_one():
     """What a step costs beyond its kernels grows with the operators it runs (on a GPU each
     is a launch).  cifar10-80sec built from its spec runs exactly the hand-written module's
