@@ -29,6 +29,8 @@ sys.path.insert(0, str(ROOT))  # convspec itself, without installing it
 
 from convspec.builder import build  # noqa: E402
 from convspec.check import check_paths  # noqa: E402
+from convspec.errors import SpecError  # noqa: E402
+from convspec.values import parse_shape  # noqa: E402
 from runtime.optim import ConvnetSGD  # noqa: E402
 
 
@@ -36,11 +38,21 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec", default=str(ROOT / "specs/alexnet.cfg"), help="layer file (default: AlexNet)")
     parser.add_argument("--steps", type=int, default=8, help="timed steps (default: 8; the first two are warm-up)")
+    parser.add_argument("--input", metavar="CxHxW", help="image size, for an original cuda-convnet file (it has none)")
     args = parser.parse_args(argv)
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
 
     torch.manual_seed(0)
-    net = build(check_paths(args.spec), devices=["cpu"])
-    opt = ConvnetSGD(net.learning_rules())
+    try:
+        shape = parse_shape(args.input, "--input", None) if args.input else None
+        net = build(check_paths(args.spec, input_shape=shape), devices=["cpu"])
+    except SpecError as err:
+        parser.error(str(err))  # the spec's own one-line error, not a traceback
+    try:
+        opt = ConvnetSGD(net.learning_rules())
+    except ValueError as err:  # a layer without epsW/momW: the message names it and the fix
+        parser.error(str(err))
     params = list(net.parameters())
     gen = torch.Generator().manual_seed(1)
     grads = [torch.randn(p.shape, generator=gen) * 1e-3 for p in params]

@@ -404,6 +404,19 @@ def test_optim_step_times_cuda_convnets_update_and_sums_the_weights_it_left(caps
     assert 0 < result["min_ms"] <= result["median_ms"]
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--spec", "nope.cfg"], "nope.cfg: no such file; check the path"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--input", "3x3"], "--input must be CxHxW with positive whole numbers, e.g. 3x224x224, not '3x3'"),
+])
+def test_optim_step_errors_are_one_line(args, message, capsys):
+    optim_step = _load_bench_script("optim_step")
+    with pytest.raises(SystemExit) as exit_info:
+        optim_step.main(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_the_built_step_runs_no_more_operators_than_the_hand_written_one():
     """What a step costs beyond its kernels grows with the operators it runs (on a GPU each
     is a launch).  cifar10-80sec built from its spec runs exactly the hand-written module's
