@@ -17,7 +17,8 @@ to that L2 norm after the update (cuda-convnet2's weight constraint).
 A layer with ``updatePeriod=N`` accumulates its gradients over N minibatches
 and updates on every N-th call of :meth:`ConvnetSGD.step` with their mean;
 the optimizer clears exactly the gradients it used (call
-:meth:`ConvnetSGD.zero_grad` only to drop everything).
+:meth:`ConvnetSGD.zero_grad` only to drop everything).  It consumes them: the
+mean and the weight decay are computed in place in ``p.grad``.
 
 Parameters sharing one (eps, mom, wc) rule are updated together with
 ``torch._foreach_*`` calls: one kernel per group, not per tensor.
