@@ -74,7 +74,6 @@ class CompiledNet(nn.Module):
         self.devices = [torch.device(d) for d in devices] if devices else default_devices()
         self.fuse = fuse
         self.device_of: dict[str, int] = {}
-        self._module_names: dict[str, str] = {}  # layer name -> submodule name
         for layer in net.layers.values():
             if layer.type == "data":
                 continue
@@ -83,7 +82,6 @@ class CompiledNet(nn.Module):
             if module_class:
                 module = getattr(ops, module_class)(layer)
                 self.add_module(module_name(layer.name), module.to(self.devices[self.device_of[layer.name]]))
-                self._module_names[layer.name] = module_name(layer.name)
         self.image_input = next((l.name for l in net.layers.values()
                                  if l.type == "data" and l["dataIdx"] != 1), None)
         # cuda-convnet trains on the sum of every cost layer times its coeff; the first in the
@@ -185,7 +183,7 @@ class CompiledNet(nn.Module):
             device = self.devices[step.device]
             if step.kind == "single":
                 name = step.members[0]
-                values[name] = modules[self._module_names[name]]([fetch(s, device) for s in step.sources])
+                values[name] = modules[module_name(name)]([fetch(s, device) for s in step.sources])
                 continue
             x = gather(step.sources, device)
             y = self._run_fused(step, x)
