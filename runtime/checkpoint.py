@@ -2,9 +2,9 @@
 
 A checkpoint holds only tensors and plain Python values (str, int, float,
 bool, None, lists and dicts of them), so ``torch.load(weights_only=True)``
-reads it and a checkpoint can never run code.  Writing goes to a temporary
-file in the same folder, is fsynced, then renamed over the target: a crash
-leaves either the old file or the new one, never half of one.
+reads it and a checkpoint can never run code.  It is written whole
+(``runtime.files``): a crash leaves either the old file or the new one, never
+half of one.
 
     save(run_dir / "epoch-0003.pt", state)
     state = load(run_dir / "epoch-0003.pt")
@@ -13,7 +13,6 @@ leaves either the old file or the new one, never half of one.
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
 import shutil
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 from convspec.errors import Location, fail
+from runtime import files
 
 EPOCH_PATTERN = "epoch-*.pt"
 FORMAT = "convspec-checkpoint"
@@ -48,38 +48,15 @@ def epoch_files(run_dir: str | Path) -> list[Path]:
 def save(path: str | Path, state: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}{PARTIAL}{os.getpid()}")
     try:
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-        except (OSError, RuntimeError) as err:
-            # A full disk reaches torch.save's zip writer as a RuntimeError ("unexpected pos").
-            free = shutil.disk_usage(path.parent).free
-            raise fail(f"could not write the checkpoint ({' '.join(str(err).split())[:120]}); "
-                       f"{free / 2**20:,.0f} MiB free there: free some space or choose another --out "
-                       "(--resume continues from the last checkpoint saved)", Location(str(path))) from None
-        os.replace(tmp, path)
-        # The rename itself is durable only once the folder is synced.
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        files.write_whole(path, lambda f: torch.save(state, f))
+    except (OSError, RuntimeError) as err:
+        # A full disk reaches torch.save's zip writer as a RuntimeError ("unexpected pos").
+        free = shutil.disk_usage(path.parent).free
+        raise fail(f"could not write the checkpoint ({' '.join(str(err).split())[:120]}); "
+                   f"{free / 2**20:,.0f} MiB free there: free some space or choose another --out "
+                   "(--resume continues from the last checkpoint saved)", Location(str(path))) from None
     return path
-
-
-PARTIAL = ".tmp-"  # in the name of a checkpoint being written: .epoch-0003.pt.tmp-PID
-
-
-def is_partial_write(path: Path) -> bool:
-    """A checkpoint's temporary file, left behind when a process was killed while writing it."""
-    return path.name.startswith(".") and PARTIAL in path.name
 
 
 def load(path: str | Path, map_location="cpu") -> dict:

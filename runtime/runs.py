@@ -31,6 +31,7 @@ import torch
 from convspec.errors import Location, SpecError, fail
 
 from . import checkpoint as ckpt
+from . import files
 
 RUNS_ROOT = Path("runs")
 BEST = "best.pt"
@@ -151,7 +152,7 @@ def _a_run_that_stopped_before_its_first_checkpoint(run_dir: Path) -> bool:
     wrote) and the temporary file of a checkpoint cut off while being written:
     training may write over those, and over nothing else of the user's."""
     names = {p.name for p in run_dir.iterdir()
-             if not ckpt.is_partial_write(p) and not (p.name == RANK_LOGS and p.is_dir()) and p.name != LOCK}
+             if not files.is_partial_write(p) and not (p.name == RANK_LOGS and p.is_dir()) and p.name != LOCK}
     if not names:
         return True
     if not names <= RUN_START_FILES:

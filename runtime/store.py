@@ -39,7 +39,7 @@ from PIL import Image
 
 from convspec.errors import Location, fail, plural
 
-from . import cifar
+from . import cifar, files
 from .preprocess import Stats, load_square
 from .progress import Progress
 from .sources import (STORE_MARKER, detect, file_size, list_class_folders, names_from_synsets, refuse_one_class,
@@ -116,20 +116,11 @@ def _tsv(text: str) -> str:
 
 
 def _save_atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    """Write a store file whole (``runtime.files``); a failure names the file, the free space and the fix."""
     try:
-        f = open(tmp, "wb")  # a folder that cannot be written: the CLI names it and says what to check
-        try:
-            with f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-        except OSError as err:
-            raise _not_written(path, err) from None
-        os.replace(tmp, path)
-    finally:
-        # A half-written shard of an ImageNet store is gigabytes; a killed run leaves it for the rerun to replace.
-        tmp.unlink(missing_ok=True)
+        files.write_whole(path, write)
+    except OSError as err:
+        raise _not_written(path, err) from None
 
 
 def _not_written(path: Path, err: OSError):
@@ -217,8 +208,10 @@ def prepare(source: Path, out: Path, options: PrepareOptions, synsets: Path | No
             raise fail(f"was started by an older convspec, which did not record what {source} held, so its "
                        f"finished shards cannot be checked against it: delete {out} and prepare again",
                        Location(str(out)))
-    elif any(out.iterdir()):
+    elif any(not files.is_partial_write(p) for p in out.iterdir()):  # killed while writing prepare.json
         raise fail("is not empty and holds no convspec store; choose an empty or new folder", Location(str(out)))
+    # A killed prepare's half-written shard: this run writes the shard again, under its own name.
+    files.remove_partial_writes(out)
     _save_atomic(out / "prepare.json", lambda f: f.write(json.dumps({**fingerprint, "listing": listing},
                                                                     indent=1).encode()))
 

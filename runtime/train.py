@@ -35,6 +35,7 @@ from convspec.errors import Location, SpecError, fail, plural
 
 from . import checkpoint as ckpt
 from . import distributed as D
+from . import files
 from . import runs
 from .download import DATASETS
 from .evaluate import EvalResult, autocast, evaluate
@@ -726,7 +727,7 @@ class Trainer:
         if self.main:
             ckpt.save(last, self._state(epoch + 1, 0))
             if improved:
-                _link_or_copy(last, self.run_dir / runs.BEST)
+                files.link_or_copy(last, self.run_dir / runs.BEST)
             (self.run_dir / runs.INTERRUPTED).unlink(missing_ok=True)
             ckpt.prune(self.run_dir, self.o.keep)
             self._write_metrics()
@@ -898,31 +899,12 @@ def diagnose(net, x: torch.Tensor, progress: float) -> tuple[str, str]:
 
 
 def _write_whole(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8) under a temporary name, then rename: a reader never sees half
-    a file. A write that fails (a full disk) names ``path``, which Python's own error for
-    a failed write does not, and leaves no temporary file behind."""
-    tmp = path.with_name(f".{path.name}{ckpt.PARTIAL}{os.getpid()}")
+    """Write ``text`` (UTF-8) whole (``runtime.files``).  A write that fails (a full disk)
+    names ``path``, which Python's own error for a failed write does not."""
     try:
-        with open(tmp, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())  # a power cut leaves the old file or the new one, never an empty one
-        os.replace(tmp, path)
+        files.write_whole(path, lambda f: f.write(text.encode("utf-8")))
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise OSError(err.errno, err.strerror or str(err), str(path)) from None
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)  # same bytes, no second write of a large file
-    except OSError:
-        import shutil
-
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
 
 
 def _git_commit() -> str | None:

@@ -1,12 +1,14 @@
 """Checkpoints: atomic writes, safe reads, clear errors, pruning."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from convspec.errors import SpecError
+from runtime import files
 from runtime.checkpoint import epoch_name, load, prune, save
 
 
@@ -93,3 +95,48 @@ def test_flipped_bytes_inside_the_weights_are_caught(tmp_path):
     assert str(err.value).startswith(f"{bad}: checkpoint is corrupted (")
     assert str(err.value).endswith("fails its checksum); use an older one from the same run")
     assert torch.equal(load(tmp_path / "good.pt")["model"]["w"], state["model"]["w"])
+
+
+# runtime.files: the one way checkpoints, run records and store files are written.
+
+def test_write_whole_replaces_the_file_and_leaves_nothing_else(tmp_path):
+    target = tmp_path / "run.json"
+    target.write_text("old")
+    files.write_whole(target, lambda f: f.write(b"new"))
+    assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["run.json"]
+
+
+def test_a_write_cut_off_by_an_error_keeps_the_old_file_and_no_temporary_one(tmp_path):
+    target = tmp_path / "train-00000.raw.npy"
+    target.write_bytes(b"whole")
+    seen = []
+
+    def half_then_full_disk(f):
+        f.write(b"half")
+        seen.append(Path(f.name))
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        files.write_whole(target, half_then_full_disk)
+    # It was written beside the target, hidden, under a name a run folder's check knows to skip.
+    assert seen[0].parent == tmp_path and files.is_partial_write(seen[0]) and not files.is_partial_write(target)
+    assert target.read_bytes() == b"whole" and os.listdir(tmp_path) == [target.name]
+
+
+def test_remove_partial_writes_removes_only_those(tmp_path):
+    for name in (".epoch-0002.pt.tmp-4242", "epoch-0001.pt", ".hidden", "notes.tmp-1"):
+        (tmp_path / name).write_bytes(b"x")
+    files.remove_partial_writes(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == [".hidden", "epoch-0001.pt", "notes.tmp-1"]
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard-link", "no-links-copy"])
+def test_link_or_copy_gives_the_same_bytes_either_way(tmp_path, monkeypatch, links):
+    src, dst = tmp_path / "epoch-0003.pt", tmp_path / "best.pt"
+    src.write_bytes(b"weights")
+    dst.write_bytes(b"older best")
+    if not links:  # a file system without hard links (FAT, some network mounts)
+        monkeypatch.setattr(os, "link", lambda *_: (_ for _ in ()).throw(OSError(1, "Operation not permitted")))
+    files.link_or_copy(src, dst)
+    assert dst.read_bytes() == b"weights" and sorted(os.listdir(tmp_path)) == ["best.pt", "epoch-0003.pt"]
+    assert (os.stat(src).st_ino == os.stat(dst).st_ino) == links

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from convspec.errors import SpecError
-from runtime import cifar
+from runtime import cifar, files
 from runtime.loader import ArraySource, Batches, eval_batches, holdout, open_source
 from runtime.preprocess import Augment, Stats, augment_batch, eval_views, load_square
 from runtime.store import PrepareOptions, StoreSplit, prepare
@@ -328,7 +328,8 @@ def test_interrupted_prepare_finishes_on_rerun(tmp_path):
     # What a kill leaves: no store.json, a shard without its labels, a temp file.
     (out / "store.json").unlink()
     (out / "val-00000.labels.npy").unlink()
-    (out / "train-00000.raw.npy.tmp").write_bytes(b"partial")
+    killed_write = out / f".train-00000.raw.npy{files.PARTIAL}4242"
+    killed_write.write_bytes(b"partial")
     with pytest.raises(SpecError, match="not a complete convspec store"):
         StoreSplit(out, "train")
     with pytest.raises(SpecError) as err:  # as --data
@@ -338,6 +339,7 @@ def test_interrupted_prepare_finishes_on_rerun(tmp_path):
     prepare(root, out, PrepareOptions(size=16, raw=True, workers=1), progress=False)
     assert np.array_equal(StoreSplit(out, "train").images(range(6)), complete)
     assert len(StoreSplit(out, "val")) == 6
+    assert not killed_write.exists()  # a shard's is gigabytes on ImageNet, and the rerun wrote under its own pid
 
 
 # Run prepare through the CLI with each image's encoding held at a gate, so that Ctrl-C surely lands mid-way:
@@ -492,7 +494,7 @@ def test_a_full_disk_during_prepare_names_the_file_and_leaves_no_temp_file(tmp_p
     save = np.save
 
     def filling(file, array, *args, **kwargs):
-        if getattr(file, "name", "").endswith(".raw.npy.tmp"):
+        if f".raw.npy{files.PARTIAL}" in getattr(file, "name", ""):
             file.write(b"\x93NUMPY" + bytes(100))  # a part, as a disk that fills up leaves it
             raise error
         return save(file, array, *args, **kwargs)

@@ -24,6 +24,7 @@ from convspec.cli import main, views_described
 from convspec.errors import SpecError
 from runtime import checkpoint as ckpt
 from runtime import cifar
+from runtime import files
 from runtime.evaluate import evaluate_checkpoint
 from runtime import runs
 from runtime import sources as runtime_sources
@@ -678,7 +679,7 @@ def test_out_may_hold_what_a_run_killed_early_left_and_nothing_else(setup, tmp_p
     train(_quiet(spec=str(spec), data=str(data), out=str(killed), epochs=1))
     for name in ("epoch-0001.pt", "best.pt", "metrics.jsonl"):
         (killed / name).unlink()
-    (killed / f".epoch-0001.pt{ckpt.PARTIAL}4242").write_bytes(b"PK\x03\x04cut")
+    (killed / f".epoch-0001.pt{files.PARTIAL}4242").write_bytes(b"PK\x03\x04cut")
     train(_quiet(spec=str(spec), data=str(data), out=str(killed), epochs=1))
     mine = tmp_path / "mine"  # a user's folder that happens to hold a spec.cfg
     mine.mkdir()
@@ -1134,7 +1135,7 @@ def test_a_full_disk_at_the_run_files_names_the_file_and_a_rerun_goes_ahead(setu
         def write(self, text):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("runtime.train.open", FullDisk, raising=False)
+    monkeypatch.setattr("runtime.files.open", FullDisk, raising=False)
     res = CliRunner().invoke(main, ["train", str(spec), "--data", str(data), "--out", str(run), "--quiet"])
     assert (res.exit_code, res.output) == (1, f"error: {run / 'run.json'}: No space left on device; check the "
                                               "path, its permissions and the free disk space\n")

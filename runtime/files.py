@@ -1,0 +1,79 @@
+"""Files written whole: checkpoints, a run's records and a prepared store's files.
+
+Each is written under a temporary name in its own folder, fsynced, then renamed
+over the target, and the rename is synced too.  A reader, or a process killed
+mid-write, sees the old file or the new one, never part of one.  The temporary
+name is hidden (a leading dot) and carries the writer's pid, so two writers of
+one name never write into the same temporary file.
+
+    write_whole(run_dir / "run.json", lambda f: f.write(text.encode()))
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+PARTIAL = ".tmp-"  # in the name of a file being written: .epoch-0003.pt.tmp-PID
+
+
+def partial_path(path: Path) -> Path:
+    """Where ``path`` is written before the rename."""
+    return path.with_name(f".{path.name}{PARTIAL}{os.getpid()}")
+
+
+def is_partial_write(path: Path) -> bool:
+    """A temporary file, left behind when a process was killed while writing it."""
+    return path.name.startswith(".") and PARTIAL in path.name
+
+
+def remove_partial_writes(folder: Path) -> None:
+    """Delete what killed writers left in ``folder``: a store shard's is gigabytes, and the
+    rerun that rewrites the shard writes under its own pid, not over the old name."""
+    for path in folder.iterdir():
+        if is_partial_write(path) and path.is_file():
+            path.unlink(missing_ok=True)
+
+
+def write_whole(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write ``path`` through ``write(binary_file)``, atomically and durably.
+
+    Errors (OSError, or whatever ``write`` raises) propagate as they are, for the
+    caller to turn into its own message; the temporary file never outlives the call."""
+    tmp = partial_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())  # a power cut leaves the old file or the new one, never an empty one
+        os.replace(tmp, path)
+        sync_folder(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def link_or_copy(src: Path, dst: Path) -> None:
+    """``dst`` becomes the same bytes as ``src``: a hard link where the file system has them
+    (no second write of a large file), else a copy; either way through a rename."""
+    tmp = partial_path(dst)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            import shutil
+
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def sync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable: until the folder itself is synced, a power cut
+    can forget it."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
