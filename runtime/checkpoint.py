@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 
 from convspec.errors import Location, fail
-from runtime import files
+
+from . import files
 
 EPOCH_PATTERN = "epoch-*.pt"
 FORMAT = "convspec-checkpoint"

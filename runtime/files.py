@@ -12,6 +12,7 @@ one name never write into the same temporary file.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -61,8 +62,6 @@ def link_or_copy(src: Path, dst: Path) -> None:
         try:
             os.link(src, tmp)
         except OSError:
-            import shutil
-
             shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
     finally:
