@@ -7,6 +7,7 @@ from convspec.builder import Rule, build
 from convspec.check import check
 from convspec.parse import parse_text
 from convspec.values import Schedule
+from runtime import optim
 from runtime.optim import ConvnetSGD
 
 SPEC = ("[data]\ntype=data\ninputSize=3x6x6\n[labels]\ntype=data\ndataIdx=1\n"
@@ -22,10 +23,13 @@ def _net():
     return build(check(parse_text(SPEC, "s.cfg"), parse_text(PARAMS, "p.cfg")), devices=["cpu"]).double()
 
 
-def test_update_matches_the_formula_with_schedules_and_drops():
+@pytest.mark.parametrize("fused", [None, False], ids=["fused-kernel", "foreach"])
+def test_update_matches_the_formula_with_schedules_and_drops(fused):
     net = _net()
     rules = {name: rule for name, _p, rule in net.learning_rules()}
-    opt = ConvnetSGD(net.learning_rules())
+    opt = ConvnetSGD(net.learning_rules(), fused=fused)
+    if fused is None:  # the pinned torch has the CPU kernel, so this case runs it
+        assert "cpu" in optim._FUSED_DEVICES
     weights = {name: p.detach().clone() for name, p, _r in net.learning_rules()}
     incs = {name: torch.zeros_like(w) for name, w in weights.items()}
     gen = torch.Generator().manual_seed(1)
@@ -44,6 +48,34 @@ def test_update_matches_the_formula_with_schedules_and_drops():
             weights[name] = w + incs[name]
     for name, p, _r in net.learning_rules():
         torch.testing.assert_close(p.detach(), weights[name], rtol=1e-12, atol=1e-14)
+
+
+def test_fused_kernel_and_foreach_passes_agree_on_float32_channels_last_weights():
+    """The fused path (torch._fused_sgd_ with the rule folded into its
+    arguments) and the foreach passes, on the layouts training uses: conv
+    weights in channels_last, and a zero-momentum group, which takes the
+    foreach passes either way."""
+    gen = torch.Generator().manual_seed(3)
+    shapes = [(8, 3, 5, 5), (8,), (10, 32)]
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(3)]
+    results = []
+    for fused in (None, False):
+        params = [w.clone().requires_grad_() for w in start]
+        params[0] = start[0].clone().to(memory_format=torch.channels_last).requires_grad_()
+        moms = [0.9, 0.0, 0.8]
+        opt = ConvnetSGD([(f"p{i}", p, Rule(Schedule("const", 0.01 * (i + 1)), moms[i], 0.004 * i, 0.0, 0))
+                          for i, p in enumerate(params)], fused=fused)
+        for step, batch in enumerate(grads):
+            opt.lr_scale = 1.0 if step < 2 else 0.1
+            for p, g in zip(params, batch):
+                p.grad = g.clone().to(memory_format=torch.channels_last) if g.dim() == 4 else g.clone()
+            opt.step()
+        results.append([p.detach().clone() for p in params])
+    assert results[0][0].is_contiguous(memory_format=torch.channels_last)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(results[0][0], start[0])
 
 
 def test_differs_from_torch_sgd_once_eps_changes():
