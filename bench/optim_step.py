@@ -11,6 +11,8 @@ of the optimizer can be shown to compute the same update.
 
     python bench/optim_step.py                      # AlexNet
     python bench/optim_step.py --spec specs/cifar10-80sec.cfg --steps 20
+    python bench/optim_step.py --foreach            # the four foreach passes instead
+                                                    # of torch's fused SGD kernel
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--spec", default=str(ROOT / "specs/alexnet.cfg"), help="layer file (default: AlexNet)")
     parser.add_argument("--steps", type=int, default=8, help="timed steps (default: 8; the first two are warm-up)")
     parser.add_argument("--input", metavar="CxHxW", help="image size, for an original cuda-convnet file (it has none)")
+    parser.add_argument("--foreach", action="store_true",
+                        help="update with the four torch._foreach_* passes, not the fused kernel")
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error("--steps must be at least 1")
@@ -50,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     except SpecError as err:
         parser.error(str(err))  # the spec's own one-line error, not a traceback
     try:
-        opt = ConvnetSGD(net.learning_rules())
+        opt = ConvnetSGD(net.learning_rules(), fused=False if args.foreach else None)
     except ValueError as err:  # a layer without epsW/momW: the message names it and the fix
         parser.error(str(err))
     params = list(net.parameters())
@@ -67,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "spec": Path(args.spec).name, "parameters": sum(p.numel() for p in params), "steps": args.steps,
         "median_ms": round(statistics.median(timed) * 1e3, 2), "min_ms": round(min(timed) * 1e3, 2),
-        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "path": "foreach" if args.foreach else "fused", "threads": torch.get_num_threads(), "torch": torch.__version__,
         # The weights after the steps, summed in float64: equal sums for equal updates.
         "checksum": float(sum(p.detach().double().sum().item() for p in params)),
     }
