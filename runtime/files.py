@@ -1,4 +1,5 @@
-"""Files written whole: checkpoints, a run's records and a prepared store's files.
+"""Files written whole: checkpoints, a run's records and a prepared store's files;
+and the lock a writer holds on its folder.
 
 Each is written under a temporary name in its own folder, fsynced, then renamed
 over the target, and the rename is synced too.  A reader, or a process killed
@@ -11,8 +12,11 @@ one name never write into the same temporary file.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -76,3 +80,46 @@ def sync_folder(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class Busy(Exception):
+    """Another process holds the lock; ``holder`` is what it wrote there ("pid N on HOST")."""
+
+    def __init__(self, holder: str):
+        super().__init__(holder)
+        self.holder = holder
+
+
+def hold_lock(path: Path, wait: float = 0.0) -> int | None:
+    """Take an exclusive flock on ``path`` (made if missing) and write "pid N on HOST"
+    into it. The lock lasts until the returned descriptor is closed, or the process
+    ends however it ends, so a killed writer leaves no stale lock. ``wait``: seconds
+    to retry a held lock before raising :class:`Busy`. Returns None where the platform
+    (Windows) or the file system has no flock: the caller goes on unlocked."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except OSError as err:
+            busy = err.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK)
+            if busy and time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
+            holder = os.read(fd, 200).decode(errors="replace").strip()
+            os.close(fd)
+            if busy:
+                raise Busy(holder) from None
+            return None  # a file system without locks
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+    except OSError:
+        os.close(fd)
+        raise
+    return fd

@@ -21,7 +21,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -75,32 +74,10 @@ def lock_run(run_dir: Path) -> int | None:
     checkpoints and metrics. Returns the descriptor to close when done; None where the
     platform or filesystem has no flock (as before there was a lock)."""
     try:
-        import fcntl
-    except ImportError:  # Windows
-        return None
-    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    deadline = time.monotonic() + 0.5  # refuse_if_busy's brief look from another process is no holder
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except OSError as err:
-            busy = err.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK)
-            if busy and time.monotonic() < deadline:
-                time.sleep(0.05)
-                continue
-            holder = os.read(fd, 200).decode(errors="replace").strip()
-            os.close(fd)
-            if busy:
-                raise _busy(run_dir, holder) from None
-            return None  # a filesystem without locks
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
-    except OSError:
-        os.close(fd)
-        raise
-    return fd
+        # refuse_if_busy's brief look from another process is no holder: retry for half a second.
+        return files.hold_lock(run_dir / LOCK, wait=0.5)
+    except files.Busy as busy:
+        raise _busy(run_dir, busy.holder) from None
 
 
 def refuse_if_busy(run_dir: Path) -> None:

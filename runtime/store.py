@@ -173,6 +173,11 @@ def _splits(source: Path, options: PrepareOptions):
                Location(str(source)))
 
 
+# Held (flock) by the prepare writing a store, which writes its pid there. The kernel lets
+# go when that process ends however it ends, so the file left behind locks nothing.
+PREPARE_LOCK = ".prepare.lock"
+
+
 def prepare(source: Path, out: Path, options: PrepareOptions, synsets: Path | None = None,
             progress: bool = True) -> dict:
     """Write (or finish writing) a store; returns its store.json contents."""
@@ -190,6 +195,26 @@ def prepare(source: Path, out: Path, options: PrepareOptions, synsets: Path | No
     # Before writing anything: a bad file leaves OUT as it was.
     names, synsets_note = names_from_synsets(synsets, list(splits[0][1].classes)) if synsets else ({}, None)
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        # Two prepares writing one store would write each other's shards and delete each
+        # other's half-written ones (remove_partial_writes below).
+        lock = files.hold_lock(out / PREPARE_LOCK)
+    except files.Busy as busy:
+        who = f" ({busy.holder})" if busy.holder else ""
+        raise fail(f"another convspec prepare is writing this store{who}; wait for it to finish "
+                   "(then this command has nothing left to do), or choose another OUT", Location(str(out))) from None
+    except OSError:
+        lock = None  # a read-only OUT: a finished store is reported as before, anything else fails at its write
+    try:
+        return _write_store(source, out, options, splits, fingerprint, listing, names, synsets_note, progress)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _write_store(source: Path, out: Path, options: PrepareOptions, splits, fingerprint: dict, listing: dict,
+                 names: dict, synsets_note: str | None, progress: bool) -> dict:
+    """prepare's writing half, run while it holds OUT's lock."""
     if (out / "prepare.json").is_file():
         previous = json.loads((out / "prepare.json").read_text())
         previous_listing = previous.pop("listing", None)
@@ -208,7 +233,8 @@ def prepare(source: Path, out: Path, options: PrepareOptions, synsets: Path | No
             raise fail(f"was started by an older convspec, which did not record what {source} held, so its "
                        f"finished shards cannot be checked against it: delete {out} and prepare again",
                        Location(str(out)))
-    elif any(not files.is_partial_write(p) for p in out.iterdir()):  # killed while writing prepare.json
+    elif any(not files.is_partial_write(p) and p.name != PREPARE_LOCK for p in out.iterdir()):
+        # Anything else there is not ours (a store killed before prepare.json has only partial writes).
         raise fail("is not empty and holds no convspec store; choose an empty or new folder", Location(str(out)))
     # A killed prepare's half-written shard: this run writes the shard again, under its own name.
     files.remove_partial_writes(out)

@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import shutil
+import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +16,7 @@ import torch
 from PIL import Image
 
 from convspec.errors import SpecError
-from runtime import cifar, files
+from runtime import cifar, files, store
 from runtime.loader import ArraySource, Batches, eval_batches, holdout, open_source
 from runtime.preprocess import Augment, Stats, augment_batch, eval_views, load_square
 from runtime.store import PrepareOptions, StoreSplit, prepare
@@ -506,7 +507,28 @@ def test_a_full_disk_during_prepare_names_the_file_and_leaves_no_temp_file(tmp_p
     assert str(err.value) == (f"{out / 'train-00000.raw.npy'}: could not write this store file, the disk is full "
                               f"({said}); 0 MiB free there: free some space and run the same command again to finish "
                               "(the shards written so far are kept), or prepare into another OUT")
-    assert [p.name for p in out.iterdir()] == ["prepare.json"]
+    assert sorted(p.name for p in out.iterdir()) == [store.PREPARE_LOCK, "prepare.json"]
+
+
+def test_a_second_prepare_into_a_store_being_written_is_refused_and_then_finishes(tmp_path):
+    """Two prepares into one OUT wrote each other's shards and deleted each other's
+    half-written ones; the second now stops at once and names the first."""
+    root = _image_folder(tmp_path, bad=False)
+    out, options = tmp_path / "out", PrepareOptions(size=16, raw=True, workers=1)
+    out.mkdir()
+    held = files.hold_lock(out / store.PREPARE_LOCK)  # as the first prepare holds it (flock is per open file)
+    try:
+        with pytest.raises(SpecError) as err:
+            prepare(root, out, options, progress=False)
+        assert str(err.value) == (f"{out}: another convspec prepare is writing this store (pid {os.getpid()} on "
+                                  f"{socket.gethostname()}); wait for it to finish (then this command has nothing "
+                                  "left to do), or choose another OUT")
+        assert sorted(p.name for p in out.iterdir()) == [store.PREPARE_LOCK]  # nothing written
+    finally:
+        os.close(held)
+    meta = prepare(root, out, options, progress=False)  # the lock let go: it runs
+    assert meta["splits"]["train"]["count"] > 0 and (out / "store.json").is_file()
+    assert prepare(root, out, options, progress=False)["already_complete"]
 
 
 def test_a_resumed_prepare_still_reports_the_images_skipped_before(tmp_path):
