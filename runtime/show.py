@@ -33,7 +33,7 @@ from convspec.errors import Location, SpecError, did_you_mean, fail, read_utf8
 from convspec.layers import Layer
 
 from . import checkpoint as ckpt
-from . import draw, runs
+from . import draw, files, runs
 
 PICTURES = ("curves", "filters", "preds", "neighbours", "net")
 
@@ -129,10 +129,13 @@ def show(o: ShowOptions) -> ShowResult:
             o.echo(f"skipped {name}: {why.message}")
             continue
         for picture, image in made:
-            image.save(out / picture.file, optimize=True, pnginfo=_png_mark())
+            # Whole or not at all: a show stopped mid-write once left a truncated PNG to be shown.
+            files.write_whole(out / picture.file,
+                              lambda f, image=image: image.save(f, format="PNG", optimize=True, pnginfo=_png_mark()))
             pictures.append(picture)
             o.echo(f"wrote {out / picture.file} ({picture.width}x{picture.height})")
-    index.write_text(index_html(run, pictures, skipped))
+    page = index_html(run, pictures, skipped)
+    files.write_whole(index, lambda f: f.write(page.encode()))
     return ShowResult(out, pictures, skipped, index)
 
 

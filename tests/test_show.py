@@ -219,6 +219,30 @@ def test_failures_are_one_located_line(case, run_dir, fc_run_dir, tmp_path):
         assert not (tmp_path / "out").exists()
 
 
+def test_a_full_disk_mid_picture_keeps_the_old_picture_whole(run_dir, tmp_path, monkeypatch):
+    """Pictures and index.html are written whole: a show stopped while writing a PNG
+    once left a truncated one, which index.html then showed broken."""
+    out = tmp_path / "page"
+    assert _show(run_dir, "--only", "curves,net", "--out", out).exit_code == 0
+    before = {name: (out / name).read_bytes() for name in ("curves.png", "net.png", "index.html")}
+    save = Image.Image.save
+
+    def filling(self, fp, *args, **kwargs):
+        if "net.png" in getattr(fp, "name", ""):
+            fp.write(b"\x89PNG\r\n")  # a part, as a disk that fills up leaves it
+            raise OSError(28, "No space left on device")
+        return save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", filling)
+    res = _show(run_dir, "--only", "curves,net", "--out", out)
+    assert res.exit_code == 1 and res.stderr.count("\n") == 1, res.output
+    assert "No space left on device" in res.stderr
+    assert (out / "net.png").read_bytes() == before["net.png"]  # the old picture, whole
+    assert (out / "index.html").read_bytes() == before["index.html"]
+    assert Image.open(out / "curves.png").format == "PNG"  # drawn again before the disk filled
+    assert sorted(p.name for p in out.iterdir()) == ["curves.png", "index.html", "net.png"]  # no temporary file
+
+
 def test_a_checkpoint_copied_out_of_its_run_draws_its_curves_from_its_own_history(run_dir, tmp_path):
     loose = tmp_path / "loose"
     loose.mkdir()
