@@ -308,6 +308,7 @@ class Trainer:
         """Options that would change a resumed run are refused, not ignored: an
         ablation (--set, another SPEC) silently not applied wastes the whole run.
         The same values as recorded (the first command retyped with --resume) pass."""
+        from convspec.check import find_params_file
         from convspec.parse import read_spec_text
 
         s, o, d = self.state, self.o, self.state["data"]
@@ -328,11 +329,19 @@ class Trainer:
                 return f"{what} {given} (edited since the run started, which keeps its copy in the run folder)"
             return f"{what} {given} (the run's is {recorded_path})"
 
+        # SPEC without --params reads the params file beside it, as a new run does: when that is
+        # the run's own params file, an edit there (an ablation of the rates) is a change too, not
+        # one to drop in silence. (A run trained with another --params keeps that one, as before.)
+        found = find_params_file(o.spec) if o.spec is not None and o.params is None else None
+        if found is not None and resolved(found) != resolved(spec["params_path"]):
+            found = None
         changed = [
             (o.spec is not None and read_spec_text(o.spec) != spec["text"],
              o.spec and edited_or_other(o.spec, spec["path"], "SPEC")),
             (o.params is not None and read_spec_text(o.params) != spec["params_text"],
              o.params and edited_or_other(o.params, spec["params_path"], "--params")),
+            (found is not None and read_spec_text(found) != spec["params_text"],
+             found and edited_or_other(found, spec["params_path"], "the params file")),
             (bool(o.overrides) and list(o.overrides) != list(spec.get("overrides", [])),
              f"--set (the run's: {' '.join(spec.get('overrides', [])) or 'none'})"),
             (o.val_data is not None and resolved(o.val_data) != (d.get("val_resolved") or resolved(d["val_path"])),

@@ -1066,6 +1066,11 @@ def test_resume_refuses_options_that_would_change_the_run(setup, tmp_path):
     assert refused(str(spec)) == keeps.format(f"SPEC {spec} (edited since the run started, which keeps its copy "
                                               "in the run folder)")
     spec.write_text(original)
+    params = spec.with_name("tiny.params.cfg")  # found beside SPEC, not named by --params
+    params.write_text(PARAMS.replace("epsW=0.01", "epsW=0.05"))  # an ablation of the rates
+    assert refused(str(spec)) == keeps.format(f"the params file {params} (edited since the run started, which "
+                                              "keeps its copy in the run folder)")
+    params.write_text(PARAMS)
 
     res = CliRunner().invoke(main, first + ["--epochs", "2", "--resume"])
     assert res.exit_code == 0, res.output
