@@ -532,11 +532,19 @@ def _data_shape(layer: Layer, net: CheckedNet, input_shape) -> tuple[int, ...]:
         if w in (1, 3) and c == h > 3:  # a square image written as HxWxC, as PyTorch users often do
             raise fail(f"layer '{layer.name}': inputSize={c}x{h}x{w} is read as channels x height x width "
                        f"({c} channels of {h}x{w}); did you mean inputSize={w}x{c}x{h}?", layer.loc_of("inputSize"))
-        return (c, crop, crop) if crop else (c, h, w)
+        if crop:
+            return (c, crop, crop)
+        if h != w:  # the data pipeline cuts square crops: an h x w net once built, then failed in training
+            raise fail(f"layer '{layer.name}': inputSize={c}x{h}x{w} is not square, and training and evaluation "
+                       f"feed square crops (as cuda-convnet's did); use inputSize={c}x{h}x{h} or {c}x{w}x{w}",
+                       layer.loc_of("inputSize"))
+        return (c, h, w)
     if crop:
         return (3, crop, crop)
-    raise fail(f"data layer '{layer.name}' has no image size: pass --input CxHxW (e.g. --input 3x32x32) "
-               "or add inputSize=CxHxW to this section", layer.loc)
+    # --set works in every command; --input only in check and bench (train gets it from the data's crop).
+    raise fail(f"data layer '{layer.name}' has no image size: add inputSize=CxHxW to this section, or pass "
+               f"--set {layer.name}.inputSize=CxHxW (e.g. --set {layer.name}.inputSize=3x32x32; check and bench "
+               "also take --input 3x32x32)", layer.loc)
 
 
 # --- pass 6: devices -------------------------------------------------------------------

@@ -241,6 +241,10 @@ ERRORS = [
      "p.cfg:2:42: layer 'c': epsW: numSteps=0 must be at least 1"),
     (CONV + FC + TAIL, None, "s.cfg:3:11: layer 'data': inputSize=32x32x3 is read as channels x height x width "
      "(32 channels of 32x3); did you mean inputSize=3x32x32?", HEAD.replace("3x32x32", "32x32x3")),
+    # A non-square input checked and built, then training's square crops failed in the fc layer.
+    (CONV + FC + TAIL, None, "s.cfg:3:11: layer 'data': inputSize=3x32x24 is not square, and training and "
+     "evaluation feed square crops (as cuda-convnet's did); use inputSize=3x32x32 or 3x24x24",
+     HEAD.replace("3x32x32", "3x32x24")),
     (CONV + FC + TAIL, "[c]\nepsW=exp[base=0.1;tgtFactor=10;base=0.2]\n",
      "p.cfg:2:32: layer 'c': epsW: exp has base= twice; keep one"),
     (CONV + FC + TAIL, "[c]\nepsW=exp[base=nan;tgtFactor=10]\n",
@@ -288,8 +292,8 @@ def test_missing_image_size_asks_for_input():
     with pytest.raises(SpecError) as err:
         checked(FC.replace("inputs=c", "inputs=data") + TAIL, head="[data]\ntype=data\n[labels]\ntype=data\ndataIdx=1\n")
     assert str(err.value).split("\n")[0] == (
-        "s.cfg:1:2: data layer 'data' has no image size: pass --input CxHxW (e.g. --input 3x32x32) "
-        "or add inputSize=CxHxW to this section")
+        "s.cfg:1:2: data layer 'data' has no image size: add inputSize=CxHxW to this section, or pass "
+        "--set data.inputSize=CxHxW (e.g. --set data.inputSize=3x32x32; check and bench also take --input 3x32x32)")
 
 
 @pytest.mark.parametrize("content, message", [

@@ -139,8 +139,9 @@ def test_reference_spec_needs_input():
     result = invoke("check", str(REFERENCE_80SEC))
     assert_one_located_error(
         result,
-        f"{REFERENCE_80SEC}:3:2: data layer 'data' has no image size: pass --input CxHxW "
-        "(e.g. --input 3x32x32) or add inputSize=CxHxW to this section",
+        f"{REFERENCE_80SEC}:3:2: data layer 'data' has no image size: add inputSize=CxHxW to this section, or "
+        "pass --set data.inputSize=CxHxW (e.g. --set data.inputSize=3x32x32; check and bench also take --input "
+        "3x32x32)",
     )
     assert "--input" in result.stderr
 
