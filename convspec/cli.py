@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import sys
 import textwrap
 
@@ -346,7 +347,7 @@ def _launch_ranks(ctx, options, nproc: int, nnodes: int, node_rank: int, endpoin
     resume = ""
     if (failed.exit_code < 0 or failed.exit_code == D.LOST_A_RANK) and runs.has_checkpoints(settled_dir):
         # Killed from outside, not stopped by its own error: the run goes on from its last checkpoint.
-        resume = (f"; continue from the last checkpoint with: convspec train --resume --out {run_dir} "
+        resume = (f"; continue from the last checkpoint with: convspec train --resume --out {shlex.quote(str(run_dir))} "
                   f"{os.environ.get(D.LAUNCHER_ENV, '')}".rstrip())
     click.echo(f"rank {failed.rank}: {said}{where}{resume}", err=True)
     sys.exit(code)

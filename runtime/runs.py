@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shlex
 import time
 from pathlib import Path
 
@@ -203,7 +204,7 @@ def resume_checkpoint(run_dir: Path) -> Path:
     (not by its name or time: a copied folder gets new times, a renamed file
     lies): an epoch file, interrupted.pt, or best.pt when the others are gone."""
     if run_dir.is_file():
-        raise fail(f"is a file; --resume continues a run folder from its furthest checkpoint: --out {run_dir.parent}",
+        raise fail(f"is a file; --resume continues a run folder from its furthest checkpoint: --out {shlex.quote(str(run_dir.parent))}",
                    Location(str(run_dir)))
     if not run_dir.is_dir():
         raise fail("no such run folder to resume; give the --out folder of an earlier run", Location(str(run_dir)))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import platform
 import signal
 import subprocess
@@ -768,7 +769,7 @@ class Trainer:
 
     def _resume_command(self) -> str:
         """The command that continues this run, launched the way this one was."""
-        command = f"convspec train --resume --out {self.run_dir}"
+        command = f"convspec train --resume --out {shlex.quote(str(self.run_dir))}"  # pasted into a shell
         if os.environ.get(D.LAUNCHER_ENV):  # convspec train --nproc-per-node N
             return f"{command} {os.environ[D.LAUNCHER_ENV]}"
         if self.cluster.distributed:

@@ -1264,11 +1264,11 @@ def test_a_signal_during_validation_stops_after_that_epoch(setup, tmp_path, monk
         return validate(self)
 
     monkeypatch.setattr(Trainer, "validate", interrupted_validation)
-    out = tmp_path / "run"
+    out = tmp_path / "my run"  # the command to paste quotes it
     with pytest.raises(TrainingStopped) as stop:
         train(_quiet(spec=str(spec), data=str(data), out=str(out)))
     assert str(stop.value) == (f"SIGINT: stopped after epoch 1; saved {out / 'epoch-0001.pt'}. "
-                               f"Continue with: convspec train --resume --out {out}")
+                               f"Continue with: convspec train --resume --out '{out}'")
     assert stop.value.exit_code == 130 and not (out / "interrupted.pt").exists()
     monkeypatch.setattr(Trainer, "validate", validate)
     summary = train(_quiet(resume=True, out=str(out)))
