@@ -21,6 +21,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import shutil
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -130,13 +131,25 @@ def show(o: ShowOptions) -> ShowResult:
             continue
         for picture, image in made:
             # Whole or not at all: a show stopped mid-write once left a truncated PNG to be shown.
-            files.write_whole(out / picture.file,
-                              lambda f, image=image: image.save(f, format="PNG", optimize=True, pnginfo=_png_mark()))
+            _write(out / picture.file, lambda f, image=image: image.save(f, format="PNG", optimize=True,
+                                                                         pnginfo=_png_mark()))
             pictures.append(picture)
             o.echo(f"wrote {out / picture.file} ({picture.width}x{picture.height})")
     page = index_html(run, pictures, skipped)
-    files.write_whole(index, lambda f: f.write(page.encode()))
+    _write(index, lambda f: f.write(page.encode()))
     return ShowResult(out, pictures, skipped, index)
+
+
+def _write(path: Path, write) -> None:
+    """One of show's files, written whole; a failure names the file (a bare "[Errno 28] No
+    space left on device" did not) and leaves the file as it was."""
+    try:
+        files.write_whole(path, write)
+    except OSError as err:
+        free = shutil.disk_usage(path.parent).free
+        raise fail(f"could not write this picture file ({err.strerror or ' '.join(str(err).split())[:120]}); "
+                   f"{free / 2**20:,.0f} MiB free there: free some space or choose another --out",
+                   Location(str(path))) from None
 
 
 PNG_MARK = ("Software", "convspec show")  # a text chunk in every picture show writes
