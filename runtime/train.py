@@ -820,7 +820,8 @@ class Trainer:
         _write_whole(self.run_dir / runs.METRICS, "".join(json.dumps(rec) + "\n" for rec in self.history))
 
     def _refuse_a_finished_run(self) -> None:
-        if self.run_dir.exists() and (list(self.run_dir.glob("*.pt")) or (self.run_dir / runs.METRICS).exists()):
+        # A run's own checkpoints, not any .pt (a folder of the user's models is "not empty", below).
+        if self.run_dir.exists() and (runs.has_checkpoints(self.run_dir) or (self.run_dir / runs.METRICS).exists()):
             raise fail("already holds a run; continue it with --resume, or choose another --out",
                        Location(str(self.run_dir)))
 

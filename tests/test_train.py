@@ -686,6 +686,13 @@ def test_out_may_hold_what_a_run_killed_early_left_and_nothing_else(setup, tmp_p
     (mine / "spec.cfg").write_text(SPEC)
     with pytest.raises(SpecError, match="is not empty and holds no convspec run"):
         train(_quiet(spec=str(spec), data=str(data), out=str(mine), epochs=1))
+    models = tmp_path / "models"  # a user's folder of other .pt files is not a run to --resume
+    models.mkdir()
+    (models / "resnet50.pt").write_bytes(b"PK\x03\x04")
+    with pytest.raises(SpecError) as err:
+        train(_quiet(spec=str(spec), data=str(data), out=str(models), epochs=1))
+    assert str(err.value) == (f"{models}: is not empty and holds no convspec run (it has resnet50.pt); "
+                              "choose an empty or new --out")
 
 
 def test_a_run_recorded_with_one_key_set_twice_still_loads(setup, tmp_path):
