@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import shlex
+import socket
 import sys
 import textwrap
 
@@ -293,8 +294,9 @@ def _launch_ranks(ctx, options, nproc: int, nnodes: int, node_rank: int, endpoin
         raise fail(f"--node-rank {node_rank} is not below --nnodes {nnodes}; number the machines 0 to {nnodes - 1}")
     if endpoint and nnodes == 1:
         raise fail("--rdzv-endpoint is where several machines meet; give --nnodes too, or leave it out")
-    if endpoint and not _host_port(endpoint):
-        raise fail(f"--rdzv-endpoint {endpoint}: expected HOST:PORT, e.g. 10.0.0.1:29500")
+    problem = endpoint and _endpoint_problem(endpoint)
+    if problem:
+        raise fail(f"--rdzv-endpoint {endpoint}: {problem}")
     if options.devices and any(d.startswith("cuda") for d in options.devices):
         raise fail(f"--devices {','.join(options.devices)} with --nproc-per-node: each rank takes its own GPU "
                    "(local rank r uses cuda:r); leave --devices out, and choose the GPUs with CUDA_VISIBLE_DEVICES")
@@ -353,9 +355,20 @@ def _launch_ranks(ctx, options, nproc: int, nnodes: int, node_rank: int, endpoin
     sys.exit(code)
 
 
-def _host_port(text: str) -> bool:
+def _endpoint_problem(text: str) -> str | None:
+    """What is wrong with HOST:PORT, before any rank starts: a host that cannot be found
+    made every rank wait ten minutes for the rendezvous, amid torch's socket warnings."""
     host, _, port = text.rpartition(":")
-    return bool(host) and port.isdigit() and 0 < int(port) < 65536
+    if not host or not port.isdigit():
+        return "expected HOST:PORT, e.g. 10.0.0.1:29500"
+    if not 0 < int(port) < 65536:
+        return f"port {port} is not a port (1 to 65535); give node 0's free port, e.g. 29500"
+    try:
+        socket.getaddrinfo(host.strip("[]"), int(port))  # [::1]: an IPv6 address in brackets
+    except (socket.gaierror, UnicodeError) as err:
+        return (f"cannot find the host {host} ({getattr(err, 'strerror', None) or err}); check the name, or give "
+                "node 0's IP address")
+    return None
 
 
 def _typed_args(ctx: click.Context, leave_out=()) -> list[str]:
