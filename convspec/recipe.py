@@ -95,6 +95,17 @@ def _positive_int(item, ctx):
     return V.to_int(item, ctx, minimum=1)
 
 
+def _pca_noise(item, ctx) -> float:
+    value = V.to_float(item, ctx, minimum=0.0)
+    if value > MAX_PCA_NOISE:  # 1e30 trained on: the colours overflowed float32, and the loss went NaN
+        raise fail(f"{ctx.where()}={item.text} is the colour noise's standard deviation, in units of each "
+                   f"principal component's (the paper's is 0.1); above {MAX_PCA_NOISE:g} it would bury the image: "
+                   f"use 0 to {MAX_PCA_NOISE:g}", item.loc)
+    return value
+
+
+MAX_PCA_NOISE = 10.0
+
 # key -> (attribute, converter of one item, takes a list)
 _KEYS = {
     "epochs": ("epochs", _positive_int, False),
@@ -109,7 +120,7 @@ _KEYS = {
     "imageSize": ("image_size", _positive_int, False),
     "flip": ("flip", V.to_bool, False),
     "randomCrop": ("random_crop", V.to_bool, False),
-    "pcaNoise": ("pca_noise", lambda item, ctx: V.to_float(item, ctx, minimum=0.0), False),
+    "pcaNoise": ("pca_noise", _pca_noise, False),
     "testViews": ("test_views", _views, False),
     "precision": ("precision", _precision, False),
 }

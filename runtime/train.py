@@ -663,9 +663,15 @@ class Trainer:
                 logits = self.model(x)
             loss = self.net.loss(logits, y)
             loss.backward()
+            detached = loss.detach()
+            if sync_every == 1:
+                # The CPU reads every loss anyway: read it before the update, so that a non-finite
+                # loss leaves the weights that produced it, and the diagnosis can name the layer.
+                value = detached.item()
+                if D.broadcast_flag(not np.isfinite(value), c):
+                    raise self._nan_error(self.step + 1, epoch, x, value)
             opt.step()
             self.step += 1
-            detached = loss.detach()
             window.append(detached)
             loss_sum += detached.double() * len(y)
             wrong_sum += (self.net.first_logits(logits).detach().argmax(1) != y).sum()
@@ -673,7 +679,8 @@ class Trainer:
             if len(window) >= sync_every or b == n_batches - 1:
                 values = torch.stack(window).tolist()
                 bad = next((i for i, v in enumerate(values) if not np.isfinite(v)), None)
-                if D.broadcast_flag(bad is not None, c):
+                # (Every 20 steps on a GPU, after the updates: by then the weights have gone bad too.)
+                if sync_every > 1 and D.broadcast_flag(bad is not None, c):
                     failed_step = self.step - len(values) + (bad if bad is not None else 0) + 1
                     raise self._nan_error(failed_step, epoch, x, values[bad] if bad is not None else float("nan"))
                 window.clear()
@@ -747,12 +754,16 @@ class Trainer:
     # --- failures and signals ---------------------------------------------------------------
 
     def _nan_error(self, step: int, epoch: int, x: torch.Tensor, value: float) -> SpecError:
-        what, fastest = diagnose(self.net, x, self.step / self.total_steps)
         good = ckpt.epoch_files(self.run_dir)
         kept = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written yet"
-        err = fail(f"loss became {value} at step {step} (epoch {epoch + 1}); {what}. Training stopped and "
-                   f"{kept}. Lower the learning rates (the highest epsW is {fastest}'s: --set {fastest}.epsW=...) "
-                   "or check the data")
+        head = f"loss became {value} at step {step} (epoch {epoch + 1})"
+        what, fastest = diagnose(self.net, x, self.step / self.total_steps)
+        if step == 1:  # the first loss came from the initial weights: no update, no learning rate, did it
+            err = fail(f"{head}, before any update; {what}. Training stopped and {kept}. No learning rate did "
+                       "this: check the spec's neurons, initW and the cost's coeff, and the data")
+        else:
+            err = fail(f"{head}; {what}. Training stopped and {kept}. Lower the learning rates (the highest "
+                       f"epsW is {fastest}'s: --set {fastest}.epsW=...) or check the data")
         err.every_rank = True  # every rank stops here together (the flag is broadcast): rank 0 speaks for all
         return err
 
@@ -883,10 +894,12 @@ class Trainer:
 def diagnose(net, x: torch.Tensor, progress: float) -> tuple[str, str]:
     """What is not finite, and the layer whose learning rate to lower first.
 
-    The loss is read every few steps, and by then a layer that blew up has
-    usually sent non-finite gradients to every other: the first bad layer in
+    On a GPU the loss is read every few steps, and by then a layer that blew up
+    has usually sent non-finite gradients to every other: the first bad layer in
     the net's order was often an innocent one, so the advice names the layer
-    with the highest weight learning rate now, among those gone bad."""
+    with the highest weight learning rate now, among those gone bad.  On the CPU
+    the loss is read before its update, so the weights are those that made it
+    and the first layer whose output is not finite is named."""
     from convspec.layers import LAYER_TYPES
 
     learned = [l for l in net.spec.layers.values() if LAYER_TYPES[l.type].has_weights]

@@ -340,6 +340,34 @@ def test_nan_advice_names_the_layer_with_the_runaway_rate_not_the_first_in_the_n
         "--set fc2.epsW=...) or check the data"), message
 
 
+@pytest.mark.parametrize("override, said", [
+    # The first loss comes from the initial weights: no learning rate to lower.
+    ("cost.coeff=1e40", "loss became inf at step 1 (epoch 1), before any update; the weights and outputs are "
+     "finite but the loss is not. Training stopped and no checkpoint was written yet. No learning rate did this: "
+     "check the spec's neurons, initW and the cost's coeff, and the data"),
+])
+def test_a_nan_loss_from_the_start_blames_the_spec_or_data_not_the_rates(setup, tmp_path, override, said):
+    """It once said "Lower the learning rates" of a run that had not yet made an update."""
+    spec, data = setup
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, ["train", str(spec), "--data", str(data), "--out", str(out), "--quiet",
+                                    "--epochs", "1", "--set", override])
+    assert (res.exit_code, res.output.strip().splitlines()[-1]) == (1, f"error: {said}"), res.output
+
+
+def test_a_nan_loss_on_the_cpu_is_diagnosed_on_the_weights_that_made_it(setup, tmp_path):
+    """On the CPU the loss is read before the update, so the weights are those that made it,
+    and the first layer whose output is not finite is named (here the one whose initial
+    weights overflow float32): after the update every layer's weights had gone bad."""
+    spec, data = setup
+    res = CliRunner().invoke(main, ["train", str(spec), "--data", str(data), "--out", str(tmp_path / "run"),
+                                    "--quiet", "--epochs", "1", "--set", "conv1.initW=1e36"])
+    assert res.exit_code == 1, res.output
+    message = res.output.strip().splitlines()[-1]
+    assert message.startswith("error: loss became nan at step 1 (epoch 1), before any update; the first layer "
+                              "whose output is not finite is 'conv1'. "), message
+
+
 def test_a_train_limit_above_the_training_images_is_noted(setup, tmp_path):
     spec, data = setup
     said = []
