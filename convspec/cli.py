@@ -22,7 +22,7 @@ from click.core import ParameterSource
 from . import __version__
 from .errors import SpecError, fail
 from .recipe import PRECISIONS
-from .values import parse_shape
+from .values import LARGEST_WHOLE, parse_shape
 
 
 def _shape_option(ctx, param, value):
@@ -155,8 +155,8 @@ def prepare(ctx, src, out, size, quality, raw, workers, synsets):
                    "(DIR/train/<class>/*, or DIR/<class>/*), or cifar10 / cifar100 (downloaded once).")
 @click.option("--val-data", metavar="PATH",
               help="Validation data (same kinds).  Default: valFraction of the training split, held out by splitSeed.")
-@click.option("--epochs", type=click.IntRange(1), help="Override [train] epochs.")
-@click.option("--batch-size", type=click.IntRange(1), help="Global minibatch, split across data-parallel "
+@click.option("--epochs", type=click.IntRange(1, LARGEST_WHOLE), help="Override [train] epochs.")
+@click.option("--batch-size", type=click.IntRange(1, LARGEST_WHOLE), help="Global minibatch, split across data-parallel "
                                                            "ranks.  Override [train] batchSize (default 128).")
 @click.option("--out", metavar="RUN", help="Run folder.  Default: a new runs/<spec>-<date>-<time>.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out (default: the newest under runs/) "
@@ -180,7 +180,7 @@ def prepare(ctx, src, out, size, quality, raw, workers, synsets):
 @click.option("--set", "overrides", multiple=True, metavar="LAYER.KEY=VALUE",
               help="Override a spec or params value, e.g. --set conv1.epsW=0.002 or --set train.flip=1. "
                    "Repeatable; recorded with the run.")
-@click.option("--train-limit", type=click.IntRange(1), help="Train on this many images of the training split "
+@click.option("--train-limit", type=click.IntRange(1, LARGEST_WHOLE), help="Train on this many images of the training split "
                                                             "(a fixed random subset), for quick trials.")
 @click.option("--synsets", type=click.Path(dir_okay=False, exists=True),
               help="'wnid name' lines giving readable class names to record with the run.")

@@ -105,6 +105,9 @@ def _pca_noise(item, ctx) -> float:
 
 
 MAX_PCA_NOISE = 10.0
+# Images are rescaled to imageSize whole, in memory: 100000 asked for 224 GiB, and the error
+# blamed the batch size. ImageNet's largest originals are about 2,400 px.
+MAX_IMAGE_SIZE = 4096
 
 # key -> (attribute, converter of one item, takes a list)
 _KEYS = {
@@ -117,7 +120,7 @@ _KEYS = {
     "splitSeed": ("split_seed", lambda item, ctx: V.to_int(item, ctx, minimum=0, maximum=MAX_SEED), False),
     "seed": ("seed", lambda item, ctx: V.to_int(item, ctx, minimum=0, maximum=MAX_SEED), False),
     "crop": ("crop", _positive_int, False),
-    "imageSize": ("image_size", _positive_int, False),
+    "imageSize": ("image_size", lambda item, ctx: V.to_int(item, ctx, minimum=1, maximum=MAX_IMAGE_SIZE), False),
     "flip": ("flip", V.to_bool, False),
     "randomCrop": ("random_crop", V.to_bool, False),
     "pcaNoise": ("pca_noise", _pca_noise, False),

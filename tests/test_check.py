@@ -485,6 +485,7 @@ def test_train_section_data_keys_and_crop_override():
     ("[train]\ntestViews=5\n", "p.cfg:2:11: [train]: testViews must be 1 (centre crop) or 10 (the paper's 10 views), not 5"),
     ("[train]\nflip=maybe\n", "p.cfg:2:6: [train]: flip must be 1, 0, true, false, yes, no, on or off, not 'maybe'"),
     ("[train]\npcaNoise=-1\n", "p.cfg:2:10: [train]: pcaNoise=-1 must be at least 0"),
+    ("[train]\nimageSize=100000\n", "p.cfg:2:11: [train]: imageSize=100000 must be at most 4096"),
     ("[train]\npcaNoise=1e30\n", "p.cfg:2:10: [train]: pcaNoise=1e30 is the colour noise's standard deviation, in "
      "units of each principal component's (the paper's is 0.1); above 10 it would bury the image: use 0 to 10"),
     ("[train]\nepochs=0\n", "p.cfg:2:8: [train]: epochs=0 must be at least 1"),

@@ -171,6 +171,15 @@ def test_bad_input_value_is_a_usage_error(value):
     )
 
 
+@pytest.mark.parametrize("option", ["--epochs", "--batch-size", "--train-limit"])
+def test_train_counts_past_what_the_recipe_takes_are_a_usage_error(option, tmp_path):
+    """--epochs 99999999999999999999 was taken, where --set train.epochs= of it was refused."""
+    result = invoke("train", ALEXNET, "--data", str(tmp_path), option, "99999999999999999999")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.rstrip("\n").split("\n")[-1] == (
+        f"Error: Invalid value for '{option}': 99999999999999999999 is not in the range 1<=x<=2147483647.")
+
+
 def test_directory_is_a_usage_error(tmp_path):
     result = invoke("check", str(tmp_path))
     assert result.exit_code == 2
