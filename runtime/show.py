@@ -18,6 +18,7 @@ lays the pictures out.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import math
@@ -328,7 +329,7 @@ def filter_layers(checked, requested: list[str], where: Location) -> list[Layer]
             raise fail(f"--layer {name}: '{name}' has type={layers[name].type}; filters are drawn for conv "
                        f"layers ({', '.join(l.name for l in convs)})", where)
     if requested:
-        return [layers[n] for n in requested]
+        return [layers[n] for n in dict.fromkeys(requested)]  # --layer conv1 twice: one picture, written once
     first = [l for l in convs if any(layers[s].type == "data" for s in l.inputs)]
     return first or convs[:1]
 
@@ -380,7 +381,23 @@ def _open_images_to_show(run: Run, data: str | None) -> ImageSet:
         if detect(resolve(data)) == "flat":  # eval's answer, --labels FILE, is not a show option
             raise fail("is a flat folder of images; show needs each image's class: put them in class folders "
                        "(convspec eval --labels FILE scores a flat folder)", Location(str(data)))
-    return ImageSet(*evaluation_images(d, data))
+    if data:
+        return ImageSet(*evaluation_images(d, data))
+    with _needs_the_runs_data():
+        return ImageSet(*evaluation_images(d, data))
+
+
+@contextlib.contextmanager
+def _needs_the_runs_data():
+    """The run's own data gone (moved, deleted, changed) leaves preds and neighbours
+    undrawable, not the other pictures: skipped with the reason when every picture was
+    asked for (a show once stopped after curves and filters, with no index.html)."""
+    try:
+        yield
+    except Unavailable:
+        raise
+    except SpecError as err:
+        raise Unavailable(" ".join(str(err).split())) from None
 
 
 @torch.no_grad()
@@ -492,8 +509,9 @@ def _neighbours(run: Run, o: ShowOptions):
     d = run.state["data"]
     from .loader import open_source
 
-    path = runs.recorded_data_path(d, "put it back to search it for neighbours, or leave neighbours out "
-                                      "(--only curves,filters,preds,net)")
+    with _needs_the_runs_data():
+        path = runs.recorded_data_path(d, "put it back to search it for neighbours, or leave neighbours out "
+                                          "(--only curves,filters,preds,net)")
     pool_source = open_source(path, "train", classes=list(d["classes"]), size=int(d["size"]), stats=False,
                               in_memory=False)  # only the searched subset is decoded
     pool = d["train_indices"].numpy()

@@ -220,6 +220,29 @@ def test_failures_are_one_located_line(case, run_dir, fc_run_dir, tmp_path):
         assert not (tmp_path / "out").exists()
 
 
+def test_a_layer_named_twice_is_drawn_once(run_dir, tmp_path):
+    res = _show(run_dir, "--only", "filters", "--layer", "conv1", "--layer", "conv1", "--out", tmp_path / "f")
+    assert res.exit_code == 0, res.output
+    assert res.output.count("wrote ") == 1 and list(_stated_images(tmp_path / "f" / "index.html")) == [
+        "filters-conv1.png"]
+
+
+def test_a_run_whose_data_is_gone_still_gets_its_other_pictures_and_page(tmp_path):
+    """preds and neighbours need the run's images; the other pictures do not. A show
+    once stopped after curves and filters, with no index.html."""
+    run = _train(tmp_path, SPEC, PARAMS, epochs=1)
+    (tmp_path / "data").rename(tmp_path / "moved")
+    res = _show(run, "--out", tmp_path / "page")
+    assert res.exit_code == 0, res.output
+    gone = (f"{tmp_path / 'data'}: the run's training data is not there any more (moved or deleted?); put it back "
+            "to score the held-out images (--data PATH scores every image under PATH instead)")
+    assert f"skipped preds: {gone}\n" in res.output and f"skipped neighbours: {gone}\n" in res.output
+    assert sorted(p.name for p in (tmp_path / "page").iterdir()) == [
+        "curves.png", "filters-conv1.png", "index.html", "net.png"]
+    res = _show(run, "--out", tmp_path / "asked", "--only", "preds")  # asked for by name: an error
+    assert (res.exit_code, res.stderr) == (1, f"error: {gone}\n")
+
+
 def test_a_full_disk_mid_picture_keeps_the_old_picture_whole(run_dir, tmp_path, monkeypatch):
     """Pictures and index.html are written whole: a show stopped while writing a PNG
     once left a truncated one, which index.html then showed broken."""
