@@ -521,6 +521,10 @@ def bench(ctx, spec, params_path, input_shape, batch_size, iterations, warmup, d
 
     def run():
         device_list = parse_devices(devices)
+        cpus = os.cpu_count() or 1
+        if threads and threads > cpus:  # 1000 threads on 2 CPUs timed their waiting, 200x slower
+            raise fail(f"--threads {threads}: this machine has {cpus} CPU{'s' if cpus > 1 else ''}, and more threads "
+                       f"than CPUs time their waiting for each other; use at most {cpus}")
         if threads:
             torch.set_num_threads(threads)
         net_spec = check_paths(spec, params_path, input_shape, overrides=overrides)
