@@ -52,7 +52,7 @@ def detect(path: Path) -> str:
     if not path.is_dir():
         archive = f"; extract it (tar xzf {path.name}) and give the folder it makes" \
             if path.name.endswith((".tar.gz", ".tgz")) else ""
-        raise fail(f"is a file; --data takes a folder (a prepared store, CIFAR batches or class folders){archive}",
+        raise fail(f"is a file; give a folder (a prepared store, CIFAR batches or class folders){archive}",
                    Location(str(path)))
     if (path / STORE_MARKER).is_file():
         return "store"

@@ -1225,7 +1225,8 @@ def test_an_archive_given_as_data_says_to_extract_it(tmp_path):
     archive.write_bytes(b"")
     with pytest.raises(SpecError) as err:
         detect(archive)
-    assert str(err.value) == (f"{archive}: is a file; --data takes a folder (a prepared store, CIFAR batches or class "
+    # Worded for every command that reads data (prepare's SRC has no --data option).
+    assert str(err.value) == (f"{archive}: is a file; give a folder (a prepared store, CIFAR batches or class "
                               "folders); extract it (tar xzf cifar-10-python.tar.gz) and give the folder it makes")
 
 
