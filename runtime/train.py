@@ -601,6 +601,9 @@ class Trainer:
         if late and self.state is None:
             self.say(f"note: lrDrops={','.join(late)} come at or after the last of {plural(r.epochs, 'epoch')}: "
                      "those drops never happen; change them with --set train.lrDrops=N (or =none)")
+        if r.plateau and self.state is None and (self.val_idx is None or len(self.val_idx) == 0):
+            self.say(f"note: plateau={r.plateau} lowers the rate when validation error stops improving, and this "
+                     "run validates on nothing (valFraction=0, no --val-data): it never fires")
         steps_per_epoch = len(self.batches)
         self.total_steps = steps_per_epoch * r.epochs
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}

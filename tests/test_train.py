@@ -393,6 +393,12 @@ def test_plateau_rule_divides_the_rate(setup, tmp_path):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["lr_scale"] for r in records] == pytest.approx([1.0, 1.0, 0.1, 0.001])  # plateau twice, lrDrops=3 once
     assert len({r["val_top1_error"] for r in records}) == 1
+    assert not any(line.startswith("note: plateau=") for line in said)
+    said.clear()  # without validation the rule can never fire: said, not left to be found out
+    train(TrainOptions(spec=str(spec), data=str(data), out=str(tmp_path / "blind"), epochs=1, progress=False,
+                       echo=said.append, overrides=["train.plateau=2", "train.valFraction=0"]))
+    assert ("note: plateau=2 lowers the rate when validation error stops improving, and this run validates on "
+            "nothing (valFraction=0, no --val-data): it never fires") in said
 
 
 def test_overrides_are_recorded_and_rebuild_the_trained_net(setup, tmp_path):
