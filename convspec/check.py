@@ -160,6 +160,9 @@ def check(spec: SpecFile, params: SpecFile | None = None,
     costs = net.costs
     if not costs:
         net.notes.append("no cost.logreg layer; needed to train (type=cost.logreg, inputs=labels,probs)")
+    elif all(c["coeff"] == 0 for c in costs):  # trained with "train loss 0.0000", learning nothing, unsaid
+        net.notes.append(f"coeff=0 on every cost ({', '.join(c.name for c in costs)}): the loss is always 0 and "
+                         "training learns nothing; give a cost a coeff above 0 (cuda-convnet's logprob has 1)")
     elif len(costs) > 1:
         _refuse_heads_of_other_widths(net)
         # As cuda-convnet: the objective is the sum, coeff times each cost.

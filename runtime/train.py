@@ -503,9 +503,14 @@ class Trainer:
 
     def _output_layer(self) -> str:
         """The reported cost's logits layer (check gives every cost's head the same width)."""
-        if not self.net_spec.costs:
+        costs = self.net_spec.costs
+        if not costs:
             raise fail("the spec has no cost.logreg layer to train against; add one "
                        "(type=cost.logreg, inputs=labels,probs)", Location(self.net_spec.path))
+        if all(c["coeff"] == 0 for c in costs):  # trained whole runs at "train loss 0.0000", learning nothing
+            raise fail(f"coeff=0 on every cost ({', '.join(c.name for c in costs)}): the loss would always be 0 and "
+                       "nothing would learn; give a cost a coeff above 0 (cuda-convnet's logprob has 1)",
+                       Location(self.net_spec.params_path or self.net_spec.path))
         return self.net_spec.cost_logits[0]
 
     def _check_learning_rules(self) -> None:

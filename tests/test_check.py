@@ -332,6 +332,13 @@ def test_unknown_params_section_is_noted_not_fatal():
     assert any("params section [conv9] names no layer" in n for n in net.notes)
 
 
+def test_costs_that_all_weigh_nothing_are_noted():
+    note = ("coeff=0 on every cost (cost): the loss is always 0 and training learns nothing; give a cost a coeff "
+            "above 0 (cuda-convnet's logprob has 1)")
+    assert note in checked(CONV + FC + TAIL, "[cost]\ncoeff=0\n").notes
+    assert not any(n.startswith("coeff=0") for n in checked(CONV + FC + TAIL, "[cost]\ncoeff=0.5\n").notes)
+
+
 def test_several_cost_layers_are_noted_with_the_sum_they_train_on():
     aux = ("[aux]\ntype=fc\ninputs=c\noutputs=10\n[auxprobs]\ntype=softmax\ninputs=aux\n"
            "[auxcost]\ntype=cost.logreg\ninputs=labels,auxprobs\ncoeff=0.3\n")

@@ -355,6 +355,16 @@ def test_a_nan_loss_from_the_start_blames_the_spec_or_data_not_the_rates(setup, 
     assert (res.exit_code, res.output.strip().splitlines()[-1]) == (1, f"error: {said}"), res.output
 
 
+def test_costs_that_all_weigh_nothing_are_refused_before_reading_data(setup, tmp_path):
+    spec, _data = setup
+    res = CliRunner().invoke(main, ["train", str(spec), "--data", str(tmp_path / "nowhere"), "--out",
+                                    str(tmp_path / "run"), "--set", "cost.coeff=0"])
+    assert (res.exit_code, res.output) == (1, f"{spec.with_name('tiny.params.cfg')}: coeff=0 on every cost (cost): "
+                                              "the loss would always be 0 and nothing would learn; give a cost a "
+                                              "coeff above 0 (cuda-convnet's logprob has 1)\n")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_nan_loss_on_the_cpu_is_diagnosed_on_the_weights_that_made_it(setup, tmp_path):
     """On the CPU the loss is read before the update, so the weights are those that made it,
     and the first layer whose output is not finite is named (here the one whose initial
