@@ -435,11 +435,13 @@ def eval_(ctx, checkpoint, data, labels, topk, views, devices, batch_size, per_c
         r = done.result
         if as_json:
             out = {"top1_error": r.top1_error, "topk_error": r.topk_error, "k": r.k, "images": r.images,
-                   "views": r.views, "checkpoint": done.checkpoint}
+                   "views": r.views, "checkpoint": done.checkpoint,
+                   # In it too: a script reading the numbers must see "these are training images".
+                   "notes": [note.removeprefix("note: ") for note in done.notes]}
             if per_class:
                 out["per_class"] = _per_class_rows(r, done.class_names)
             click.echo(json.dumps(out))
-            for note in done.notes:  # beside the JSON, not in it: stdout stays one object
+            for note in done.notes:  # and on stderr for the person at the terminal; stdout stays one object
                 click.echo(note, err=True)
             return
         click.echo(f"{done.checkpoint} on {done.data}: {r.images:,} images, "

@@ -148,15 +148,22 @@ def trained_on_note(recorded: dict, data: str | None, source) -> str | None:
 
     if data is None or recorded.get("resolved") is None or (data in DATASETS and not Path(data).exists()):
         return None
+    from .sources import fingerprint
+
     here, trained = Path(data).resolve(), Path(recorded["resolved"])
     kind = detect(here)
     same_folders = kind == "classfolders" and here in (trained, trained / "train")
     same_store = kind == "store" and here == trained and getattr(source, "store_split", None) == "train"
-    if not (same_folders or same_store):
-        return None
     n = len(recorded["train_indices"])
-    return (f"note: {data} is the data this run trained on: {n:,} of its images are training images, so this is "
-            "no held-out error (leave --data out to score the run's held-out images)")
+    if same_folders or same_store:
+        return (f"note: {data} is the data this run trained on: {n:,} of its images are training images, so this "
+                "is no held-out error (leave --data out to score the run's held-out images)")
+    # A copy (cp -r) of the class folders it trained on: the same names and sizes, elsewhere.
+    if kind == "classfolders" and fingerprint(here) == recorded.get("fingerprint"):
+        return (f"note: {data} holds the same files as the data this run trained on ({recorded['path']}): "
+                f"{n:,} of its images are training images, so this is no held-out error (leave --data out to "
+                "score the run's held-out images)")
+    return None
 
 
 def evaluate_checkpoint(checkpoint: str | None = None, data: str | None = None, labels: str | None = None,

@@ -180,7 +180,8 @@ def test_eval_cli_json_views_and_per_class(setup, tmp_path):
     res = runner.invoke(main, ["eval", "--checkpoint", str(out), "--topk", "2", "--json"])
     assert res.exit_code == 0, res.output
     got = json.loads(res.output)
-    assert set(got) == {"top1_error", "topk_error", "k", "images", "views", "checkpoint"}
+    assert set(got) == {"top1_error", "topk_error", "k", "images", "views", "checkpoint", "notes"}
+    assert got["notes"] == []
     assert got["k"] == 2 and got["images"] == 48 and got["views"] == 1 and got["checkpoint"].endswith("best.pt")
     assert got["topk_error"] <= got["top1_error"]
     res = runner.invoke(main, ["eval", "--checkpoint", str(out), "--views", "10", "--data", str(data), "--per-class"])
@@ -603,6 +604,24 @@ def test_eval_refuses_held_out_images_it_cannot_find_again(setup, tmp_path):
     # Every image of the training folder, 12 of them trained on: no held-out figure, and it says so.
     assert whole.notes == [f"note: {data} is the data this run trained on: 12 of its images are training images, "
                            "so this is no held-out error (leave --data out to score the run's held-out images)"]
+
+
+def test_eval_on_a_copy_of_the_training_folders_says_so_in_text_and_json(setup, tmp_path):
+    """Only the recorded path was recognised: a cp -r of the training data scored as if held out."""
+    spec, _ = setup
+    data = _class_folders(tmp_path / "folders", ["cat", "dog"])
+    run = tmp_path / "run"
+    train(_quiet(spec=str(spec), data=str(data), out=str(run), epochs=1, batch_size=4, overrides=["fc2.outputs=2"]))
+    copy = tmp_path / "copy"
+    shutil.copytree(data, copy)
+    said = (f"{copy} holds the same files as the data this run trained on ({data}): 12 of its images are training "
+            "images, so this is no held-out error (leave --data out to score the run's held-out images)")
+    assert evaluate_checkpoint(str(run), data=str(copy)).notes == [f"note: {said}"]
+    res = CliRunner().invoke(main, ["eval", "--checkpoint", str(run), "--data", str(copy), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["notes"] == [said]
+    (copy / "cat" / "0.png").unlink()  # another set of files: no note
+    assert evaluate_checkpoint(str(run), data=str(copy)).notes == []
 
 
 def test_crops_bigger_than_every_image_are_refused_and_a_larger_image_size_is_not(setup, tmp_path):
