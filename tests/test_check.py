@@ -224,6 +224,10 @@ ERRORS = [
      "s.cfg:13:17: layer 'c': neuron=tanh[a,b]: b must be a number, not 'b'"),
     (CONV + "neuron=tanh[1]\n" + FC + TAIL, None,
      "s.cfg:13:8: layer 'c': neuron: neuron 'tanh' is written tanh[a,b] (f(x) = a * tanh(b * x)), not 'tanh[1]'"),
+    # Quoted as typed: the parsed form once came back as 'tanh[1;2;3]'.
+    (CONV + "neuron=tanh[1,2,3]\n" + FC + TAIL, None,
+     "s.cfg:13:8: layer 'c': neuron: neuron 'tanh' is written tanh[a,b] (f(x) = a * tanh(b * x)), not "
+     "'tanh[1,2,3]'"),
     ("[p]\ntype=pool\npool=mean\ninputs=data\nsizeX=3\nstride=2\n[fc]\ntype=fc\ninputs=p\noutputs=10\n" + TAIL, None,
      "s.cfg:10:6: layer 'p': pool=mean is not one of max, avg, maxabs"),
     ("[p]\ntype=pool\npool=avg\ninputs=data\nsizeX=2\nstride=2\noutputsX=17\n[fc]\ntype=fc\ninputs=p\noutputs=10\n" + TAIL, None,
