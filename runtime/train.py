@@ -484,6 +484,8 @@ class Trainer:
                 self.val_idx = np.arange(len(self.val_source))
         else:
             self.val_source = self.train_source
+            if self.state is None:
+                self._note_validation_classes_never_trained()
         self.rank_batch = r.batch_size // c.world
         workers = self.o.workers
         if workers is None:  # decoding sources only; measured ~2% of a CPU step, more on a GPU
@@ -500,6 +502,21 @@ class Trainer:
                         f"valFraction={r.val_fraction:g})")
             raise fail(f"{len(self.train_idx)} training images{held} make no full batch of {r.batch_size}; "
                        "use a smaller --batch-size or more data", Location(str(self.data_path)))
+
+    def _note_validation_classes_never_trained(self) -> None:
+        """Held out of data with a few images a class (ImageNet samples: one), validation
+        images can be of classes the net never trains on: an error near 100% then says
+        nothing about the net, and once it was not said."""
+        labels = getattr(self.train_source, "labels", None)
+        if labels is None or self.val_idx is None or len(self.val_idx) == 0:
+            return
+        labels = np.asarray(labels)
+        untrained = np.setdiff1d(labels[self.val_idx], labels[self.train_idx])
+        if len(untrained):
+            count = int(np.isin(labels[self.val_idx], untrained).sum())
+            self.say(f"note: {count:,} of the {len(self.val_idx):,} validation images are of classes with no training "
+                     f"image ({plural(len(untrained), 'class', 'classes')}), which the net cannot learn; give more "
+                     "images a class, or --val-data PATH")
 
     def _output_layer(self) -> str:
         """The reported cost's logits layer (check gives every cost's head the same width)."""

@@ -522,6 +522,23 @@ def _class_folders(root: Path, classes: list[str], per_class: int = 8) -> Path:
     return root
 
 
+def test_validation_images_of_classes_never_trained_on_are_noted(setup, tmp_path):
+    """ImageNet's samples have one image a class: every held-out image is of a class the
+    net never sees, and a near-100% error said so nowhere."""
+    spec, _ = setup
+    data = _class_folders(tmp_path / "one-each", [f"c{i}" for i in range(8)], per_class=1)
+    said = []
+    train(TrainOptions(spec=str(spec), data=str(data), out=str(tmp_path / "run"), epochs=1, batch_size=2,
+                       progress=False, echo=said.append, overrides=["fc2.outputs=8", "train.valFraction=0.25"]))
+    assert ("note: 2 of the 2 validation images are of classes with no training image (2 classes), which the net "
+            "cannot learn; give more images a class, or --val-data PATH") in said
+    said.clear()  # several images a class: every class is trained on
+    train(TrainOptions(spec=str(spec), data=str(_class_folders(tmp_path / "eight-each", ["a", "b"])),
+                       out=str(tmp_path / "run2"), epochs=1, batch_size=2, progress=False, echo=said.append,
+                       overrides=["fc2.outputs=2"]))
+    assert not any("no training image" in line for line in said)
+
+
 def _train_two_classes(spec: Path, data: Path, out: Path):
     """One short epoch of the tiny net, cut to two classes, through the CLI."""
     return CliRunner().invoke(main, ["train", str(spec), "--data", str(data), "--out", str(out), "--quiet",
