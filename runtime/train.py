@@ -623,6 +623,10 @@ class Trainer:
         if late and self.state is None:
             self.say(f"note: lrDrops={','.join(late)} come at or after the last of {plural(r.epochs, 'epoch')}: "
                      "those drops never happen; change them with --set train.lrDrops=N (or =none)")
+        if self.state is None and len(self.classes) <= TOPK and self.val_idx is not None and len(self.val_idx):
+            n = len(self.classes)  # eval says it of its own line; the epoch lines once printed it unexplained
+            self.say(f"note: with {n} classes the top-{n} error is always 0%, since the top {n} hold every class; "
+                     "read the top-1")
         if r.plateau and self.state is None and (self.val_idx is None or len(self.val_idx) == 0):
             self.say(f"note: plateau={r.plateau} lowers the rate when validation error stops improving, and this "
                      "run validates on nothing (valFraction=0, no --val-data): it never fires")
