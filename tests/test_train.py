@@ -402,7 +402,8 @@ def test_plateau_rule_divides_the_rate(setup, tmp_path):
     assert said[1] == ("note: lrDrops=4,10 come at or after the last of 4 epochs: those drops never happen; "
                        "change them with --set train.lrDrops=N (or =none)")
     # 4 classes: the epoch lines' top-4 error is 0% by construction, and the start says so once.
-    assert said[2] == "note: with 4 classes the top-4 error is always 0%, since the top 4 hold every class; read the top-1"
+    assert said[2] == ("note: with 4 classes the top-4 error is always 0%, since the top 4 hold every class; "
+                       "read the top-1")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["lr_scale"] for r in records] == pytest.approx([1.0, 1.0, 0.1, 0.001])  # plateau twice, lrDrops=3 once
     assert len({r["val_top1_error"] for r in records}) == 1
