@@ -156,8 +156,8 @@ def prepare(ctx, src, out, size, quality, raw, workers, synsets):
 @click.option("--val-data", metavar="PATH",
               help="Validation data (same kinds).  Default: valFraction of the training split, held out by splitSeed.")
 @click.option("--epochs", type=click.IntRange(1, LARGEST_WHOLE), help="Override [train] epochs.")
-@click.option("--batch-size", type=click.IntRange(1, LARGEST_WHOLE), help="Global minibatch, split across data-parallel "
-                                                           "ranks.  Override [train] batchSize (default 128).")
+@click.option("--batch-size", type=click.IntRange(1, LARGEST_WHOLE),
+              help="Global minibatch, split across data-parallel ranks.  Override [train] batchSize (default 128).")
 @click.option("--out", metavar="RUN", help="Run folder.  Default: a new runs/<spec>-<date>-<time>.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out (default: the newest under runs/) "
                                              "from its last checkpoint, with the settings it recorded (--epochs "
@@ -180,8 +180,8 @@ def prepare(ctx, src, out, size, quality, raw, workers, synsets):
 @click.option("--set", "overrides", multiple=True, metavar="LAYER.KEY=VALUE",
               help="Override a spec or params value, e.g. --set conv1.epsW=0.002 or --set train.flip=1. "
                    "Repeatable; recorded with the run.")
-@click.option("--train-limit", type=click.IntRange(1, LARGEST_WHOLE), help="Train on this many images of the training split "
-                                                            "(a fixed random subset), for quick trials.")
+@click.option("--train-limit", type=click.IntRange(1, LARGEST_WHOLE),
+              help="Train on this many images of the training split (a fixed random subset), for quick trials.")
 @click.option("--synsets", type=click.Path(dir_okay=False, exists=True),
               help="'wnid name' lines giving readable class names to record with the run.")
 @click.option("--keep", default=3, show_default=True, type=click.IntRange(1),
@@ -349,8 +349,8 @@ def _launch_ranks(ctx, options, nproc: int, nnodes: int, node_rank: int, endpoin
     resume = ""
     if (failed.exit_code < 0 or failed.exit_code == D.LOST_A_RANK) and runs.has_checkpoints(settled_dir):
         # Killed from outside, not stopped by its own error: the run goes on from its last checkpoint.
-        resume = (f"; continue from the last checkpoint with: convspec train --resume --out {shlex.quote(str(run_dir))} "
-                  f"{os.environ.get(D.LAUNCHER_ENV, '')}".rstrip())
+        resume = (f"; continue from the last checkpoint with: convspec train --resume --out "
+                  f"{shlex.quote(str(run_dir))} {os.environ.get(D.LAUNCHER_ENV, '')}".rstrip())
     click.echo(f"rank {failed.rank}: {said}{where}{resume}", err=True)
     sys.exit(code)
 

@@ -204,8 +204,8 @@ def resume_checkpoint(run_dir: Path) -> Path:
     (not by its name or time: a copied folder gets new times, a renamed file
     lies): an epoch file, interrupted.pt, or best.pt when the others are gone."""
     if run_dir.is_file():
-        raise fail(f"is a file; --resume continues a run folder from its furthest checkpoint: --out {shlex.quote(str(run_dir.parent))}",
-                   Location(str(run_dir)))
+        raise fail("is a file; --resume continues a run folder from its furthest checkpoint: "
+                   f"--out {shlex.quote(str(run_dir.parent))}", Location(str(run_dir)))
     if not run_dir.is_dir():
         raise fail("no such run folder to resume; give the --out folder of an earlier run", Location(str(run_dir)))
     # (file, preference on a tie, position when unreadable): an unreadable interrupted.pt is
