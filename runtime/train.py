@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import platform
+import shlex
 import signal
 import subprocess
 import sys
