@@ -27,7 +27,8 @@ what ``torch.optim.SGD(fused=True)`` runs), which reads W, grad and inc once and
 writes W and inc once: seven reads and writes of each element against eleven for
 the four ``torch._foreach_*`` passes.  On AlexNet's 61 million parameters the step
 took 41-45 ms against 62-64 ms (``bench/optim_step.py``, 2-core CPU).  The foreach
-passes remain for other devices and for a zero momentum.
+passes remain for a zero momentum and wherever the kernel is not right (see
+``_fusable``: other devices, bf16/fp16 weights, mixed layouts).
 """
 
 from __future__ import annotations
@@ -37,8 +38,32 @@ from collections import defaultdict
 import torch
 
 
-# Devices whose tensors torch._fused_sgd_ takes (its CPU kernel came with torch 2.4).
-_FUSED_DEVICES = ("cpu", "cuda") if hasattr(torch, "_fused_sgd_") else ()
+# torch._fused_sgd_ is taken only where it is right: float32 and float64 (on the CPU of
+# torch 2.13 it leaves bf16 and fp16 weights unchanged in whole 16-element chunks), tensors
+# of one layout (a channels_last weight with a contiguous buffer came out wrong), and a
+# device type whose kernel a first tiny call found (the CPU kernel came with torch 2.4;
+# the pin here allows 2.1).
+_FUSED_DTYPES = (torch.float32, torch.float64)
+_fused_kernel: dict[str, bool] = {}
+
+
+def _has_fused_kernel(device: torch.device) -> bool:
+    if device.type not in _fused_kernel:
+        try:
+            one = [torch.zeros(1, device=device)]
+            torch._fused_sgd_(one, [torch.zeros(1, device=device)], [torch.zeros(1, device=device)],
+                              weight_decay=0.0, momentum=0.9, lr=1.0, dampening=0.0, nesterov=False,
+                              maximize=False, is_first_step=False)
+            _fused_kernel[device.type] = device.type in ("cpu", "cuda")
+        except (AttributeError, NotImplementedError, RuntimeError):
+            _fused_kernel[device.type] = False
+    return _fused_kernel[device.type]
+
+
+def _fusable(params: list[torch.Tensor], incs: list[torch.Tensor], dtype: torch.dtype,
+             device: torch.device) -> bool:
+    return (dtype in _FUSED_DTYPES and _has_fused_kernel(device)
+            and all(p.stride() == p.grad.stride() == inc.stride() for p, inc in zip(params, incs)))
 
 
 class ConvnetSGD(torch.optim.Optimizer):
@@ -83,10 +108,10 @@ class ConvnetSGD(torch.optim.Optimizer):
                 if "inc" not in state:
                     state["inc"] = torch.zeros_like(p)
                 groups[(eps, rule.mom, rule.wc, p.device, p.dtype)].append(p)
-        for (eps, mom, wc, device, _dtype), params in groups.items():
+        for (eps, mom, wc, device, dtype), params in groups.items():
             grads = [p.grad for p in params]
             incs = [self.state[p]["inc"] for p in params]
-            if mom and self.fused is not False and device.type in _FUSED_DEVICES:
+            if mom and self.fused is not False and _fusable(params, incs, dtype, device):
                 # torch's fused rule is  buf = mom * buf + (g + wd * W);  W -= lr * buf.
                 # With g pre-scaled by -eps, wd = -eps * wc and lr = -1 it is exactly
                 # cuda-convnet's  inc = mom * inc - eps * (grad + wc * W);  W += inc,

@@ -29,7 +29,7 @@ def test_update_matches_the_formula_with_schedules_and_drops(fused):
     rules = {name: rule for name, _p, rule in net.learning_rules()}
     opt = ConvnetSGD(net.learning_rules(), fused=fused)
     if fused is None:  # the pinned torch has the CPU kernel, so this case runs it
-        assert "cpu" in optim._FUSED_DEVICES
+        assert optim._has_fused_kernel(torch.device("cpu"))
     weights = {name: p.detach().clone() for name, p, _r in net.learning_rules()}
     incs = {name: torch.zeros_like(w) for name, w in weights.items()}
     gen = torch.Generator().manual_seed(1)
@@ -76,6 +76,32 @@ def test_fused_kernel_and_foreach_passes_agree_on_float32_channels_last_weights(
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     assert not torch.equal(results[0][0], start[0])
+
+
+@pytest.mark.parametrize("case", ["bf16", "fp16", "mixed-layout"])
+def test_where_the_fused_kernel_is_wrong_the_foreach_passes_run(case):
+    """torch 2.13's CPU kernel left bf16 and fp16 weights unchanged (whole 16-element
+    chunks), and mixed a channels_last weight with a contiguous buffer: those groups take
+    the foreach passes, and the update is the formula's."""
+    gen = torch.Generator().manual_seed(5)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(case, torch.float32)
+    w = torch.randn(8, 4, 3, 3, generator=gen).to(dtype)
+    g = torch.randn(8, 4, 3, 3, generator=gen).to(dtype)
+    if case == "mixed-layout":
+        w = w.to(memory_format=torch.channels_last)  # its grad and its buffer stay contiguous
+    p = w.clone().requires_grad_()
+    opt = ConvnetSGD([("w", p, Rule(Schedule("const", 0.01), 0.9, 0.004, 0.0, 0))])
+    opt.state[p]["inc"] = torch.zeros(p.shape, dtype=dtype)  # contiguous, whatever p's layout
+    expected_inc = torch.zeros(p.shape, dtype=torch.float64)
+    expected = w.double()
+    for _ in range(3):
+        p.grad = g.clone().contiguous()
+        opt.step()
+        expected_inc = 0.9 * expected_inc - 0.01 * (g.double() + 0.004 * expected)
+        expected = expected + expected_inc
+    tol = {"bf16": 2e-2, "fp16": 2e-3}.get(case, 1e-5)
+    torch.testing.assert_close(p.detach().double(), expected, rtol=tol, atol=tol)
+    assert not torch.equal(p.detach(), w)
 
 
 def test_differs_from_torch_sgd_once_eps_changes():
