@@ -697,8 +697,9 @@ class Trainer:
                 # The CPU reads every loss anyway: read it before the update, so that a non-finite
                 # loss leaves the weights that produced it, and the diagnosis can name the layer.
                 value = detached.item()
-                if D.broadcast_flag(not np.isfinite(value), c):
-                    raise self._nan_error(self.step + 1, epoch, x, value)
+                here = not np.isfinite(value)
+                if D.broadcast_flag(here, c):
+                    raise self._nan_error(self.step + 1, epoch, x, value if here else None)
             opt.step()
             self.step += 1
             window.append(detached)
@@ -710,8 +711,9 @@ class Trainer:
                 bad = next((i for i, v in enumerate(values) if not np.isfinite(v)), None)
                 # (Every 20 steps on a GPU, after the updates: by then the weights have gone bad too.)
                 if sync_every > 1 and D.broadcast_flag(bad is not None, c):
-                    failed_step = self.step - len(values) + (bad if bad is not None else 0) + 1
-                    raise self._nan_error(failed_step, epoch, x, values[bad] if bad is not None else float("nan"))
+                    if bad is None:  # another rank's loss: by the end of this window, not at a known step
+                        raise self._nan_error(self.step, epoch, x, None)
+                    raise self._nan_error(self.step - len(values) + bad + 1, epoch, x, values[bad])
                 window.clear()
                 bar.update(len(values) * r.batch_size, f"loss {values[-1]:.4f}")
             if D.broadcast_flag(self.stop_signal is not None, c):
@@ -782,12 +784,15 @@ class Trainer:
 
     # --- failures and signals ---------------------------------------------------------------
 
-    def _nan_error(self, step: int, epoch: int, x: torch.Tensor, value: float) -> SpecError:
+    def _nan_error(self, step: int, epoch: int, x: torch.Tensor, value: float | None) -> SpecError:
+        """``value``: this rank's non-finite loss, or None when another rank's was (only rank 0
+        speaks, and its own loss, finite, once stood in the message)."""
         good = ckpt.epoch_files(self.run_dir)
         kept = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written yet"
-        head = f"loss became {value} at step {step} (epoch {epoch + 1})"
+        head = (f"loss became {value} at step {step} (epoch {epoch + 1})" if value is not None else
+                f"another rank's loss became nan or inf by step {step} (epoch {epoch + 1})")
         what, fastest = diagnose(self.net, x, self.step / self.total_steps)
-        if step == 1:  # the first loss came from the initial weights: no update, no learning rate, did it
+        if step == 1 and value is not None:  # the first loss came from the initial weights: no update did it
             err = fail(f"{head}, before any update; {what}. Training stopped and {kept}. No learning rate did "
                        "this: check the spec's neurons, initW and the cost's coeff, and the data")
         else:

@@ -366,6 +366,24 @@ def test_costs_that_all_weigh_nothing_are_refused_before_reading_data(setup, tmp
     assert not (tmp_path / "run").exists()
 
 
+def test_a_nan_loss_on_another_rank_is_said_so_not_with_this_ranks_finite_loss(setup, tmp_path, monkeypatch):
+    """Only rank 0 speaks for every rank: when the NaN was another rank's, its message once
+    gave rank 0's own finite loss ("loss became 2.3026 at step 3")."""
+    import runtime.distributed as D
+
+    spec, data = setup
+    checks = []
+
+    def another_rank_at_step_3(flag, cluster):  # each step asks twice: the loss, then a signal
+        checks.append(flag)
+        return flag or len(checks) == 5
+    monkeypatch.setattr(D, "broadcast_flag", another_rank_at_step_3)
+    with pytest.raises(SpecError) as err:
+        train(_quiet(spec=str(spec), data=str(data), out=str(tmp_path / "run"), epochs=1))
+    assert str(err.value).startswith("another rank's loss became nan or inf by step 3 (epoch 1); "), err.value
+    assert "before any update" not in str(err.value) and not any(checks)
+
+
 def test_a_nan_loss_on_the_cpu_is_diagnosed_on_the_weights_that_made_it(setup, tmp_path):
     """On the CPU the loss is read before the update, so the weights are those that made it,
     and the first layer whose output is not finite is named (here the one whose initial
