@@ -147,10 +147,12 @@ def _write(path: Path, write) -> None:
     try:
         files.write_whole(path, write)
     except OSError as err:
-        free = shutil.disk_usage(path.parent).free
-        raise fail(f"could not write this picture file ({err.strerror or ' '.join(str(err).split())[:120]}); "
-                   f"{free / 2**20:,.0f} MiB free there: free some space or choose another --out",
-                   Location(str(path))) from None
+        try:
+            free = f"{shutil.disk_usage(path.parent).free / 2**20:,.0f} MiB free there: "
+        except OSError:  # the folder itself gone or unreadable
+            free = ""
+        raise fail(f"could not write this file of the show ({err.strerror or ' '.join(str(err).split())[:120]}); "
+                   f"{free}free some space or choose another --out", Location(str(path))) from None
 
 
 PNG_MARK = ("Software", "convspec show")  # a text chunk in every picture show writes

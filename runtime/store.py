@@ -195,6 +195,7 @@ def prepare(source: Path, out: Path, options: PrepareOptions, synsets: Path | No
     # Before writing anything: a bad file leaves OUT as it was.
     names, synsets_note = names_from_synsets(synsets, list(splits[0][1].classes)) if synsets else ({}, None)
     out.mkdir(parents=True, exist_ok=True)
+    _refuse_a_folder_of_other_files(out)  # before the lock file: a refused folder is left as it was
     try:
         # Two prepares writing one store would write each other's shards and delete each
         # other's half-written ones (remove_partial_writes below).
@@ -210,6 +211,14 @@ def prepare(source: Path, out: Path, options: PrepareOptions, synsets: Path | No
     finally:
         if lock is not None:
             os.close(lock)
+
+
+def _refuse_a_folder_of_other_files(out: Path) -> None:
+    """OUT without prepare.json holds nothing of a store's but a killed prepare's partial writes
+    and the lock; anything else is not ours to write beside."""
+    if not (out / "prepare.json").is_file() and any(
+            not files.is_partial_write(p) and p.name != PREPARE_LOCK for p in out.iterdir()):
+        raise fail("is not empty and holds no convspec store; choose an empty or new folder", Location(str(out)))
 
 
 def _write_store(source: Path, out: Path, options: PrepareOptions, splits, fingerprint: dict, listing: dict,
@@ -233,9 +242,8 @@ def _write_store(source: Path, out: Path, options: PrepareOptions, splits, finge
             raise fail(f"was started by an older convspec, which did not record what {source} held, so its "
                        f"finished shards cannot be checked against it: delete {out} and prepare again",
                        Location(str(out)))
-    elif any(not files.is_partial_write(p) and p.name != PREPARE_LOCK for p in out.iterdir()):
-        # Anything else there is not ours (a store killed before prepare.json has only partial writes).
-        raise fail("is not empty and holds no convspec store; choose an empty or new folder", Location(str(out)))
+    else:
+        _refuse_a_folder_of_other_files(out)  # again under the lock
     # A killed prepare's half-written shard: this run writes the shard again, under its own name.
     files.remove_partial_writes(out)
     _save_atomic(out / "prepare.json", lambda f: f.write(json.dumps({**fingerprint, "listing": listing},

@@ -514,9 +514,10 @@ class Trainer:
         untrained = np.setdiff1d(labels[self.val_idx], labels[self.train_idx])
         if len(untrained):
             count = int(np.isin(labels[self.val_idx], untrained).sum())
+            fix = (f"a larger --train-limit than {self.train_limit:,}" if self.train_limit else
+                   "more images a class, or --val-data PATH")
             self.say(f"note: {count:,} of the {len(self.val_idx):,} validation images are of classes with no training "
-                     f"image ({plural(len(untrained), 'class', 'classes')}), which the net cannot learn; give more "
-                     "images a class, or --val-data PATH")
+                     f"image ({plural(len(untrained), 'class', 'classes')}), which the net cannot learn; give {fix}")
 
     def _output_layer(self) -> str:
         """The reported cost's logits layer (check gives every cost's head the same width)."""

@@ -417,6 +417,7 @@ def test_prepare_refuses_a_different_store_and_bad_paths(tmp_path):
     (tmp_path / "full" / "x.txt").write_text("x")
     with pytest.raises(SpecError, match="is not empty and holds no convspec store"):
         prepare(root, tmp_path / "full", PrepareOptions(size=16, raw=True), progress=False)
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["x.txt"]  # left as it was: no lock file either
     with pytest.raises(SpecError, match="no such dataset path"):
         prepare(tmp_path / "nope", tmp_path / "o2", PrepareOptions(), progress=False)
     (tmp_path / "empty").mkdir()

@@ -260,8 +260,8 @@ def test_a_full_disk_mid_picture_keeps_the_old_picture_whole(run_dir, tmp_path, 
     monkeypatch.setattr(Image.Image, "save", filling)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=2**30, used=2**30, free=0))
     res = _show(run_dir, "--only", "curves,net", "--out", out)
-    assert (res.exit_code, res.stderr) == (1, f"{out / 'net.png'}: could not write this picture file (No space left "
-                                              "on device); 0 MiB free there: free some space or choose another "
+    assert (res.exit_code, res.stderr) == (1, f"{out / 'net.png'}: could not write this file of the show (No space "
+                                              "left on device); 0 MiB free there: free some space or choose another "
                                               "--out\n"), res.output
     assert (out / "net.png").read_bytes() == before["net.png"]  # the old picture, whole
     assert (out / "index.html").read_bytes() == before["index.html"]
