@@ -49,6 +49,8 @@ class Call:
     name: str
     args: tuple[Arg, ...]
     loc: Location
+    # As written (tanh[1,2,3]), for messages; ``text`` is the canonical form with ';'.
+    typed: str = field(default="", compare=False)
 
     @property
     def text(self) -> str:
@@ -155,10 +157,13 @@ class _ToTree(lark.Transformer):
     def word(self, children):
         return Word(children[0].value, self._tok_loc(children[0]))
 
-    def call(self, children):
+    @lark.v_args(meta=True)
+    def call(self, meta, children):
         name = children[0]
         args = tuple(c for c in children[1:] if isinstance(c, Arg))
-        return Call(name.value, args, self._tok_loc(name))
+        line = self.lines[meta.line - 1]
+        typed = line[meta.column - 1 : meta.end_column - 1] if meta.line == meta.end_line else ""
+        return Call(name.value, args, self._tok_loc(name), typed)
 
     def positional(self, children):
         tok = children[0]

@@ -123,18 +123,6 @@ def _item_text(item) -> str:
     return item.text
 
 
-def _as_typed(item) -> str:
-    """The value as the user typed it: a call's text is rebuilt with ';' between its
-    arguments (cuda-convnet's own form), which quoted tanh[1,2,3] back as 'tanh[1;2;3]'."""
-    loc = getattr(item, "loc", None)
-    line = getattr(loc, "source_line", None) if loc is not None else None
-    if line and loc.column > 0:
-        typed = line[loc.column - 1:].strip()
-        if typed.replace(",", ";").replace(" ", "") == item.text.replace(" ", ""):
-            return typed
-    return item.text
-
-
 # No size, count or index in a spec comes near this; past it, a typo such as
 # outputs=99999999999999999999999 passed the check and crashed torch.  Keys with a
 # bound of their own (seeds) keep it.
@@ -215,8 +203,8 @@ def to_neuron(item, ctx: Ctx) -> Neuron:
     args: tuple[Arg, ...] = item.args if isinstance(item, Call) else ()
     if len(args) != len(expected) or any(a.key is not None for a in args):
         form = f"{name}[{','.join(expected)}]" if expected else name
-        raise fail(f"{ctx.where()}: neuron '{name}' is written {form} ({formula}), not '{_as_typed(item)}'",
-                   item.loc)
+        typed = getattr(item, "typed", "") or item.text  # a Call as written: tanh[1,2,3], not tanh[1;2;3]
+        raise fail(f"{ctx.where()}: neuron '{name}' is written {form} ({formula}), not '{typed}'", item.loc)
     # "layer 'c': neuron=tanh[a,b]: a must be a number": which argument, not just "neuron".
     params = tuple(to_float(a.value, Ctx(ctx.layer, f"{ctx.key}={name}[{','.join(expected)}]: {letter}"))
                    for a, letter in zip(args, expected))
