@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import pickle
 import re
-import shutil
 import zipfile
 from pathlib import Path
 
@@ -53,9 +52,8 @@ def save(path: str | Path, state: dict) -> Path:
         files.write_whole(path, lambda f: torch.save(state, f))
     except (OSError, RuntimeError) as err:
         # A full disk reaches torch.save's zip writer as a RuntimeError ("unexpected pos").
-        free = shutil.disk_usage(path.parent).free
         raise fail(f"could not write the checkpoint ({' '.join(str(err).split())[:120]}); "
-                   f"{free / 2**20:,.0f} MiB free there: free some space or choose another --out "
+                   f"{files.free_space(path.parent)}free some space or choose another --out "
                    "(--resume continues from the last checkpoint saved)", Location(str(path))) from None
     return path
 

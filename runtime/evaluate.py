@@ -159,7 +159,9 @@ def trained_on_note(recorded: dict, data: str | None, source) -> str | None:
         return (f"note: {data} is the data this run trained on: {n:,} of its images are training images, so this "
                 "is no held-out error (leave --data out to score the run's held-out images)")
     # A copy (cp -r) of the class folders it trained on: the same names and sizes, elsewhere.
-    if kind == "classfolders" and fingerprint(here) == recorded.get("fingerprint"):
+    # (Counted first: the fingerprint stats every file, and most folders differ in count already.)
+    if kind == "classfolders" and len(source) == recorded.get("images") and \
+            fingerprint(here) == recorded.get("fingerprint"):
         return (f"note: {data} holds the same files as the data this run trained on ({recorded['path']}): "
                 f"{n:,} of its images are training images, so this is no held-out error (leave --data out to "
                 "score the run's held-out images)")

@@ -72,6 +72,15 @@ def link_or_copy(src: Path, dst: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def free_space(folder: Path) -> str:
+    """"N MiB free there: ", for the one-line error of a write that failed (a full disk);
+    empty when even that cannot be read (the folder gone), so the error still comes."""
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**20:,.0f} MiB free there: "
+    except OSError:
+        return ""
+
+
 def sync_folder(folder: Path) -> None:
     """Make a rename in ``folder`` durable: until the folder itself is synced, a power cut
     can forget it."""

@@ -22,7 +22,6 @@ import contextlib
 import html
 import json
 import math
-import shutil
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -147,12 +146,9 @@ def _write(path: Path, write) -> None:
     try:
         files.write_whole(path, write)
     except OSError as err:
-        try:
-            free = f"{shutil.disk_usage(path.parent).free / 2**20:,.0f} MiB free there: "
-        except OSError:  # the folder itself gone or unreadable
-            free = ""
         raise fail(f"could not write this file of the show ({err.strerror or ' '.join(str(err).split())[:120]}); "
-                   f"{free}free some space or choose another --out", Location(str(path))) from None
+                   f"{files.free_space(path.parent)}free some space or choose another --out",
+                   Location(str(path))) from None
 
 
 PNG_MARK = ("Software", "convspec show")  # a text chunk in every picture show writes

@@ -29,7 +29,6 @@ import io
 import json
 import multiprocessing
 import os
-import shutil
 import signal
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -128,9 +127,8 @@ def _not_written(path: Path, err: OSError):
     detail = " ".join(str(err).split())[:120]
     # numpy writes arrays with fwrite, whose short write on a full disk says only "N requested and M written".
     full = err.errno in (errno.ENOSPC, errno.EDQUOT) or "requested and" in detail
-    free = shutil.disk_usage(path.parent).free
     return fail(f"could not write this store file{', the disk is full' if full else ''} ({detail}); "
-                f"{free / 2**20:,.0f} MiB free there: free some space and run the same command again to finish "
+                f"{files.free_space(path.parent)}free some space and run the same command again to finish "
                 "(the shards written so far are kept), or prepare into another OUT", Location(str(path)))
 
 
@@ -242,8 +240,6 @@ def _write_store(source: Path, out: Path, options: PrepareOptions, splits, finge
             raise fail(f"was started by an older convspec, which did not record what {source} held, so its "
                        f"finished shards cannot be checked against it: delete {out} and prepare again",
                        Location(str(out)))
-    else:
-        _refuse_a_folder_of_other_files(out)  # again under the lock
     # A killed prepare's half-written shard: this run writes the shard again, under its own name.
     files.remove_partial_writes(out)
     _save_atomic(out / "prepare.json", lambda f: f.write(json.dumps({**fingerprint, "listing": listing},

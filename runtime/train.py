@@ -709,8 +709,9 @@ class Trainer:
             seen += len(y)
             if len(window) >= sync_every or b == n_batches - 1:
                 values = torch.stack(window).tolist()
-                bad = next((i for i, v in enumerate(values) if not np.isfinite(v)), None)
-                # (Every 20 steps on a GPU, after the updates: by then the weights have gone bad too.)
+                # On a GPU, every 20 steps, after the updates: by then the weights have gone bad too.
+                # (The CPU checked each loss above, before its update.)
+                bad = next((i for i, v in enumerate(values) if not np.isfinite(v)), None) if sync_every > 1 else None
                 if sync_every > 1 and D.broadcast_flag(bad is not None, c):
                     if bad is None:  # another rank's loss: by the end of this window, not at a known step
                         raise self._nan_error(self.step, epoch, x, None)
