@@ -130,6 +130,7 @@ def prepare(ctx, src, out, size, quality, raw, workers, synsets):
     from runtime.store import PrepareOptions, prepare as run_prepare
 
     def run():
+        _at_most_one_per_cpu("--workers", workers, "decoding processes than CPUs only wait for each other")
         if raw and _typed(ctx, "quality"):
             raise fail("--quality sets the JPEG quality, and --raw stores no JPEG; drop one")
         options = PrepareOptions(size=size, raw=raw, quality=quality, workers=workers)
@@ -233,6 +234,7 @@ def train(ctx, spec, params_path, data, val_data, epochs, batch_size, out, resum
         return value if _typed(ctx, name) or not resume else None
 
     def run():
+        _at_most_one_per_cpu("--workers", workers, "decoding processes than CPUs only wait for each other")
         # From $CONVSPEC_DATA, the path is left to train, whose errors then say where it came from.
         from_env = ctx.get_parameter_source("data") is click.core.ParameterSource.ENVIRONMENT
         options = TrainOptions(spec=spec, params=params_path, data=None if from_env else data, val_data=val_data,
@@ -523,10 +525,8 @@ def bench(ctx, spec, params_path, input_shape, batch_size, iterations, warmup, d
 
     def run():
         device_list = parse_devices(devices)
-        cpus = os.cpu_count() or 1
-        if threads and threads > cpus:  # 1000 threads on 2 CPUs timed their waiting, 200x slower
-            raise fail(f"--threads {threads}: this machine has {cpus} CPU{'s' if cpus > 1 else ''}, and more threads "
-                       f"than CPUs time their waiting for each other; use at most {cpus}")
+        # 1000 threads on 2 CPUs timed their waiting, 200x slower
+        _at_most_one_per_cpu("--threads", threads, "threads than CPUs time their waiting for each other")
         if threads:
             torch.set_num_threads(threads)
         net_spec = check_paths(spec, params_path, input_shape, overrides=overrides)
@@ -580,6 +580,17 @@ def _lost_another_rank(err: Exception) -> bool:
     text = str(err)
     return isinstance(err, RuntimeError) and any(
         mark in text for mark in ("gloo", "NCCL", "Connection reset by peer", "Connection closed by peer"))
+
+
+def _at_most_one_per_cpu(option: str, count: int | None, why: str) -> None:
+    """Refuse more threads or processes than this process's CPUs: they add no speed, and
+    `prepare --workers 1000` forked a thousand decoders on two cores."""
+    from runtime.distributed import usable_cpus
+
+    cpus = usable_cpus()
+    if count and count > cpus:
+        raise fail(f"{option} {count}: this machine has {cpus} CPU{'s' if cpus > 1 else ''}, and more {why}; "
+                   f"use at most {cpus}")
 
 
 def _typed(ctx: click.Context, name: str) -> bool:

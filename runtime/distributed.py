@@ -115,13 +115,17 @@ class RankFailure:
     output: str | None  # None: its output went to this terminal
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: a container's or taskset's share, not the host's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def cpu_threads_per_rank(nproc: int) -> int:
     """torchrun gives every rank one thread; on a CPU the cores can be shared out instead."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        cores = os.cpu_count() or 1
-    return max(1, cores // nproc)
+    return max(1, usable_cpus() // nproc)
 
 
 def launch(argv: list[str], nproc: int, log_dir: str, nnodes: int = 1, node_rank: int = 0,

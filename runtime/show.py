@@ -22,6 +22,7 @@ import contextlib
 import html
 import json
 import math
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -135,7 +136,11 @@ def show(o: ShowOptions) -> ShowResult:
                                                                          pnginfo=_png_mark()))
             pictures.append(picture)
             o.echo(f"wrote {out / picture.file} ({picture.width}x{picture.height})")
-    page = index_html(run, pictures, skipped)
+    # A show --only into an earlier show's folder once wrote an index of its own pictures
+    # alone, and the others stayed there unlisted: they are listed, dated, as earlier.
+    drawn = {p.file for p in pictures}
+    earlier = sorted(p for p in out.glob("*.png") if p.name not in drawn and (not o.out or _written_by_show(p)))
+    page = index_html(run, pictures, skipped, earlier)
     _write(index, lambda f: f.write(page.encode()))
     return ShowResult(out, pictures, skipped, index)
 
@@ -566,7 +571,7 @@ def _net(run: Run, o: ShowOptions):
 INDEX_MARK = "convspec show:"  # in the title of every index.html show writes, so it overwrites only its own
 
 
-def index_html(run: Run, pictures: list[Picture], skipped: list[str]) -> str:
+def index_html(run: Run, pictures: list[Picture], skipped: list[str], earlier: list[Path] = ()) -> str:
     records = run.metrics()
     last = records[-1]
     esc = html.escape
@@ -611,6 +616,12 @@ def index_html(run: Run, pictures: list[Picture], skipped: list[str]) -> str:
                      f"<span class='size'>({esc(p.file)}, {p.width}×{p.height} pixels)</span></figcaption></figure>")
     if skipped:
         parts.append("<p>Not drawn:</p><ul>" + "".join(f"<li>{esc(s)}</li>" for s in skipped) + "</ul>")
+    if earlier:
+        parts.append("<p>Drawn by an earlier show into this folder, and not redrawn by this one (they may show an "
+                     "earlier epoch):</p><ul>" + "".join(
+                         f"<li><a href='{esc(p.name)}'>{esc(p.name)}</a>, written "
+                         f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(p.stat().st_mtime))}</li>"
+                         for p in earlier) + "</ul>")
     parts.append(_spec_html(run, state))
     return "\n".join(parts) + "\n</body></html>\n"
 

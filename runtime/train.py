@@ -45,8 +45,8 @@ from .loader import (HELD_OUT, Batches, augment_for, eval_batches, holdout, open
 from .optim import ConvnetSGD
 from .progress import Progress
 from .store import StoreSplit
-from .sources import (class_folders, detect, fingerprint, is_image, names_from_synsets, refuse_one_class, resolve,
-                      sides_of_first, unread_notes)
+from .sources import (class_folders, detect, file_size, fingerprint, is_image, names_from_synsets, refuse_one_class,
+                      resolve, sides_of_first, unread_notes)
 
 DATA_ENV = "CONVSPEC_DATA"
 TOPK = 5
@@ -482,6 +482,8 @@ class Trainer:
                               "prepare both at one --size, or give the image folder (it is rescaled)")
             if self.val_idx is None:
                 self.val_idx = np.arange(len(self.val_source))
+            if self.state is None:
+                self._note_validation_images_also_trained_on()
         else:
             self.val_source = self.train_source
             if self.state is None:
@@ -518,6 +520,27 @@ class Trainer:
                    "more images a class, or --val-data PATH")
             self.say(f"note: {count:,} of the {len(self.val_idx):,} validation images are of classes with no training "
                      f"image ({plural(len(untrained), 'class', 'classes')}), which the net cannot learn; give {fix}")
+
+    def _note_validation_images_also_trained_on(self) -> None:
+        """A --val-data folder that shares some files with --data (a split made by copying
+        images out and not removing them) scores images the net trains on.  The same folder
+        is refused above; a partial overlap went unseen.  Files are matched by class, name
+        and size: names first, so only the few that match are stat-ed."""
+        train_paths, val_paths = getattr(self.train_source, "paths", None), getattr(self.val_source, "paths", None)
+        if not train_paths or not val_paths:  # stores and CIFAR batches keep no file names
+            return
+        train_labels, val_labels = np.asarray(self.train_source.labels), np.asarray(self.val_source.labels)
+        trained = {(int(train_labels[i]), Path(train_paths[i]).name): Path(train_paths[i]) for i in self.train_idx}
+        shared = []
+        for i in self.val_idx:
+            twin = trained.get((int(val_labels[i]), Path(val_paths[i]).name))
+            if twin is not None and file_size(str(twin)) == file_size(str(val_paths[i])):
+                shared.append(Path(val_paths[i]))
+        if shared:
+            self.say(f"note: {len(shared):,} of the {len(self.val_idx):,} validation images "
+                     f"{'has' if len(shared) == 1 else 'have'} the class, name and "
+                     f"size of a training image (e.g. {shared[0]}), so validation scores images the net trains on; "
+                     f"remove them from {self.data_path} or from {self.val_path}")
 
     def _output_layer(self) -> str:
         """The reported cost's logits layer (check gives every cost's head the same width)."""

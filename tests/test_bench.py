@@ -20,6 +20,7 @@ from convspec.builder import build
 from convspec.check import check, check_paths
 from convspec.cli import main
 from convspec.parse import parse_text
+from runtime.distributed import usable_cpus
 from runtime.layer_times import BenchResult, as_text, bench
 
 from conftest import REFERENCE_SPECS, ROOT
@@ -215,10 +216,10 @@ def test_bench_default_batch_is_the_recipes():
     ([CIFAR, "--devices", "mps"], "error: --devices: 'mps' is not supported; use cpu or cuda:N"),
     ([CIFAR, "--set", "conv9.filters=3"],
      f"error: --set conv9.filters=3: no layer 'conv9' in {CIFAR}; did you mean 'conv3'?"),
-    ([CIFAR, "--threads", str((os.cpu_count() or 1) + 1)],
-     f"error: --threads {(os.cpu_count() or 1) + 1}: this machine has {os.cpu_count() or 1} "
-     f"CPU{'s' if (os.cpu_count() or 1) > 1 else ''}, and more threads than CPUs time their waiting for each "
-     f"other; use at most {os.cpu_count() or 1}"),
+    ([CIFAR, "--threads", str(usable_cpus() + 1)],
+     f"error: --threads {usable_cpus() + 1}: this machine has {usable_cpus()} "
+     f"CPU{'s' if usable_cpus() > 1 else ''}, and more threads than CPUs time their waiting for each "
+     f"other; use at most {usable_cpus()}"),
 ])
 def test_bench_errors_are_one_line(args, message):
     result = invoke("bench", *args, "--iterations", "1", "--warmup", "0", "--batch-size", "1")

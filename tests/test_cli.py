@@ -180,6 +180,21 @@ def test_train_counts_past_what_the_recipe_takes_are_a_usage_error(option, tmp_p
         f"Error: Invalid value for '{option}': 99999999999999999999 is not in the range 1<=x<=2147483647.")
 
 
+@pytest.mark.parametrize("command", ["prepare", "train"])
+def test_more_decoding_workers_than_cpus_are_refused_before_any_work(command, tmp_path):
+    """prepare --workers 1000 forked a thousand decoders on two cores."""
+    from runtime.distributed import usable_cpus
+
+    cpus = usable_cpus()
+    args = ([str(tmp_path / "src"), str(tmp_path / "out")] if command == "prepare" else
+            [ALEXNET, "--data", str(tmp_path / "src"), "--out", str(tmp_path / "out")])
+    result = invoke(command, *args, "--workers", str(cpus + 1))
+    assert result.exit_code == 1, result.output
+    assert result.output == (f"error: --workers {cpus + 1}: this machine has {cpus} CPU{'s' if cpus > 1 else ''}, "
+                             f"and more decoding processes than CPUs only wait for each other; use at most {cpus}\n")
+    assert not (tmp_path / "out").exists()
+
+
 def test_directory_is_a_usage_error(tmp_path):
     result = invoke("check", str(tmp_path))
     assert result.exit_code == 2

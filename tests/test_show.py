@@ -86,6 +86,11 @@ def test_default_out_is_run_show(run_dir, tmp_path):
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in (copy / "show").iterdir()) == ["curves.png", "index.html", "net.png"]
     assert _show(copy, "--only", "curves").exit_code == 0  # its own index.html is replaced
+    # net.png, drawn before and not now, stays listed: an index of curves alone once hid it.
+    page = (copy / "show" / "index.html").read_text()
+    assert list(_stated_images(copy / "show" / "index.html")) == ["curves.png"]
+    assert "Drawn by an earlier show into this folder" in page and "<a href='net.png'>net.png</a>, written " in page
+    assert "curves.png</a>" not in page
 
 
 @pytest.mark.parametrize("name, content, message", [

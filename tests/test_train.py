@@ -543,6 +543,32 @@ def _class_folders(root: Path, classes: list[str], per_class: int = 8) -> Path:
     return root
 
 
+def test_validation_images_copied_from_the_training_folders_are_noted(setup, tmp_path):
+    """A --val-data folder made by copying some training images out, and not removing them,
+    scored images the net trains on; only the very same folder was recognised."""
+    from PIL import Image
+
+    spec, _ = setup
+    data = _class_folders(tmp_path / "train", ["cat", "dog"])
+    val = _class_folders(tmp_path / "val", ["cat", "dog"], per_class=0)
+    shutil.copy(data / "cat" / "3.png", val / "cat" / "3.png")  # the same file: noted
+    shutil.copy(data / "dog" / "5.png", val / "dog" / "x5.png")  # another name: not matched
+    Image.new("RGB", (32, 32)).save(val / "dog" / "0.png")  # a training name, other bytes: not matched
+    said = []
+    options = dict(spec=str(spec), data=str(data), val_data=str(val), epochs=1, batch_size=4, progress=False,
+                   echo=said.append, overrides=["fc2.outputs=2"])
+    train(TrainOptions(out=str(tmp_path / "run"), **options))
+    assert [line for line in said if "class, name and size" in line] == [
+        f"note: 1 of the 3 validation images has the class, name and size of a training image (e.g. "
+        f"{val / 'cat' / '3.png'}), so validation scores images the net trains on; remove them from {data} or "
+        f"from {val}"]
+    (val / "cat" / "3.png").unlink()
+    Image.new("RGB", (32, 32), "white").save(val / "cat" / "new.png")
+    said.clear()
+    train(TrainOptions(out=str(tmp_path / "run2"), **options))
+    assert not any("class, name and size" in line for line in said)
+
+
 def test_validation_images_of_classes_never_trained_on_are_noted(setup, tmp_path):
     """ImageNet's samples have one image a class: every held-out image is of a class the
     net never sees, and a near-100% error said so nowhere."""
@@ -623,7 +649,7 @@ def test_eval_refuses_held_out_images_it_cannot_find_again(setup, tmp_path):
     train(_quiet(spec=str(spec), data=str(data), out=str(run), epochs=1, batch_size=4, overrides=["fc2.outputs=2"]))
     assert evaluate_checkpoint(str(run)).result.images == 4
     recorded = ckpt.load(run / "best.pt")["data"]
-    (data / "cat" / "3.png").unlink()
+    (data / "cat" / "3.png").rename(tmp_path / "3.png")
     with pytest.raises(SpecError) as err:
         evaluate_checkpoint(str(run))
     now = runtime_sources.fingerprint(data)
@@ -639,9 +665,15 @@ def test_eval_refuses_held_out_images_it_cannot_find_again(setup, tmp_path):
         "it lists 17 images where the run had 16 (the convspec that trained the run listed its folders otherwise)")
     whole = evaluate_checkpoint(str(run), data=str(data))
     assert whole.result.images == 15
-    # Every image of the training folder, 12 of them trained on: no held-out figure, and it says so.
-    assert whole.notes == [f"note: {data} is the data this run trained on: 12 of its images are training images, "
-                           "so this is no held-out error (leave --data out to score the run's held-out images)"]
+    # Every image of the training folder, 12 of them trained on: no held-out figure, and it says so; the count
+    # is an upper bound once files went (it once gave the recorded 12 as exact, and advised leaving --data out,
+    # which the changed folder refuses).
+    assert whole.notes == [f"note: {data} is the data this run trained on, changed since (16 images then, 15 now): "
+                           "up to 12 of its images are training images, so this is no held-out error (give --data "
+                           "images the run never trained on)"]
+    (tmp_path / "3.png").rename(data / "cat" / "3.png")  # put back: the recorded count, exact again
+    assert evaluate_checkpoint(str(run), data=str(data)).notes[0].startswith(
+        f"note: {data} is the data this run trained on: 12 of its images are training images")
 
 
 def test_eval_on_a_copy_of_the_training_folders_says_so_in_text_and_json(setup, tmp_path):
