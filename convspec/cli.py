@@ -187,6 +187,9 @@ def prepare(ctx, src, out, size, quality, raw, workers, synsets):
               help="'wnid name' lines giving readable class names to record with the run.")
 @click.option("--keep", default=3, show_default=True, type=click.IntRange(1),
               help="Epoch checkpoints to keep (best.pt is kept as well).")
+@click.option("--snapshot-minutes", default=30.0, show_default=True, type=click.FloatRange(0, 10**6), metavar="M",
+              help="Within an epoch, rewrite RUN/interrupted.pt every M minutes, so that a killed process, a lost "
+                   "rank or a crash loses at most M minutes (--resume continues from it exactly); 0: never.")
 @click.option("--workers", type=click.IntRange(0), help="Decoding processes for JPEG stores and large image "
                                                         "folders.  Default: 0 on a CPU, up to 8 with a GPU.")
 @click.option("--deterministic", is_flag=True, help="Deterministic kernels only (slower on a GPU).")
@@ -204,8 +207,8 @@ def prepare(ctx, src, out, size, quality, raw, workers, synsets):
               help="Node 0's address and a free port, where the machines meet (with --nnodes > 1).")
 @click.pass_context
 def train(ctx, spec, params_path, data, val_data, epochs, batch_size, out, resume, devices, seed, precision,
-          channels_last, compile_net, overrides, train_limit, synsets, keep, workers, deterministic, quiet,
-          nproc, nnodes, node_rank, rdzv_endpoint):
+          channels_last, compile_net, overrides, train_limit, synsets, keep, snapshot_minutes, workers, deterministic,
+          quiet, nproc, nnodes, node_rank, rdzv_endpoint):
     """Train SPEC on --data and keep checkpoints and metrics in a run folder.
 
     The recipe (epochs, batch size, learning-rate drops, validation split,
@@ -243,7 +246,8 @@ def train(ctx, spec, params_path, data, val_data, epochs, batch_size, out, resum
                                channels_last=unless_defaulted_on_resume("channels_last", channels_last),
                                compile=unless_defaulted_on_resume("compile_net", compile_net),
                                overrides=list(overrides), epochs=epochs, batch_size=batch_size, seed=seed,
-                               train_limit=train_limit, synsets=synsets, keep=keep, workers=workers,
+                               train_limit=train_limit, synsets=synsets, keep=keep,
+                               snapshot_minutes=snapshot_minutes, workers=workers,
                                deterministic=deterministic, progress=not quiet, echo=_echo_while_read)
         if nproc is not None:
             _launch_ranks(ctx, options, nproc, nnodes, node_rank, rdzv_endpoint)

@@ -76,11 +76,16 @@ def all_reduce_sum(tensor: torch.Tensor, cluster: Cluster) -> torch.Tensor:
 
 def broadcast_flag(flag: bool, cluster: Cluster) -> bool:
     """True on every rank if any rank says so (a signal or a NaN on one rank stops all)."""
+    return broadcast_flags((flag,), cluster)[0]
+
+
+def broadcast_flags(flags: tuple[bool, ...], cluster: Cluster) -> tuple[bool, ...]:
+    """Each flag true on every rank if any rank says so, in one all-reduce."""
     if not cluster.distributed:
-        return flag
-    t = torch.tensor([int(flag)], dtype=torch.int64)
+        return tuple(flags)
+    t = torch.tensor([int(f) for f in flags], dtype=torch.int64)
     all_reduce_sum(t, cluster)
-    return bool(t.item())
+    return tuple(bool(v) for v in t.tolist())
 
 
 def barrier(cluster: Cluster) -> None:

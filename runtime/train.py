@@ -80,6 +80,9 @@ class TrainOptions:
     seed: int | None = None
     train_limit: int | None = None  # train on this many images of the training split
     keep: int = 3
+    # Mid-epoch, interrupted.pt is rewritten this often (0: never), so that a killed process or rank,
+    # or a crashed machine, loses at most this much of a long epoch.
+    snapshot_minutes: float = 30.0
     workers: int | None = None
     deterministic: bool = False
     progress: bool = True
@@ -656,6 +659,7 @@ class Trainer:
                      "run validates on nothing (valFraction=0, no --val-data): it never fires")
         steps_per_epoch = len(self.batches)
         self.total_steps = steps_per_epoch * r.epochs
+        self.snapshot_every, self.last_saved = 60 * self.o.snapshot_minutes, time.perf_counter()
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
         for sig in previous:
             signal.signal(sig, self._on_signal)
@@ -741,8 +745,13 @@ class Trainer:
                     raise self._nan_error(self.step - len(values) + bad + 1, epoch, x, values[bad])
                 window.clear()
                 bar.update(len(values) * r.batch_size, f"loss {values[-1]:.4f}")
-            if D.broadcast_flag(self.stop_signal is not None, c):
+            # Rank 0's clock decides when a snapshot is due, and every rank learns it with the stop flag.
+            due = self.main and self.snapshot_every > 0 and time.perf_counter() - self.last_saved >= self.snapshot_every
+            stop, snapshot = D.broadcast_flags((self.stop_signal is not None, due), c)
+            if stop:
                 self._save_interrupted(epoch, b + 1, sums, loss_sum, wrong_sum, seen, time.perf_counter() - t0)
+            if snapshot and b + 1 < n_batches:
+                self._save_snapshot(epoch, b + 1, sums, loss_sum, wrong_sum, seen, time.perf_counter() - t0)
         bar.close()
         seconds = time.perf_counter() - t0
         total = self._epoch_sums(sums, loss_sum, wrong_sum, seen, seconds)
@@ -751,12 +760,27 @@ class Trainer:
                 "train_images": total["images"], "train_time": total["seconds"]}
 
     def _epoch_sums(self, sums: dict, loss_sum, wrong_sum, seen: int, seconds: float) -> dict:
+        """The epoch so far, over all ranks, counted into the run's training time: this part ends here."""
+        self.train_seconds += seconds
+        return self._sums_so_far(sums, loss_sum, wrong_sum, seen, seconds)
+
+    def _sums_so_far(self, sums: dict, loss_sum, wrong_sum, seen: int, seconds: float) -> dict:
         """The epoch so far, over all ranks: what earlier (resumed) parts summed plus this part."""
         totals = torch.tensor([loss_sum.item(), float(wrong_sum.item()), float(seen)], dtype=torch.float64)
         D.all_reduce_sum(totals, self.cluster)
-        self.train_seconds += seconds
         return {"loss": sums["loss"] + totals[0].item(), "wrong": sums["wrong"] + int(totals[1].item()),
                 "images": sums["images"] + int(totals[2].item()), "seconds": sums["seconds"] + seconds}
+
+    def _save_snapshot(self, epoch, batch, sums, loss_sum, wrong_sum, seen, seconds) -> None:
+        """interrupted.pt as a stop would write it, and training goes on: --resume after a kill
+        continues from here, exactly, instead of from the epoch's start.  The epoch's time so
+        far is in the file but not yet in the run's (the epoch's end counts it)."""
+        partial = self._sums_so_far(sums, loss_sum, wrong_sum, seen, seconds)
+        if self.main:
+            state = self._state(epoch, batch, partial)
+            state["train_seconds"] = self.train_seconds + seconds
+            ckpt.save(self.run_dir / runs.INTERRUPTED, state)
+        self.last_saved = time.perf_counter()
 
     def validate(self) -> EvalResult | None:
         if self.val_idx is None or len(self.val_idx) == 0:
@@ -797,6 +821,7 @@ class Trainer:
                     self.say(f"validation error has not improved for {r.plateau} epoch(s): "
                              f"learning rate x{r.lr_factor:g} from epoch {epoch + 2}")
         last = self.run_dir / ckpt.epoch_name(epoch + 1)
+        self.last_saved = time.perf_counter()
         if self.main:
             ckpt.save(last, self._state(epoch + 1, 0))
             if improved:
