@@ -59,6 +59,13 @@ def main(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
+def _a_number(ctx, param, value):
+    """click's FloatRange lets nan through (every comparison with it is false): refuse it as it refuses inf."""
+    if value is not None and value != value:
+        raise click.BadParameter(f"{value} is not a number.")
+    return value
+
+
 @main.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
 @click.option("--params", "params_path", type=click.Path(dir_okay=False),
@@ -130,7 +137,7 @@ def prepare(ctx, src, out, size, quality, raw, workers, synsets):
     from runtime.store import PrepareOptions, prepare as run_prepare
 
     def run():
-        _at_most_one_per_cpu("--workers", workers, "decoding processes than CPUs only wait for each other")
+        _at_most_one_per_cpu(f"--workers {workers}", workers, "decoding processes than CPUs only wait for each other")
         if raw and _typed(ctx, "quality"):
             raise fail("--quality sets the JPEG quality, and --raw stores no JPEG; drop one")
         options = PrepareOptions(size=size, raw=raw, quality=quality, workers=workers)
@@ -187,9 +194,10 @@ def prepare(ctx, src, out, size, quality, raw, workers, synsets):
               help="'wnid name' lines giving readable class names to record with the run.")
 @click.option("--keep", default=3, show_default=True, type=click.IntRange(1),
               help="Epoch checkpoints to keep (best.pt is kept as well).")
-@click.option("--snapshot-minutes", default=30.0, show_default=True, type=click.FloatRange(0, 10**6), metavar="M",
+@click.option("--snapshot-minutes", type=click.FloatRange(0, 10**6), metavar="M", callback=_a_number,
               help="Within an epoch, rewrite RUN/interrupted.pt every M minutes, so that a killed process, a lost "
-                   "rank or a crash loses at most M minutes (--resume continues from it exactly); 0: never.")
+                   "rank or a crash loses at most M minutes (--resume continues from it exactly); 0: never.  "
+                   "Default: 30, or on --resume the run's own.")
 @click.option("--workers", type=click.IntRange(0), help="Decoding processes for JPEG stores and large image "
                                                         "folders.  Default: 0 on a CPU, up to 8 with a GPU.")
 @click.option("--deterministic", is_flag=True, help="Deterministic kernels only (slower on a GPU).")
@@ -237,7 +245,8 @@ def train(ctx, spec, params_path, data, val_data, epochs, batch_size, out, resum
         return value if _typed(ctx, name) or not resume else None
 
     def run():
-        _at_most_one_per_cpu("--workers", workers, "decoding processes than CPUs only wait for each other")
+        _at_most_one_per_cpu(f"--workers {workers}" + (f" with --nproc-per-node {nproc}" if nproc else ""), workers,
+                             "decoding processes than CPUs only wait for each other", times=nproc or 1)
         # From $CONVSPEC_DATA, the path is left to train, whose errors then say where it came from.
         from_env = ctx.get_parameter_source("data") is click.core.ParameterSource.ENVIRONMENT
         options = TrainOptions(spec=spec, params=params_path, data=None if from_env else data, val_data=val_data,
@@ -247,7 +256,8 @@ def train(ctx, spec, params_path, data, val_data, epochs, batch_size, out, resum
                                compile=unless_defaulted_on_resume("compile_net", compile_net),
                                overrides=list(overrides), epochs=epochs, batch_size=batch_size, seed=seed,
                                train_limit=train_limit, synsets=synsets, keep=keep,
-                               snapshot_minutes=snapshot_minutes, workers=workers,
+                               snapshot_minutes=unless_defaulted_on_resume("snapshot_minutes", snapshot_minutes),
+                               workers=workers,
                                deterministic=deterministic, progress=not quiet, echo=_echo_while_read)
         if nproc is not None:
             _launch_ranks(ctx, options, nproc, nnodes, node_rank, rdzv_endpoint)
@@ -530,7 +540,7 @@ def bench(ctx, spec, params_path, input_shape, batch_size, iterations, warmup, d
     def run():
         device_list = parse_devices(devices)
         # 1000 threads on 2 CPUs timed their waiting, 200x slower
-        _at_most_one_per_cpu("--threads", threads, "threads than CPUs time their waiting for each other")
+        _at_most_one_per_cpu(f"--threads {threads}", threads, "threads than CPUs time their waiting for each other")
         if threads:
             torch.set_num_threads(threads)
         net_spec = check_paths(spec, params_path, input_shape, overrides=overrides)
@@ -586,15 +596,18 @@ def _lost_another_rank(err: Exception) -> bool:
         mark in text for mark in ("gloo", "NCCL", "Connection reset by peer", "Connection closed by peer"))
 
 
-def _at_most_one_per_cpu(option: str, count: int | None, why: str) -> None:
-    """Refuse more threads or processes than this process's CPUs: they add no speed, and
-    `prepare --workers 1000` forked a thousand decoders on two cores."""
+def _at_most_one_per_cpu(typed: str, count: int | None, why: str, times: int = 1) -> None:
+    """Refuse more threads or processes than the CPUs this process may use (its affinity: a
+    container's or taskset's share): they add no speed, and `prepare --workers 1000` forked a
+    thousand decoders on two cores.  ``times``: the ranks that each start ``count``."""
     from runtime.distributed import usable_cpus
 
     cpus = usable_cpus()
-    if count and count > cpus:
-        raise fail(f"{option} {count}: this machine has {cpus} CPU{'s' if cpus > 1 else ''}, and more {why}; "
-                   f"use at most {cpus}")
+    if count and count * times > cpus:
+        total = f" ({count * times} in all)" if times > 1 else ""
+        fix = f"use at most {cpus // times}" if cpus // times else "leave it at 0"
+        raise fail(f"{typed}{total}: {cpus} CPU{'s are' if cpus > 1 else ' is'} available here, and more {why}; "
+                   f"{fix}")
 
 
 def _typed(ctx: click.Context, name: str) -> bool:

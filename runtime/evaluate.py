@@ -157,12 +157,13 @@ def trained_on_note(recorded: dict, data: str | None, source) -> str | None:
     n = len(recorded["train_indices"])
     if same_folders or same_store:
         then, now = recorded.get("images"), len(source)
-        if same_folders and then is not None and now != then:
-            # Files came or went since: which are the trained ones is not known, only at most how many,
-            # and without --data eval would refuse the changed folder.
-            return (f"note: {data} is the data this run trained on, changed since ({then:,} images then, {now:,} "
-                    f"now): up to {min(n, now):,} of its images are training images, so this is no held-out error "
-                    "(give --data images the run never trained on)")
+        if same_folders and then is not None and (now != then or fingerprint(here) != recorded.get("fingerprint")):
+            # Files came, went or changed since: which are the trained ones is not known, only at most
+            # how many, and without --data eval would refuse the changed folder.
+            counts = f"{then:,} images then, {now:,} now" if now != then else f"{now:,} images, not all the same files"
+            return (f"note: {data} is the data this run trained on, changed since ({counts}): up to "
+                    f"{min(n, now):,} of its images are training images, so this is no held-out error (give --data "
+                    "images the run never trained on)")
         return (f"note: {data} is the data this run trained on: {n:,} of its images are training images, so this "
                 "is no held-out error (leave --data out to score the run's held-out images)")
     # A copy (cp -r) of the class folders it trained on: the same names and sizes, elsewhere.

@@ -148,13 +148,24 @@ class ConvnetSGD(torch.optim.Optimizer):
             norms = p.flatten(1).norm(dim=1).clamp_min(1e-12)  # one filter per output unit
             p.mul_((rule.wball / norms).view(-1, *([1] * (p.dim() - 1))))
 
+    def _params(self) -> list[torch.Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
     def state_dict(self):
         state = super().state_dict()
         state["progress"], state["lr_scale"], state["batches"] = self.progress, self.lr_scale, self.batches
+        # Between step() calls the only gradients left are those an updatePeriod > 1 is still
+        # summing: a checkpoint without them resumed from a fresh sum and went elsewhere.
+        state["pending_grads"] = [None if p.grad is None else p.grad.detach().clone() for p in self._params()]
         return state
 
     def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
         self.progress = state_dict.pop("progress", 0.0)
         self.lr_scale = state_dict.pop("lr_scale", 1.0)
         self.batches = state_dict.pop("batches", 0)
+        pending = state_dict.pop("pending_grads", None)  # None: a checkpoint from before they were kept
         super().load_state_dict(state_dict)
+        if pending is not None:
+            for p, grad in zip(self._params(), pending, strict=True):
+                p.grad = None if grad is None else torch.empty_like(p).copy_(grad)

@@ -617,8 +617,8 @@ def index_html(run: Run, pictures: list[Picture], skipped: list[str], earlier: l
     if skipped:
         parts.append("<p>Not drawn:</p><ul>" + "".join(f"<li>{esc(s)}</li>" for s in skipped) + "</ul>")
     if earlier:
-        parts.append("<p>Drawn by an earlier show into this folder, and not redrawn by this one (they may show an "
-                     "earlier epoch):</p><ul>" + "".join(
+        parts.append("<p>Drawn into this folder by an earlier show, perhaps of an earlier epoch or of another run, "
+                     "and not redrawn by this one:</p><ul>" + "".join(
                          f"<li><a href='{esc(p.name)}'>{esc(p.name)}</a>, written "
                          f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(p.stat().st_mtime))}</li>"
                          for p in earlier) + "</ul>")

@@ -50,6 +50,7 @@ from .sources import (class_folders, detect, file_size, fingerprint, is_image, n
 
 DATA_ENV = "CONVSPEC_DATA"
 TOPK = 5
+SNAPSHOT_MINUTES = 30.0
 
 
 class TrainingStopped(Exception):
@@ -81,8 +82,9 @@ class TrainOptions:
     train_limit: int | None = None  # train on this many images of the training split
     keep: int = 3
     # Mid-epoch, interrupted.pt is rewritten this often (0: never), so that a killed process or rank,
-    # or a crashed machine, loses at most this much of a long epoch.
-    snapshot_minutes: float = 30.0
+    # or a crashed machine, loses at most this much of a long epoch.  None: SNAPSHOT_MINUTES for a
+    # new run, the recorded value on --resume.
+    snapshot_minutes: float | None = None
     workers: int | None = None
     deterministic: bool = False
     progress: bool = True
@@ -280,6 +282,9 @@ class Trainer:
         recorded = dict(s["recipe"])
         recorded["lr_drops"] = tuple(recorded["lr_drops"])
         self.recipe = Recipe(**recorded).with_options(epochs=o.epochs)  # more epochs may be asked for
+        if s["epoch"] >= self.recipe.epochs:  # said here, before any data is read or any rank is started
+            raise fail(f"the run has finished {plural(s['epoch'], 'epoch')}; pass --epochs N (more than "
+                       f"{s['epoch']}) to train further", Location(str(self.run_dir)))
         if self.recipe.epochs != recorded["epochs"] and self._rates_over_progress():
             # Progress is step / total steps, as cuda-convnet2's: a new length moves every point of such a curve.
             # Said once the run starts, not before an error that stops it.
@@ -527,8 +532,11 @@ class Trainer:
     def _note_validation_images_also_trained_on(self) -> None:
         """A --val-data folder that shares some files with --data (a split made by copying
         images out and not removing them) scores images the net trains on.  The same folder
-        is refused above; a partial overlap went unseen.  Files are matched by class, name
-        and size: names first, so only the few that match are stat-ed."""
+        is refused above; a partial overlap went unseen.  Files are matched by class and
+        name, then by size, then byte for byte (BMPs of one size from two splits, all
+        named 0000..., once matched): each step only on the few that passed the one before."""
+        import filecmp
+
         train_paths, val_paths = getattr(self.train_source, "paths", None), getattr(self.val_source, "paths", None)
         if not train_paths or not val_paths:  # stores and CIFAR batches keep no file names
             return
@@ -536,14 +544,18 @@ class Trainer:
         trained = {(int(train_labels[i]), Path(train_paths[i]).name): Path(train_paths[i]) for i in self.train_idx}
         shared = []
         for i in self.val_idx:
-            twin = trained.get((int(val_labels[i]), Path(val_paths[i]).name))
-            if twin is not None and file_size(str(twin)) == file_size(str(val_paths[i])):
-                shared.append(Path(val_paths[i]))
+            here = Path(val_paths[i])
+            twin = trained.get((int(val_labels[i]), here.name))
+            if twin is not None and file_size(str(twin)) == file_size(str(here)) and \
+                    filecmp.cmp(twin, here, shallow=False):
+                shared.append((here, twin))
         if shared:
+            # The folders that hold the class folders, as read: DIR/train and DIR/val, not DIR twice.
+            here, twin = shared[0]
             self.say(f"note: {len(shared):,} of the {len(self.val_idx):,} validation images "
-                     f"{'has' if len(shared) == 1 else 'have'} the class, name and "
-                     f"size of a training image (e.g. {shared[0]}), so validation scores images the net trains on; "
-                     f"remove them from {self.data_path} or from {self.val_path}")
+                     f"{'is a copy' if len(shared) == 1 else 'are copies'} of training images (the same class, name "
+                     f"and bytes; e.g. {here} of {twin}), so validation scores images the net trains on; remove "
+                     f"them from {twin.parent.parent} or from {here.parent.parent}")
 
     def _output_layer(self) -> str:
         """The reported cost's logits layer (check gives every cost's head the same width)."""
@@ -635,9 +647,8 @@ class Trainer:
         self.sched = dict(sched)
         self.train_seconds = s.get("train_seconds", 0.0)
         partial = s.get("partial", {"loss": 0.0, "wrong": 0, "images": 0, "seconds": 0.0})
-        if epoch0 >= r.epochs:
-            raise fail(f"the run has finished {plural(epoch0, 'epoch')}; pass --epochs N (more than {epoch0}) "
-                       "to train further", Location(str(self.run_dir)))
+        recorded = s.get("options", {}).get("snapshot_minutes")  # a resume keeps the run's choice
+        self.snapshot_minutes = next(m for m in (self.o.snapshot_minutes, recorded, SNAPSHOT_MINUTES) if m is not None)
         if self.main:
             self._lock_run_dir()
             self._write_run_files()
@@ -659,7 +670,8 @@ class Trainer:
                      "run validates on nothing (valFraction=0, no --val-data): it never fires")
         steps_per_epoch = len(self.batches)
         self.total_steps = steps_per_epoch * r.epochs
-        self.snapshot_every, self.last_saved = 60 * self.o.snapshot_minutes, time.perf_counter()
+        self.snapshot_every, self.last_saved = 60 * self.snapshot_minutes, time.perf_counter()
+        self.slow_snapshot_noted = False
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
         for sig in previous:
             signal.signal(sig, self._on_signal)
@@ -775,12 +787,21 @@ class Trainer:
         """interrupted.pt as a stop would write it, and training goes on: --resume after a kill
         continues from here, exactly, instead of from the epoch's start.  The epoch's time so
         far is in the file but not yet in the run's (the epoch's end counts it)."""
+        start = time.perf_counter()
         partial = self._sums_so_far(sums, loss_sum, wrong_sum, seen, seconds)
         if self.main:
             state = self._state(epoch, batch, partial)
             state["train_seconds"] = self.train_seconds + seconds
             ckpt.save(self.run_dir / runs.INTERRUPTED, state)
         self.last_saved = time.perf_counter()
+        took = self.last_saved - start
+        if took > 0.1 * self.snapshot_every and not self.slow_snapshot_noted:
+            # --snapshot-minutes 0.001 wrote a checkpoint after every batch and trained 45% slower, unsaid.
+            self.slow_snapshot_noted = True
+            gap = "\n" if self.o.progress else ""  # off the progress bar's line
+            self.say(f"{gap}note: a snapshot takes {took:.2f} s, more than a tenth of --snapshot-minutes "
+                     f"{self.snapshot_minutes:g} ({self.snapshot_every:.2f} s), so snapshots slow training by up to "
+                     f"{100 * took / (took + self.snapshot_every):.0f}%; a larger --snapshot-minutes costs less")
 
     def validate(self) -> EvalResult | None:
         if self.val_idx is None or len(self.val_idx) == 0:
@@ -902,7 +923,7 @@ class Trainer:
             "recipe": self.recipe.as_dict(),
             "options": {"precision": self.precision, "channels_last": self.channels_last, "compile": self.compile,
                         "devices": [str(d) for d in self.devices], "world": self.cluster.world,
-                        "argv": list(sys.argv)},
+                        "snapshot_minutes": self.snapshot_minutes, "argv": list(sys.argv)},
             "data": data,
             "history": list(self.history),
             "train_seconds": self.train_seconds,
@@ -948,7 +969,7 @@ class Trainer:
                 "data": str(self.data_path), "val_data": self.val_path, "train_limit": self.train_limit,
                 "recipe": self.recipe.as_dict(), "precision": self.precision,
                 "channels_last": self.channels_last, "compile": self.compile,
-                "devices": [str(d) for d in self.devices],
+                "devices": [str(d) for d in self.devices], "snapshot_minutes": self.snapshot_minutes,
                 "world": self.cluster.world, "classes": len(self.classes), "argv": list(sys.argv),
                 "provenance": provenance()}
         # run.json first: a folder holding it is one a rerun may write over, should the disk fill below.

@@ -217,9 +217,9 @@ def test_bench_default_batch_is_the_recipes():
     ([CIFAR, "--set", "conv9.filters=3"],
      f"error: --set conv9.filters=3: no layer 'conv9' in {CIFAR}; did you mean 'conv3'?"),
     ([CIFAR, "--threads", str(usable_cpus() + 1)],
-     f"error: --threads {usable_cpus() + 1}: this machine has {usable_cpus()} "
-     f"CPU{'s' if usable_cpus() > 1 else ''}, and more threads than CPUs time their waiting for each "
-     f"other; use at most {usable_cpus()}"),
+     f"error: --threads {usable_cpus() + 1}: {usable_cpus()} "
+     f"CPU{'s are' if usable_cpus() > 1 else ' is'} available here, and more threads than CPUs time their waiting for "
+     f"each other; use at most {usable_cpus()}"),
 ])
 def test_bench_errors_are_one_line(args, message):
     result = invoke("bench", *args, "--iterations", "1", "--warmup", "0", "--batch-size", "1")

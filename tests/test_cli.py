@@ -180,19 +180,37 @@ def test_train_counts_past_what_the_recipe_takes_are_a_usage_error(option, tmp_p
         f"Error: Invalid value for '{option}': 99999999999999999999 is not in the range 1<=x<=2147483647.")
 
 
-@pytest.mark.parametrize("command", ["prepare", "train"])
+@pytest.mark.parametrize("command", ["prepare", "train", "train with ranks"])
 def test_more_decoding_workers_than_cpus_are_refused_before_any_work(command, tmp_path):
-    """prepare --workers 1000 forked a thousand decoders on two cores."""
+    """prepare --workers 1000 forked a thousand decoders on two cores; under --nproc-per-node
+    each rank starts its own."""
     from runtime.distributed import usable_cpus
 
     cpus = usable_cpus()
-    args = ([str(tmp_path / "src"), str(tmp_path / "out")] if command == "prepare" else
-            [ALEXNET, "--data", str(tmp_path / "src"), "--out", str(tmp_path / "out")])
-    result = invoke(command, *args, "--workers", str(cpus + 1))
+    cpus_are = f"{cpus} CPU{'s are' if cpus > 1 else ' is'} available here"
+    why = "and more decoding processes than CPUs only wait for each other"
+    if command == "prepare":
+        args, said = [str(tmp_path / "src"), str(tmp_path / "out"), "--workers", str(cpus + 1)], \
+            f"--workers {cpus + 1}: {cpus_are}, {why}; use at most {cpus}"
+    elif command == "train":
+        args, said = [ALEXNET, "--data", str(tmp_path / "src"), "--out", str(tmp_path / "out"),
+                      "--workers", str(cpus + 1)], f"--workers {cpus + 1}: {cpus_are}, {why}; use at most {cpus}"
+    else:
+        args = [ALEXNET, "--data", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--workers", "1",
+                "--nproc-per-node", str(cpus + 1)]
+        said = f"--workers 1 with --nproc-per-node {cpus + 1} ({cpus + 1} in all): {cpus_are}, {why}; leave it at 0"
+    result = invoke(command.split()[0], *args)
     assert result.exit_code == 1, result.output
-    assert result.output == (f"error: --workers {cpus + 1}: this machine has {cpus} CPU{'s' if cpus > 1 else ''}, "
-                             f"and more decoding processes than CPUs only wait for each other; use at most {cpus}\n")
+    assert result.output == f"error: {said}\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_snapshot_minutes_that_are_not_a_number_are_a_usage_error(tmp_path):
+    """click's FloatRange took nan (every comparison with it is false), which then meant never."""
+    for value, said in [("nan", "nan is not a number."), ("inf", "inf is not in the range 0<=x<=1000000.")]:
+        result = invoke("train", ALEXNET, "--data", str(tmp_path), "--snapshot-minutes", value)
+        assert result.exit_code == 2, result.output
+        assert result.stderr.rstrip("\n").split("\n")[-1] == f"Error: Invalid value for '--snapshot-minutes': {said}"
 
 
 def test_directory_is_a_usage_error(tmp_path):

@@ -89,7 +89,7 @@ def test_default_out_is_run_show(run_dir, tmp_path):
     # net.png, drawn before and not now, stays listed: an index of curves alone once hid it.
     page = (copy / "show" / "index.html").read_text()
     assert list(_stated_images(copy / "show" / "index.html")) == ["curves.png"]
-    assert "Drawn by an earlier show into this folder" in page and "<a href='net.png'>net.png</a>, written " in page
+    assert "Drawn into this folder by an earlier show" in page and "<a href='net.png'>net.png</a>, written " in page
     assert "curves.png</a>" not in page
 
 

@@ -29,7 +29,7 @@ from runtime.evaluate import evaluate_checkpoint
 from runtime import runs
 from runtime import sources as runtime_sources
 from runtime.runs import net_from_checkpoint
-from runtime.train import TrainOptions, train
+from runtime.train import TrainingStopped, TrainOptions, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -299,6 +299,7 @@ def test_resume_after_a_kill_is_bitwise_exact(setup, tmp_path, how):
             state = ckpt.load(run / "interrupted.pt")
             assert state["epoch"] == 1 and 0 < state["batch"] < 375
             assert state["partial"]["images"] == 2 * state["batch"] and state["step"] == 375 + state["batch"]
+            assert state["options"]["snapshot_minutes"] == float(snapshots[1])
     resumed = _run_cli(["train", "--resume", "--out", str(run), "--quiet", "--deterministic"])
     out, err = resumed.communicate()
     assert resumed.returncode == 0, err
@@ -309,6 +310,38 @@ def test_resume_after_a_kill_is_bitwise_exact(setup, tmp_path, how):
     whole_records = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     assert [r["train_loss"] for r in records] == [r["train_loss"] for r in whole_records]
     assert not (run / "interrupted.pt").exists()
+    if snapshots:  # the resume kept the run's interval (it once fell back to 30 minutes unsaid)
+        assert ckpt.load(run / "epoch-0003.pt")["options"]["snapshot_minutes"] == float(snapshots[1])
+
+
+def test_a_stop_between_the_minibatches_of_an_update_period_resumes_exactly(setup, tmp_path, monkeypatch):
+    """updatePeriod=N sums N minibatches' gradients before one update: a stop (or a snapshot,
+    or an epoch's end) in between saved no sum, and the resumed run went elsewhere."""
+    import runtime.distributed as D
+
+    spec, data = setup
+    common = dict(spec=str(spec), data=str(data), deterministic=True, epochs=2,
+                  overrides=["fc1.updatePeriod=3", "conv1.updatePeriod=2"])
+    train(_quiet(out=str(tmp_path / "whole"), **common))
+    real, asked = D.broadcast_flags, []
+
+    def stop_after_step_13(flags, cluster):
+        if len(flags) != 2:  # a loss's NaN flag
+            return real(flags, cluster)
+        asked.append(flags)  # once a step: (stop, snapshot due)
+        stop, due = real(flags, cluster)
+        return stop or len(asked) == 13, due
+    monkeypatch.setattr(D, "broadcast_flags", stop_after_step_13)
+    with pytest.raises(TrainingStopped):
+        train(_quiet(out=str(tmp_path / "cut"), **common))
+    monkeypatch.undo()
+    state = ckpt.load(tmp_path / "cut" / "interrupted.pt")
+    # 9 steps an epoch: epoch 2 after its 4th batch; 13 % 3 and 13 % 2 leave both sums part-way
+    # (and epoch 1 ended part-way through conv1's pair).
+    assert (state["epoch"], state["batch"], state["step"]) == (1, 4, 13)
+    assert sum(g is not None for g in state["optimizer"]["pending_grads"]) == 4  # conv1's and fc1's W and b
+    train(_quiet(out=str(tmp_path / "cut"), resume=True, deterministic=True))
+    assert _same(_weights(tmp_path / "whole" / "epoch-0002.pt"), _weights(tmp_path / "cut" / "epoch-0002.pt"))
 
 
 def test_nan_loss_stops_naming_step_and_layer_and_keeps_checkpoints(setup, tmp_path):
@@ -563,19 +596,23 @@ def test_validation_images_copied_from_the_training_folders_are_noted(setup, tmp
     shutil.copy(data / "cat" / "3.png", val / "cat" / "3.png")  # the same file: noted
     shutil.copy(data / "dog" / "5.png", val / "dog" / "x5.png")  # another name: not matched
     Image.new("RGB", (32, 32)).save(val / "dog" / "0.png")  # a training name, other bytes: not matched
+    # A training name and size but other pixels (uncompressed images of one size all have one size): not a copy.
+    same_size = np.asarray(Image.open(data / "cat" / "4.png"))[::-1]
+    Image.fromarray(np.ascontiguousarray(same_size)).save(val / "cat" / "4.png")
+    assert (val / "cat" / "4.png").stat().st_size == (data / "cat" / "4.png").stat().st_size
     said = []
     options = dict(spec=str(spec), data=str(data), val_data=str(val), epochs=1, batch_size=4, progress=False,
                    echo=said.append, overrides=["fc2.outputs=2"])
     train(TrainOptions(out=str(tmp_path / "run"), **options))
-    assert [line for line in said if "class, name and size" in line] == [
-        f"note: 1 of the 3 validation images has the class, name and size of a training image (e.g. "
-        f"{val / 'cat' / '3.png'}), so validation scores images the net trains on; remove them from {data} or "
-        f"from {val}"]
+    assert [line for line in said if "copies of training" in line or "a copy of training" in line] == [
+        f"note: 1 of the 4 validation images is a copy of training images (the same class, name and bytes; e.g. "
+        f"{val / 'cat' / '3.png'} of {data / 'cat' / '3.png'}), so validation scores images the net trains on; "
+        f"remove them from {data} or from {val}"]
     (val / "cat" / "3.png").unlink()
     Image.new("RGB", (32, 32), "white").save(val / "cat" / "new.png")
     said.clear()
     train(TrainOptions(out=str(tmp_path / "run2"), **options))
-    assert not any("class, name and size" in line for line in said)
+    assert not any("copy of training" in line or "copies of training" in line for line in said)
 
 
 def test_validation_images_of_classes_never_trained_on_are_noted(setup, tmp_path):
@@ -683,6 +720,11 @@ def test_eval_refuses_held_out_images_it_cannot_find_again(setup, tmp_path):
     (tmp_path / "3.png").rename(data / "cat" / "3.png")  # put back: the recorded count, exact again
     assert evaluate_checkpoint(str(run), data=str(data)).notes[0].startswith(
         f"note: {data} is the data this run trained on: 12 of its images are training images")
+    (data / "cat" / "3.png").rename(data / "cat" / "3b.png")  # the same count, not the same files
+    assert evaluate_checkpoint(str(run), data=str(data)).notes == [
+        f"note: {data} is the data this run trained on, changed since (16 images, not all the same files): up to 12 "
+        "of its images are training images, so this is no held-out error (give --data images the run never trained "
+        "on)"]
 
 
 def test_eval_on_a_copy_of_the_training_folders_says_so_in_text_and_json(setup, tmp_path):
@@ -747,6 +789,10 @@ def test_missing_data_and_runs_say_what_to_pass(setup, tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     res = runner.invoke(main, ["train", "--resume"])
     assert res.exit_code == 1 and "the run has finished 1 epoch; pass --epochs N (more than 1)" in res.output
+    # Under --nproc-per-node it is said once, before any rank starts (both ranks once read the data to say it).
+    res = runner.invoke(main, ["train", "--resume", "--nproc-per-node", "2"])
+    assert (res.exit_code, res.output) == (1, "runs/a: the run has finished 1 epoch; pass --epochs N (more than 1) "
+                                              "to train further\n")
     res = runner.invoke(main, ["train", str(spec), "--out", "runs/a"])
     assert res.exit_code == 1 and "already holds a run; continue it with --resume" in res.output
     res = runner.invoke(main, ["train", "--resume", "--epochs", "2", "--quiet"])
