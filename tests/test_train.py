@@ -344,6 +344,18 @@ def test_a_stop_between_the_minibatches_of_an_update_period_resumes_exactly(setu
     assert _same(_weights(tmp_path / "whole" / "epoch-0002.pt"), _weights(tmp_path / "cut" / "epoch-0002.pt"))
 
 
+def test_snapshots_that_cost_much_of_their_interval_are_noted_once(setup, tmp_path):
+    """--snapshot-minutes 0.001 wrote a checkpoint after every batch and trained 45% slower, unsaid."""
+    spec, data = setup
+    said = []
+    train(TrainOptions(spec=str(spec), data=str(data), out=str(tmp_path / "run"), epochs=2, progress=False,
+                       echo=said.append, snapshot_minutes=1e-6))
+    notes = [line for line in said if line.startswith("note: a snapshot takes ")]
+    assert len(notes) == 1 and notes[0].endswith("a larger --snapshot-minutes costs less"), said
+    assert " more than a tenth of --snapshot-minutes 1e-06 (0.00 s), so snapshots slow training by up to " in notes[0]
+    assert not (tmp_path / "run" / "interrupted.pt").exists()  # the epoch's checkpoint replaced the last one
+
+
 def test_nan_loss_stops_naming_step_and_layer_and_keeps_checkpoints(setup, tmp_path):
     spec, data = setup
     out = tmp_path / "run"
