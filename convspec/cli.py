@@ -364,9 +364,15 @@ def _launch_ranks(ctx, options, nproc: int, nnodes: int, node_rank: int, endpoin
     where = f"; all of its output: {failed.output}" if failed.output else ""
     resume = ""
     if (failed.exit_code < 0 or failed.exit_code == D.LOST_A_RANK) and runs.has_checkpoints(settled_dir):
-        # Killed from outside, not stopped by its own error: the run goes on from its last checkpoint.
-        resume = (f"; continue from the last checkpoint with: convspec train --resume --out "
-                  f"{shlex.quote(str(run_dir))} {os.environ.get(D.LAUNCHER_ENV, '')}".rstrip())
+        # Killed from outside, not stopped by its own error: the run goes on from its last checkpoint,
+        # unless that is its last epoch's (a rank killed as the run ended was once told to continue).
+        furthest = runs.peek(runs.resume_checkpoint(settled_dir)) or {}
+        epochs = furthest.get("recipe", {}).get("epochs")
+        if furthest.get("batch") == 0 and epochs is not None and furthest.get("epoch") == epochs:
+            resume = f"; the run had already finished (epoch {epochs} of {epochs}): {run_dir} is complete"
+        else:
+            resume = (f"; continue from the last checkpoint with: convspec train --resume --out "
+                      f"{shlex.quote(str(run_dir))} {os.environ.get(D.LAUNCHER_ENV, '')}".rstrip())
     click.echo(f"rank {failed.rank}: {said}{where}{resume}", err=True)
     sys.exit(code)
 

@@ -156,6 +156,23 @@ def test_a_rank_killed_from_outside_says_how_to_continue(tmp_path):
         f"with: convspec train --resume --out {run} --nproc-per-node 2")
 
 
+def test_a_rank_killed_after_the_run_finished_is_not_told_to_continue(tmp_path, monkeypatch):
+    """A rank killed just as the run ended was told to continue it, and the resume then said
+    the run had finished.  The ranks are stood in for by one process that finishes the run."""
+    spec, data, run = write_spec(tmp_path), make_data(tmp_path / "data"), tmp_path / "run"
+
+    def finish_then_lose_rank_1(argv, nproc, log_dir, *rest):
+        train(TrainOptions(spec=str(spec), data=str(data), out=str(run), epochs=1, progress=False,
+                           echo=lambda s: None))
+        return D.RankFailure(rank=1, exit_code=-9, output=None)
+    monkeypatch.setattr(D, "launch", finish_then_lose_rank_1)
+    res = CliRunner().invoke(main, ["train", str(spec), "--data", str(data), "--out", str(run), "--epochs", "1",
+                                    "--nproc-per-node", "2"])
+    assert res.exit_code == 1, res.output
+    assert res.stderr.splitlines()[-1] == (f"rank 1: killed by SIGKILL (out of memory?); the run had already finished "
+                                           f"(epoch 1 of 1): {run} is complete")
+
+
 @NEEDS_GLOO
 def test_a_nan_loss_on_two_ranks_is_said_once(tmp_path):
     """Every rank stops on a NaN together; rank 1's copy of the error once followed rank 0's
