@@ -157,7 +157,8 @@ def trained_on_note(recorded: dict, data: str | None, source) -> str | None:
     n = len(recorded["train_indices"])
     if same_folders or same_store:
         then, now = recorded.get("images"), len(source)
-        if same_folders and then is not None and (now != then or fingerprint(here) != recorded.get("fingerprint")):
+        # (The recorded fingerprint is of the folder trained on, which holds DIR/train when that was given.)
+        if same_folders and then is not None and (now != then or fingerprint(trained) != recorded.get("fingerprint")):
             # Files came, went or changed since: which are the trained ones is not known, only at most
             # how many, and without --data eval would refuse the changed folder.
             counts = f"{then:,} images then, {now:,} now" if now != then else f"{now:,} images, not all the same files"

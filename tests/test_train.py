@@ -662,6 +662,10 @@ def test_one_class_is_refused_and_an_unread_val_folder_is_noted(setup, tmp_path)
     assert res.exit_code == 0, res.output
     assert res.output.splitlines()[0] == (f"note: training holds out 0.25 of {split}/train for validation; "
                                           f"{split}/val is not read (pass --val-data {split} to validate on it)")
+    # eval of DIR/train, the training half of the DIR it trained on: the exact note, not "changed since"
+    # (the recorded fingerprint is DIR's, not DIR/train's).
+    notes = evaluate_checkpoint(str(tmp_path / "r2"), data=str(split / "train")).notes
+    assert notes[0].startswith(f"note: {split / 'train'} is the data this run trained on: "), notes
     # The same layout prepared into a store: its val split is not read either, and that is said too.
     from runtime.store import PrepareOptions, prepare
 
