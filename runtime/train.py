@@ -45,8 +45,8 @@ from .loader import (HELD_OUT, Batches, augment_for, eval_batches, holdout, open
 from .optim import ConvnetSGD
 from .progress import Progress
 from .store import StoreSplit
-from .sources import (class_folders, detect, file_size, fingerprint, is_image, names_from_synsets, refuse_one_class,
-                      resolve, sides_of_first, unread_notes)
+from .sources import (class_folders, detect, fingerprint, is_image, names_from_synsets, refuse_one_class, resolve,
+                      sides_of_first, unread_notes)
 
 DATA_ENV = "CONVSPEC_DATA"
 TOPK = 5
@@ -146,6 +146,17 @@ def data_parallel_replicas(net) -> int:
                f"{','.join(map(str, replicated.gpu))}) with model-parallel placement (layer '{single.name}': gpu="
                f"{','.join(map(str, single.gpu))}); convspec trains one or the other: give every layer the same "
                "gpu= list, or one gpu each", Location(net.path))
+
+
+def _same_bytes(a: Path, b: Path) -> bool:
+    """Whether two files hold the same bytes (filecmp compares sizes first); a file that
+    cannot be read, such as a link whose target is gone, is the same as nothing."""
+    import filecmp
+
+    try:
+        return filecmp.cmp(a, b, shallow=False)
+    except OSError:
+        return False
 
 
 # --- the trainer ---------------------------------------------------------------------
@@ -533,10 +544,8 @@ class Trainer:
         """A --val-data folder that shares some files with --data (a split made by copying
         images out and not removing them) scores images the net trains on.  The same folder
         is refused above; a partial overlap went unseen.  Files are matched by class and
-        name, then by size, then byte for byte (BMPs of one size from two splits, all
-        named 0000..., once matched): each step only on the few that passed the one before."""
-        import filecmp
-
+        name, then byte for byte (BMPs of one size from two splits, all named 0000..., once
+        matched by size): the bytes only of the few that share a name."""
         train_paths, val_paths = getattr(self.train_source, "paths", None), getattr(self.val_source, "paths", None)
         if not train_paths or not val_paths:  # stores and CIFAR batches keep no file names
             return
@@ -546,8 +555,7 @@ class Trainer:
         for i in self.val_idx:
             here = Path(val_paths[i])
             twin = trained.get((int(val_labels[i]), here.name))
-            if twin is not None and file_size(str(twin)) == file_size(str(here)) and \
-                    filecmp.cmp(twin, here, shallow=False):
+            if twin is not None and _same_bytes(twin, here):
                 shared.append((here, twin))
         if shared:
             # The folders that hold the class folders, as read: DIR/train and DIR/val, not DIR twice.
@@ -766,15 +774,11 @@ class Trainer:
                 self._save_snapshot(epoch, b + 1, sums, loss_sum, wrong_sum, seen, time.perf_counter() - t0)
         bar.close()
         seconds = time.perf_counter() - t0
-        total = self._epoch_sums(sums, loss_sum, wrong_sum, seen, seconds)
+        self.train_seconds += seconds  # this part of the epoch ends here
+        total = self._sums_so_far(sums, loss_sum, wrong_sum, seen, seconds)
         return {"epoch": epoch + 1, "step": self.step, "train_loss": total["loss"] / total["images"],
                 "train_error": total["wrong"] / total["images"], "lr_scale": opt.lr_scale,
                 "train_images": total["images"], "train_time": total["seconds"]}
-
-    def _epoch_sums(self, sums: dict, loss_sum, wrong_sum, seen: int, seconds: float) -> dict:
-        """The epoch so far, over all ranks, counted into the run's training time: this part ends here."""
-        self.train_seconds += seconds
-        return self._sums_so_far(sums, loss_sum, wrong_sum, seen, seconds)
 
     def _sums_so_far(self, sums: dict, loss_sum, wrong_sum, seen: int, seconds: float) -> dict:
         """The epoch so far, over all ranks: what earlier (resumed) parts summed plus this part."""
@@ -783,16 +787,22 @@ class Trainer:
         return {"loss": sums["loss"] + totals[0].item(), "wrong": sums["wrong"] + int(totals[1].item()),
                 "images": sums["images"] + int(totals[2].item()), "seconds": sums["seconds"] + seconds}
 
-    def _save_snapshot(self, epoch, batch, sums, loss_sum, wrong_sum, seen, seconds) -> None:
-        """interrupted.pt as a stop would write it, and training goes on: --resume after a kill
-        continues from here, exactly, instead of from the epoch's start.  The epoch's time so
-        far is in the file but not yet in the run's (the epoch's end counts it)."""
-        start = time.perf_counter()
+    def _write_part_of_epoch(self, epoch, batch, sums, loss_sum, wrong_sum, seen, seconds) -> Path:
+        """interrupted.pt: the epoch up to ``batch``, which --resume continues exactly.  The
+        part's time is in the file but not yet in the run's (the epoch's end counts it)."""
         partial = self._sums_so_far(sums, loss_sum, wrong_sum, seen, seconds)
+        path = self.run_dir / runs.INTERRUPTED
         if self.main:
             state = self._state(epoch, batch, partial)
             state["train_seconds"] = self.train_seconds + seconds
-            ckpt.save(self.run_dir / runs.INTERRUPTED, state)
+            ckpt.save(path, state)
+        return path
+
+    def _save_snapshot(self, epoch, batch, sums, loss_sum, wrong_sum, seen, seconds) -> None:
+        """interrupted.pt as a stop writes it, and training goes on: --resume after a kill
+        continues from here instead of from the epoch's start."""
+        start = time.perf_counter()
+        self._write_part_of_epoch(epoch, batch, sums, loss_sum, wrong_sum, seen, seconds)
         self.last_saved = time.perf_counter()
         took = self.last_saved - start
         if took > 0.1 * self.snapshot_every and not self.slow_snapshot_noted:
@@ -873,10 +883,7 @@ class Trainer:
         return err
 
     def _save_interrupted(self, epoch, batch, sums, loss_sum, wrong_sum, seen, seconds) -> None:
-        partial = self._epoch_sums(sums, loss_sum, wrong_sum, seen, seconds)
-        path = self.run_dir / runs.INTERRUPTED
-        if self.main:
-            ckpt.save(path, self._state(epoch, batch, partial))
+        path = self._write_part_of_epoch(epoch, batch, sums, loss_sum, wrong_sum, seen, seconds)
         D.barrier(self.cluster)
         name = signal.Signals(self.stop_signal).name if self.stop_signal else "signal"
         raise TrainingStopped(f"{name}: stopped in epoch {epoch + 1} after batch {batch}; saved {path}. "
