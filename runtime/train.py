@@ -17,6 +17,7 @@ what the uninterrupted run did from that point (on the CPU, bitwise).
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -1072,4 +1073,12 @@ def train(options: TrainOptions) -> RunSummary:
     try:
         return trainer.run()
     finally:
-        D.teardown(trainer.cluster)
+        cluster = trainer.cluster
+        if cluster.distributed:
+            # The DDP wrapper holds the process group, and the trainer's reference cycles kept it
+            # alive until the interpreter's exit, where gloo's destructor (threads still joinable)
+            # once aborted a rank that had finished: "terminate called without an active exception",
+            # SIGABRT.  Freed here, while the interpreter is whole, before the group is destroyed.
+            del trainer
+            gc.collect()
+        D.teardown(cluster)
