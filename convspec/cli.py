@@ -59,6 +59,16 @@ def main(ctx: click.Context, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
+# One spelling of the options that check, train and bench share.
+params_option = click.option(
+    "--params", "params_path", type=click.Path(dir_okay=False),
+    help="Layer-params file.  Default: NAME.params.cfg or cuda-convnet's "
+         "layer-params pairing beside SPEC, if one exists.")
+input_option = click.option(
+    "--input", "input_shape", metavar="CxHxW", callback=_shape_option,
+    help="Image size fed to the data layer, e.g. 3x224x224.  Overrides the spec's "
+         "inputSize=; needed for original cuda-convnet files, which have none.")
+
 def _a_number(ctx, param, value):
     """click's FloatRange lets nan through (every comparison with it is false): refuse it as it refuses inf."""
     if value is not None and value != value:
@@ -68,12 +78,8 @@ def _a_number(ctx, param, value):
 
 @main.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
-@click.option("--params", "params_path", type=click.Path(dir_okay=False),
-              help="Layer-params file.  Default: NAME.params.cfg or cuda-convnet's "
-                   "layer-params pairing beside SPEC, if one exists.")
-@click.option("--input", "input_shape", metavar="CxHxW", callback=_shape_option,
-              help="Image size fed to the data layer, e.g. 3x224x224.  Overrides the spec's "
-                   "inputSize=; needed for original cuda-convnet files, which have none.")
+@params_option
+@input_option
 @click.option("--set", "overrides", multiple=True, metavar="LAYER.KEY=VALUE",
               help="Override a spec or params value before checking, as train does, e.g. --set conv1.filters=64 "
                    "(repeatable): an ablation's shapes and parameters before it trains.")
@@ -155,9 +161,7 @@ def prepare(ctx, src, out, size, quality, raw, workers, synsets):
 
 @main.command()
 @click.argument("spec", required=False, type=click.Path(dir_okay=False))
-@click.option("--params", "params_path", type=click.Path(dir_okay=False),
-              help="Layer-params file.  Default: NAME.params.cfg or cuda-convnet's "
-                   "layer-params pairing beside SPEC, if one exists.")
+@params_option
 @click.option("--data", envvar="CONVSPEC_DATA", show_envvar=True, metavar="PATH",
               help="Training data: a prepared store, a CIFAR python folder, an image folder "
                    "(DIR/train/<class>/*, or DIR/<class>/*), or cifar10 / cifar100 (downloaded once).")
@@ -494,11 +498,8 @@ def eval_(ctx, checkpoint, data, labels, topk, views, devices, batch_size, per_c
 
 @main.command()
 @click.argument("spec", type=click.Path(dir_okay=False))
-@click.option("--params", "params_path", type=click.Path(dir_okay=False),
-              help="Layer-params file.  Default: NAME.params.cfg or cuda-convnet's "
-                   "layer-params pairing beside SPEC, if one exists.")
-@click.option("--input", "input_shape", metavar="CxHxW", callback=_shape_option,
-              help="Image size fed to the data layer, e.g. 3x224x224 (needed for original cuda-convnet files).")
+@params_option
+@input_option
 @click.option("--batch-size", type=click.IntRange(1), help="Images per step.  Default: [train] batchSize (128).")
 @click.option("--iterations", default=10, show_default=True, type=click.IntRange(1),
               help="Timed iterations; the report gives medians.")
