@@ -69,6 +69,7 @@ input_option = click.option(
     help="Image size fed to the data layer, e.g. 3x224x224.  Overrides the spec's "
          "inputSize=; needed for original cuda-convnet files, which have none.")
 
+
 def _a_number(ctx, param, value):
     """click's FloatRange lets nan through (every comparison with it is false): refuse it as it refuses inf."""
     if value is not None and value != value:
