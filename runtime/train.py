@@ -772,7 +772,9 @@ class Trainer:
             if stop:
                 self._save_interrupted(epoch, b + 1, sums, loss_sum, wrong_sum, seen, time.perf_counter() - t0)
             if snapshot and b + 1 < n_batches:
-                self._save_snapshot(epoch, b + 1, sums, loss_sum, wrong_sum, seen, time.perf_counter() - t0)
+                # Writing the file is not training, as the epoch's own checkpoint is not: move the
+                # clock's start on by the write, so that train_seconds (and time to accuracy) leave it out.
+                t0 += self._save_snapshot(epoch, b + 1, sums, loss_sum, wrong_sum, seen, time.perf_counter() - t0)
         bar.close()
         seconds = time.perf_counter() - t0
         self.train_seconds += seconds  # this part of the epoch ends here
@@ -799,9 +801,9 @@ class Trainer:
             ckpt.save(path, state)
         return path
 
-    def _save_snapshot(self, epoch, batch, sums, loss_sum, wrong_sum, seen, seconds) -> None:
+    def _save_snapshot(self, epoch, batch, sums, loss_sum, wrong_sum, seen, seconds) -> float:
         """interrupted.pt as a stop writes it, and training goes on: --resume after a kill
-        continues from here instead of from the epoch's start."""
+        continues from here instead of from the epoch's start.  Returns the seconds the write took."""
         start = time.perf_counter()
         self._write_part_of_epoch(epoch, batch, sums, loss_sum, wrong_sum, seen, seconds)
         self.last_saved = time.perf_counter()
@@ -813,6 +815,7 @@ class Trainer:
             self.say(f"{gap}note: a snapshot takes {took:.2f} s, more than a tenth of --snapshot-minutes "
                      f"{self.snapshot_minutes:g} ({self.snapshot_every:.2f} s), so snapshots slow training by up to "
                      f"{100 * took / (took + self.snapshot_every):.0f}%; a larger --snapshot-minutes costs less")
+        return took
 
     def validate(self) -> EvalResult | None:
         if self.val_idx is None or len(self.val_idx) == 0:

@@ -356,6 +356,27 @@ def test_snapshots_that_cost_much_of_their_interval_are_noted_once(setup, tmp_pa
     assert not (tmp_path / "run" / "interrupted.pt").exists()  # the epoch's checkpoint replaced the last one
 
 
+def test_snapshot_writes_are_not_counted_as_training_time(setup, tmp_path, monkeypatch):
+    """train_seconds once included every mid-epoch snapshot's write, unlike the epoch's own
+    checkpoint: a slow disk made training look slower.  Each write here takes 1 s more, far
+    beyond what the tiny net's steps take even on a busy machine."""
+    spec, data = setup
+    real_save, snapshot_writes = ckpt.save, []
+
+    def slow_save(path, state):
+        if Path(path).name == runs.INTERRUPTED:
+            snapshot_writes.append(path)
+            time.sleep(1.0)
+        return real_save(path, state)
+    monkeypatch.setattr(ckpt, "save", slow_save)
+    out = tmp_path / "run"
+    train(_quiet(spec=str(spec), data=str(data), out=str(out), epochs=1, snapshot_minutes=1e-6))
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert len(snapshot_writes) >= 3  # one after every batch but the last
+    assert record["train_seconds"] < 0.5 * len(snapshot_writes), (record["train_seconds"], len(snapshot_writes))
+    assert record["train_seconds"] == pytest.approx(record["seconds"] - record["val_seconds"])
+
+
 def test_nan_loss_stops_naming_step_and_layer_and_keeps_checkpoints(setup, tmp_path):
     spec, data = setup
     out = tmp_path / "run"
