@@ -119,7 +119,7 @@ def check(ctx, spec, params_path, input_shape, overrides, as_json):
 @click.option("--quality", default=90, show_default=True, type=click.IntRange(1, 100),
               help="JPEG quality of the stored images.")
 @click.option("--raw", is_flag=True, help="Store raw uint8 pixels instead of JPEG (small images such as CIFAR).")
-@click.option("--workers", default=0, type=click.IntRange(0), help="Decoding processes.  Default: one per core.")
+@click.option("--workers", default=0, type=click.IntRange(0), help="Decoding processes.  Default: one per CPU this process may use.")
 @click.option("--synsets", type=click.Path(dir_okay=False, exists=True),
               help="'wnid name' lines giving readable class names (ImageNet's synsets file).")
 @click.pass_context
@@ -439,8 +439,8 @@ def _typed_args(ctx: click.Context, leave_out=()) -> list[str]:
 @click.option("--batch-size", type=click.IntRange(1), help="Images per forward pass (default: the run's).")
 @click.option("--per-class", is_flag=True, help="Also print each class's error.")
 @click.option("--json", "as_json", is_flag=True,
-              help='Print {"top1_error", "topk_error", "k", "images", "views", "checkpoint"} (fractions), and '
-                   '"per_class" with --per-class.')
+              help='Print {"top1_error", "topk_error", "k", "images", "views", "checkpoint", "notes"} (errors as '
+                   'fractions), and "per_class" with --per-class.')
 @click.pass_context
 def eval_(ctx, checkpoint, data, labels, topk, views, devices, batch_size, per_class, as_json):
     """Top-1 and top-k error of a trained net, in percent, as the paper reports them.

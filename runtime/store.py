@@ -39,6 +39,7 @@ from PIL import Image
 from convspec.errors import Location, fail, plural
 
 from . import cifar, files
+from .distributed import usable_cpus
 from .preprocess import Stats, load_square
 from .progress import Progress
 from .sources import (STORE_MARKER, detect, file_size, list_class_folders, names_from_synsets, refuse_one_class,
@@ -253,7 +254,8 @@ def _write_store(source: Path, out: Path, options: PrepareOptions, splits, finge
             "notes": [note for note in notes if note]}
     bad: list[str] = []
     total_stats = Stats.empty(options.size)
-    workers = options.workers or os.cpu_count() or 1
+    # The CPUs this process may run on (its affinity), the bound a typed --workers is held to.
+    workers = options.workers or usable_cpus()
     try:
         with multiprocessing.get_context("fork").Pool(workers, _ignore_sigint) if workers > 1 else _Inline() as pool:
             for split, data in splits:

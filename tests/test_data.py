@@ -282,6 +282,21 @@ def test_prepare_raw_store(tmp_path):
     assert (tmp_path / "out" / "classes.tsv").read_text().splitlines()[1] == "1\tdog\tdog"
 
 
+def test_prepare_starts_no_more_workers_by_default_than_the_cpus_it_may_use(tmp_path, monkeypatch):
+    """The default --workers was the host's CPU count, while a typed --workers is held to the
+    CPUs this process may run on (a container's or taskset's share): on a 64-core host with
+    one CPU given, prepare started 64 decoders.  With one usable CPU it now decodes inline."""
+    root = _image_folder(tmp_path, bad=False)
+    monkeypatch.setattr(store, "usable_cpus", lambda: 1)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a worker pool was started with one usable CPU")
+    monkeypatch.setattr(store.multiprocessing, "get_context", no_pool)
+    meta = prepare(root, tmp_path / "out", PrepareOptions(size=16, raw=True), progress=False)
+    assert meta["splits"]["train"]["count"] == 6
+
+
 def test_images_beside_the_class_folders_are_noted_not_stored(tmp_path):
     root = _image_folder(tmp_path, bad=False) / "train"
     for name in ("b.png", "a.png"):
