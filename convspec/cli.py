@@ -119,7 +119,8 @@ def check(ctx, spec, params_path, input_shape, overrides, as_json):
 @click.option("--quality", default=90, show_default=True, type=click.IntRange(1, 100),
               help="JPEG quality of the stored images.")
 @click.option("--raw", is_flag=True, help="Store raw uint8 pixels instead of JPEG (small images such as CIFAR).")
-@click.option("--workers", default=0, type=click.IntRange(0), help="Decoding processes.  Default: one per CPU this process may use.")
+@click.option("--workers", default=0, type=click.IntRange(0),
+              help="Decoding processes.  Default: one per CPU this process may use.")
 @click.option("--synsets", type=click.Path(dir_okay=False, exists=True),
               help="'wnid name' lines giving readable class names (ImageNet's synsets file).")
 @click.pass_context
