@@ -25,7 +25,7 @@ from torch import nn
 
 from . import ops
 from .check import CheckedNet
-from .errors import SpecError, did_you_mean
+from .errors import SpecError, did_you_mean, fail
 from .fuse import Step, plan
 from .layers import LAYER_TYPES
 
@@ -53,6 +53,23 @@ def module_name(layer_name: str) -> str:
     return layer_name.replace(".", "_")
 
 
+def _free_module_name(net: nn.Module, layer) -> str:
+    """The layer's module name, refused where PyTorch would fail or silently share a module.
+
+    A layer is stored as an attribute of the built net, under its section's name (so the
+    state-dict keys are the spec's): a section named [forward], [training] or [cost] would
+    shadow the net's own, and [a.b] and [a_b] would both become module 'a_b'."""
+    name = module_name(layer.name)
+    if name in net._modules:
+        other = next(l for l in net.spec.layers.values() if l.name != layer.name and module_name(l.name) == name)
+        raise fail(f"layers '{other.name}' and '{layer.name}' would both be PyTorch module '{name}' ('.' becomes "
+                   "'_'); rename one", layer.loc)
+    if hasattr(net, name):
+        raise fail(f"layer name '{layer.name}' is taken by the built PyTorch module's own attribute '{name}'; "
+                   f"rename the section, e.g. [{layer.name}1]", layer.loc)
+    return name
+
+
 def channels_last_in_place(module: nn.Module) -> nn.Module:
     """Store every 4-D parameter and buffer of ``module`` NHWC (channels_last), in place.
 
@@ -74,6 +91,12 @@ class CompiledNet(nn.Module):
         self.devices = [torch.device(d) for d in devices] if devices else default_devices()
         self.fuse = fuse
         self.device_of: dict[str, int] = {}
+        # What runtime.runs attaches to a net loaded from a run, declared here so that a layer
+        # cannot take one of these names (nor any of nn.Module's) as its module's name.
+        self.classes = self.class_names = self.mean = self.crop = self.image_size = self.preprocess = None
+        self.image_input = self.cost = self.output_name = None
+        self.costs = self.cost_outputs = ()
+        self._plans: dict[tuple[str, ...], list[Step]] = {}
         for layer in net.layers.values():
             if layer.type == "data":
                 continue
@@ -81,7 +104,7 @@ class CompiledNet(nn.Module):
             module_class = LAYER_TYPES[layer.type].module
             if module_class:
                 module = getattr(ops, module_class)(layer)
-                self.add_module(module_name(layer.name), module.to(self.devices[self.device_of[layer.name]]))
+                self.add_module(_free_module_name(self, layer), module.to(self.devices[self.device_of[layer.name]]))
         self.image_input = next((l.name for l in net.layers.values()
                                  if l.type == "data" and l["dataIdx"] != 1), None)
         # cuda-convnet trains on the sum of every cost layer times its coeff; the first in the
@@ -96,7 +119,6 @@ class CompiledNet(nn.Module):
             read = net.read_layers()
             sinks = [l.name for l in net.layers.values() if l.type != "data" and l.name not in read]
             self.output_name = sinks[-1] if sinks else self.image_input
-        self._plans: dict[tuple[str, ...], list[Step]] = {}
         if self.output_name is not None:
             # Plan now, not at the first forward, so torch.compile never traces the planner.
             self.steps((self.output_name,))

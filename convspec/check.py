@@ -225,6 +225,10 @@ def _check_section_name(section: Section, seen: dict[str, Layer]) -> None:
     if any(c.isspace() or c in ",=" for c in section.name):
         raise fail(f"section name '{section.name}' contains a space, ',' or '='; "
                    "layer names are single words", section.loc)
+    if any(c in "/\\" for c in section.name):
+        # A layer's name also names files: convspec show wrote filters-NAME.png, so [../../x] aimed outside --out.
+        raise fail(f"section name '{section.name}' contains '/' or '\\'; layer names also name files "
+                   "(convspec show's filters-NAME.png), so use letters, digits, '_', '-' or '.'", section.loc)
     if section.name in seen:
         first = seen[section.name].loc
         raise fail(f"duplicate section [{section.name}] (first at line {first.line}); rename or merge one",

@@ -143,12 +143,20 @@ def to_int(item, ctx: Ctx, minimum: int | None = None, maximum: int | None = Non
     return value
 
 
+# The largest float32: weights, biases and activations are float32 tensors (or bf16, with its range).
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def to_float(item, ctx: Ctx, minimum: float | None = None, below: float | None = None) -> float:
     if not isinstance(item, Number):
         raise fail(f"{ctx.where()} must be a number, not '{_item_text(item)}'", item.loc)
     value = float(item.value)
     if not math.isfinite(value):
         raise fail(f"{ctx.where()} must be a finite number, not '{item.text}'", item.loc)
+    if abs(value) > FLOAT32_MAX:
+        # initB=1e39 passed check, then filling the float32 bias failed as "a convspec bug".
+        raise fail(f"{ctx.where()}={item.text} is beyond float32's range (magnitude at most 3.4e38), the "
+                   "precision nets are built and trained in", item.loc)
     if minimum is not None and value < minimum:
         raise fail(f"{ctx.where()}={item.text} must be at least {minimum:g}", item.loc)
     if below is not None and value >= below:

@@ -427,6 +427,31 @@ def test_norm_without_scale_is_a_clear_error():
         built("[n]\ntype=cmrnorm\ninputs=data\nsize=3\n[fc]\ntype=fc\ninputs=n\noutputs=2\n")
 
 
+@pytest.mark.parametrize("name", ["forward", "training", "to", "state_dict", "_modules", "cost", "costs",
+                                  "output_name", "mean", "preprocess"])
+def test_a_layer_named_like_the_built_nets_own_attribute_is_a_located_error(name):
+    """A layer is stored under its section's name: [forward] passed check, then building
+    said "unexpected KeyError ... This is a convspec bug"; [mean] built, then failed to load."""
+    from convspec.errors import SpecError
+    with pytest.raises(SpecError) as caught:
+        built(f"[{name}]\ntype=fc\ninputs=data\noutputs=2\n")
+    assert caught.value.message == (f"layer name '{name}' is taken by the built PyTorch module's own attribute "
+                                    f"'{name}'; rename the section, e.g. [{name}1]")
+    assert (caught.value.location.path, caught.value.location.line) == ("t.cfg", 7)
+    renamed = built(f"[{name}1]\ntype=fc\ninputs=data\noutputs=2\n")
+    assert renamed(torch.zeros(1, 3, 8, 8, dtype=torch.float64)).shape == (1, 2)
+
+
+def test_two_layers_that_would_share_one_module_name_are_a_located_error():
+    """'.' cannot be in a PyTorch module name and becomes '_': [a.b] and [a_b] once became one module."""
+    from convspec.errors import SpecError
+    with pytest.raises(SpecError) as caught:
+        built("[a.b]\ntype=fc\ninputs=data\noutputs=2\n[a_b]\ntype=fc\ninputs=a.b\noutputs=2\n")
+    assert caught.value.message == ("layers 'a.b' and 'a_b' would both be PyTorch module 'a_b' ('.' becomes '_'); "
+                                    "rename one")
+    assert caught.value.location.line == 11
+
+
 # --- every spec builds and runs ------------------------------------------------------------------------
 
 def _all_specs():
