@@ -321,6 +321,13 @@ def net_from_checkpoint(state: dict, devices=None, path: str = "checkpoint"):
         more = f"; and {len(lines) - 1} more" if len(lines) > 1 else ""
         raise fail(f"weights do not fit the recorded spec ({lines[0][:200]}{more}); the file was changed or "
                    "is from another program", Location(path)) from None
+    # Training stops at a non-finite loss before writing its weights, so NaN or inf here means a
+    # changed file; scored, such a net gave a plausible-looking error (every class tied) and no word.
+    bad = next((key for key, tensor in state["model"].items()
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())), None)
+    if bad is not None:
+        raise fail(f"weight '{bad}' holds NaN or inf, which training never saves; the file was changed: use "
+                   "another of the run's checkpoints", Location(path))
     data = state["data"]
     net.classes, net.class_names = list(data["classes"]), list(data["class_names"])
     net.mean, net.crop, net.image_size = data["mean"].numpy(), int(data["crop"]), int(data["size"])

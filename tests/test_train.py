@@ -991,6 +991,16 @@ def test_corrupt_checkpoint_is_named_and_older_ones_work(setup, tmp_path):
         f"{tmp_path / 'edited.pt'}: weights do not fit the recorded spec (size mismatch for fc1.weight: copying a "
         "param with shape torch.Size([5, 7]) from checkpoint, the shape in current model is torch.Size([16, 392]).); "
         "the file was changed or is from another program\n")
+    # NaN weights that fit: scored, they once gave a plausible error with no word.
+    state = ckpt.load(out / "epoch-0001.pt")
+    state["model"]["fc1.bias"][3] = float("nan")
+    ckpt.save(tmp_path / "nan.pt", state)
+    pictures = ["show", "--only", "preds", "--data", str(data), "--out", str(tmp_path / "p")]
+    for command in (["eval", "--checkpoint"], pictures):
+        res = CliRunner().invoke(main, [*command, str(tmp_path / "nan.pt")])
+        assert res.exit_code == 1 and res.output == (
+            f"{tmp_path / 'nan.pt'}: weight 'fc1.bias' holds NaN or inf, which training never saves; the file was "
+            "changed: use another of the run's checkpoints\n"), res.output
 
 
 def _with_gpus(spec_text: str, gpus: dict[str, str]) -> str:
