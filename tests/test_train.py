@@ -418,7 +418,7 @@ def test_nan_advice_names_the_layer_with_the_runaway_rate_not_the_first_in_the_n
 
 @pytest.mark.parametrize("override, said", [
     # The first loss comes from the initial weights: no learning rate to lower.
-    ("cost.coeff=1e40", "loss became inf at step 1 (epoch 1), before any update; the weights and outputs are "
+    ("cost.coeff=3e38", "loss became inf at step 1 (epoch 1), before any update; the weights and outputs are "
      "finite but the loss is not. Training stopped and no checkpoint was written yet. No learning rate did this: "
      "check the spec's neurons, initW and the cost's coeff, and the data"),
 ])
