@@ -22,6 +22,7 @@ import errno
 import json
 import os
 import shlex
+import tempfile
 import time
 from pathlib import Path
 
@@ -113,6 +114,14 @@ def check_can_create(run_dir: Path) -> None:
     if parent.is_dir() and not os.access(parent, os.W_OK | os.X_OK):
         raise fail(f"cannot make the run folder: {parent} is not writable; choose another --out",
                    Location(str(run_dir)))
+    if parent.is_dir() and parent != run_dir:
+        # Permissions are not the whole story: root may write anywhere, yet /proc takes no new
+        # folder, and that came out only after the data was read.  So make one, and remove it.
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".convspec-probe-", dir=parent))
+        except OSError as err:
+            raise fail(f"cannot make the run folder: {parent} takes no new folder ({err.strerror or err}); "
+                       "choose another --out", Location(str(run_dir))) from None
     if run_dir.is_dir() and not _a_run_that_stopped_before_its_first_checkpoint(run_dir):
         names = sorted(p.name for p in run_dir.iterdir())
         raise fail(f"is not empty and holds no convspec run (it has {', '.join(names[:3])}"

@@ -594,6 +594,17 @@ ERRORS = [
 ]
 
 
+@pytest.mark.skipif(not os.access("/proc", os.W_OK), reason="needs a /proc this user may write to (root on Linux)")
+def test_an_out_folder_that_cannot_be_made_is_refused_before_the_data_is_read(setup, tmp_path):
+    """Root passes the permission check on /proc, which makes no folders: the error once came
+    after the data had been read (a minute for ImageNet).  A missing --data proves the order."""
+    spec, _ = setup
+    res = CliRunner().invoke(main, ["train", str(spec), "--data", str(tmp_path / "no-such-data"),
+                                    "--out", "/proc/convspec-run", "--quiet"])
+    assert (res.exit_code, res.output) == (1, "/proc/convspec-run: cannot make the run folder: /proc takes no new "
+                                              "folder (No such file or directory); choose another --out\n")
+
+
 @pytest.mark.parametrize("args, expected", ERRORS)
 def test_train_errors_are_one_line(setup, tmp_path, args, expected):
     if "cuda:0" in args and torch.cuda.is_available():
