@@ -91,20 +91,6 @@ class CompiledNet(nn.Module):
         self.devices = [torch.device(d) for d in devices] if devices else default_devices()
         self.fuse = fuse
         self.device_of: dict[str, int] = {}
-        # What runtime.runs attaches to a net loaded from a run, declared here so that a layer
-        # cannot take one of these names (nor any of nn.Module's) as its module's name.
-        self.classes = self.class_names = self.mean = self.crop = self.image_size = self.preprocess = None
-        self.image_input = self.cost = self.output_name = None
-        self.costs = self.cost_outputs = ()
-        self._plans: dict[tuple[str, ...], list[Step]] = {}
-        for layer in net.layers.values():
-            if layer.type == "data":
-                continue
-            self.device_of[layer.name] = layer.gpu[0] % len(self.devices)
-            module_class = LAYER_TYPES[layer.type].module
-            if module_class:
-                module = getattr(ops, module_class)(layer)
-                self.add_module(_free_module_name(self, layer), module.to(self.devices[self.device_of[layer.name]]))
         self.image_input = next((l.name for l in net.layers.values()
                                  if l.type == "data" and l["dataIdx"] != 1), None)
         # cuda-convnet trains on the sum of every cost layer times its coeff; the first in the
@@ -119,6 +105,19 @@ class CompiledNet(nn.Module):
             read = net.read_layers()
             sinks = [l.name for l in net.layers.values() if l.type != "data" and l.name not in read]
             self.output_name = sinks[-1] if sinks else self.image_input
+        self._plans: dict[tuple[str, ...], list[Step]] = {}
+        # What runtime.runs attaches to a net loaded from a run.  Every attribute is set before
+        # the layers' modules are added, so that a layer cannot take one of these names (nor
+        # any of nn.Module's) as its module's name.
+        self.classes = self.class_names = self.mean = self.crop = self.image_size = self.preprocess = None
+        for layer in net.layers.values():
+            if layer.type == "data":
+                continue
+            self.device_of[layer.name] = layer.gpu[0] % len(self.devices)
+            module_class = LAYER_TYPES[layer.type].module
+            if module_class:
+                module = getattr(ops, module_class)(layer)
+                self.add_module(_free_module_name(self, layer), module.to(self.devices[self.device_of[layer.name]]))
         if self.output_name is not None:
             # Plan now, not at the first forward, so torch.compile never traces the planner.
             self.steps((self.output_name,))
