@@ -271,10 +271,8 @@ def to_shape(item, ctx: Ctx) -> tuple[int, int, int]:
 
 def parse_shape(text: str, what: str, loc: Location | None) -> tuple[int, int, int]:
     parts = text.lower().split("x")
-    try:
-        dims = tuple(int(p) for p in parts)
-    except ValueError:
-        dims = ()
+    # ASCII digits only: int() also reads other scripts' digits and spaces around them.
+    dims = tuple(int(p) for p in parts) if all(p.isascii() and p.isdigit() for p in parts) else ()
     if len(dims) != 3 or min(dims) < 1:
         raise fail(f"{what} must be CxHxW with positive whole numbers, e.g. 3x224x224, not '{text}'", loc)
     if max(dims) > LARGEST_WHOLE:

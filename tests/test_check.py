@@ -196,6 +196,11 @@ ERRORS = [
      "s.cfg:13:1: layer 'c': duplicate key 'filters' with a different value (first at line 11); keep one"),
     ("[c]\ntype=conv\ninputs=data\nfilters=x16\nfilterSize=5\n" + FC + TAIL, None,
      "s.cfg:11:9: layer 'c': filters must be a whole number, not 'x16'"),
+    # Python's int() reads any script's digits: filters=\u0663 (Arabic-Indic three) trained 3 filters.
+    ("[c]\ntype=conv\ninputs=data\nfilters=\u0663\nfilterSize=5\n" + FC + TAIL, None,
+     "s.cfg:11:9: layer 'c': filters must be a whole number, not '\u0663'"),
+    (CONV + FC + TAIL, None, "s.cfg:3:11: layer 'data': inputSize must be CxHxW with positive whole numbers, e.g. "
+     "3x224x224, not '3x\u0663\u0662x32'", HEAD.replace("3x32x32", "3x\u0663\u0662x32")),
     ("[c]\ntype=convolution\ninputs=data\n" + FC + TAIL, None,
      "s.cfg:9:6: layer 'c': unknown layer type 'convolution'; did you mean 'conv'?"),
     (CONV + "filtrs=3\n" + FC + TAIL, None,
