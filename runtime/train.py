@@ -880,6 +880,11 @@ class Trainer:
         if step == 1 and value is not None:  # the first loss came from the initial weights: no update did it
             err = fail(f"{head}, before any update; {what}. Training stopped and {kept}. No learning rate did "
                        "this: check the spec's neurons, initW and the cost's coeff, and the data")
+        elif (runaway := runaway_decay(self.net, self.step / self.total_steps)) is not None:
+            layer, product, bound = runaway
+            err = fail(f"{head}; {what}. Training stopped and {kept}. Weight decay alone makes '{layer}' diverge: "
+                       f"epsW x wc = {product:g}, and the update is stable only below 2(1 + momW) = {bound:g}; "
+                       f"lower its wc or epsW (--set {layer}.wc=... or --set {layer}.epsW=...)")
         else:
             err = fail(f"{head}; {what}. Training stopped and {kept}. Lower the learning rates (the highest "
                        f"epsW is {fastest}'s: --set {fastest}.epsW=...) or check the data")
@@ -1036,6 +1041,27 @@ def diagnose(net, x: torch.Tensor, progress: float) -> tuple[str, str]:
         if not torch.isfinite(outputs[name]).all():
             return f"the first layer whose output is not finite is '{name}'", fastest
     return "the weights and outputs are finite but the loss is not", fastest
+
+
+def runaway_decay(net, progress: float) -> tuple[str, float, float] | None:
+    """The first learned layer whose weight decay diverges whatever the data, if any.
+
+    Alone, the decay's update is  inc = mom * inc - a * W;  W += inc  with a = epsW * wc:
+    a linear recurrence whose roots lie inside the unit circle only while
+    0 < a < 2 (1 + mom).  Past that the weights grow every step, so lowering the
+    learning rates in general (the usual advice) is not the fix: this layer's wc is."""
+    from convspec.layers import LAYER_TYPES
+
+    for layer in net.spec.layers.values():
+        if not LAYER_TYPES[layer.type].has_weights:
+            continue
+        for schedule, wc, mom in zip(layer["epsW"] or [], layer["wc"] or [], layer["momW"] or []):
+            if schedule is None or not wc or mom is None:
+                continue
+            product, bound = schedule.value(progress) * wc, 2 * (1 + mom)
+            if product >= bound:
+                return layer.name, product, bound
+    return None
 
 
 def _write_whole(path: Path, text: str) -> None:

@@ -405,15 +405,54 @@ def test_nan_loss_stops_naming_step_and_layer_and_keeps_checkpoints(setup, tmp_p
 
 def test_nan_advice_names_the_layer_with_the_runaway_rate_not_the_first_in_the_net(setup, tmp_path):
     """By the time the loss is read, fc2's blow-up has spread to every layer through
-    the gradients; the advice once named conv1, the first in the net's order."""
+    the gradients; the advice once named conv1, the first in the net's order.  (wc=0, so
+    that fc2's weight decay is not what diverges: that has advice of its own.)"""
     spec, data = setup
     res = CliRunner().invoke(main, ["train", str(spec), "--data", str(data), "--out", str(tmp_path / "run"),
-                                    "--quiet", "--epochs", "1", "--set", "fc2.epsW=1e6"])
+                                    "--quiet", "--epochs", "1", "--set", "fc2.epsW=1e6", "--set", "fc2.wc=0"])
     assert res.exit_code == 1, res.output
     message = res.output.strip().splitlines()[-1]
     assert message.startswith("error: loss became ") and message.endswith(
         "Training stopped and no checkpoint was written yet. Lower the learning rates (the highest epsW is fc2's: "
         "--set fc2.epsW=...) or check the data"), message
+
+
+def test_a_nan_loss_from_a_runaway_weight_decay_names_the_decay_not_the_learning_rates(setup, tmp_path):
+    """fc2's decay alone diverges (epsW x wc = 0.01 x 1e6 = 1e4 >= 2(1 + 0.9)); the advice
+    once said to lower the learning rates, naming whichever epsW was highest."""
+    spec, data = setup
+    res = CliRunner().invoke(main, ["train", str(spec), "--data", str(data), "--out", str(tmp_path / "run"),
+                                    "--quiet", "--epochs", "1", "--set", "fc2.wc=1e6"])
+    assert res.exit_code == 1, res.output
+    message = res.output.strip().splitlines()[-1]
+    assert message.startswith("error: loss became ") and message.endswith(
+        "Training stopped and no checkpoint was written yet. Weight decay alone makes 'fc2' diverge: epsW x wc = "
+        "10000, and the update is stable only below 2(1 + momW) = 3.8; lower its wc or epsW (--set fc2.wc=... or "
+        "--set fc2.epsW=...)"), message
+
+
+def test_the_runaway_decay_bound_is_where_the_decay_alone_starts_to_diverge():
+    """The bound 2(1 + mom), checked against the recurrence itself in float64."""
+    from types import SimpleNamespace
+
+    from convspec.values import Schedule
+    from runtime.train import runaway_decay
+
+    def grows(a, mom, steps=4000):
+        w, inc = 1.0, 0.0
+        for _ in range(steps):
+            inc = mom * inc - a * w
+            w += inc
+        return not abs(w) <= 1.0  # overflowed to inf, then nan, when it grows
+
+    class Layer(dict):  # a spec layer as runaway_decay reads it: a name, a type and its keys
+        name, type = "fc", "fc"
+
+    for mom in (0.0, 0.5, 0.9):
+        for a in (0.5, 1.9 * (1 + mom), 2.1 * (1 + mom)):
+            layer = Layer(epsW=[Schedule("const", a)], wc=[1.0], momW=[mom])
+            net = SimpleNamespace(spec=SimpleNamespace(layers={"fc": layer}))
+            assert (runaway_decay(net, 0.0) is not None) == grows(a, mom), (a, mom)
 
 
 @pytest.mark.parametrize("override, said", [
