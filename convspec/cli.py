@@ -34,7 +34,21 @@ def _shape_option(ctx, param, value):
         raise click.BadParameter(str(err).replace("--input ", "")) from None
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Convspec(click.Group):
+    """The convspec group.  --debug is the group's option, so ``convspec check X --debug``
+    met click's bare "No such option: --debug"; the error now says where it goes."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except click.NoSuchOption as err:
+            if err.option_name == "--debug":
+                command = ctx.invoked_subcommand or "COMMAND"
+                err.message = f"--debug goes before the command: convspec --debug {command} ..."
+            raise
+
+
+@click.group(cls=_Convspec, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="convspec")
 @click.option("--debug", is_flag=True, help="Show a Python traceback on errors.")
 @click.pass_context

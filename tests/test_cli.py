@@ -387,6 +387,18 @@ def test_without_debug_there_is_no_exception(tmp_path):
     assert isinstance(result.exception, SystemExit) and result.exit_code == 1
 
 
+def test_debug_after_the_command_says_where_it_goes(tmp_path):
+    """--debug is convspec's option, not the command's: after the command click said only
+    "No such option '--debug'"."""
+    path = write(tmp_path, TINY)
+    result = invoke("check", path, "--debug")
+    assert result.exit_code == 2
+    assert result.output.splitlines()[-1] == "Error: --debug goes before the command: convspec --debug check ..."
+    # Any other unknown option keeps click's own message (its wording varies with click's version).
+    other = invoke("check", path, "--bogus").output.splitlines()[-1]
+    assert other.startswith("Error: No such option") and "--bogus" in other and "goes before" not in other
+
+
 def plant(monkeypatch, error: Exception) -> None:
     """Make `convspec check` raise ``error`` from inside the checker."""
     import importlib
