@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import textwrap
 import zipfile
 from pathlib import Path
 
@@ -78,19 +79,27 @@ def load(path: str | Path, map_location="cpu") -> dict:
         # torch.load does not check the zip's CRCs: flipped bytes would load as wrong weights.
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
+            names = archive.namelist()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError):
-        damaged = "its directory"
+        damaged, names = "its directory", []
     if damaged is not None:
         raise fail(f"checkpoint is corrupted ({damaged} fails its checksum); use an older one from the same run",
                    Location(str(path)))
+    # torch.save writes FOLDER/data.pkl beside the tensors; any other zip once met torch's own
+    # text, cut off mid-phrase ("Expected hasRecord("version") to be true, but got ...").
+    if not any(name.count("/") == 1 and name.endswith("/data.pkl") for name in names):
+        raise fail("not a checkpoint: a zip file, but not one torch.save wrote (it holds no data.pkl); give a run "
+                   "folder or one of the .pt files convspec train writes", Location(str(path)))
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except (zipfile.BadZipFile, RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        # Cut at a word, without torch's own request for reports.
+        first = textwrap.shorten(first.split("(Could this error message be improved?")[0], 120, placeholder=" ...")
         if "weights_only" in str(err) or "Unsupported global" in str(err):
             raise fail("checkpoint holds objects other than tensors and plain values and was not loaded, "
                        "since loading them could run code", Location(str(path))) from None
-        raise fail(f"checkpoint is truncated or corrupted ({first[:120]}); use an older one from the same run",
+        raise fail(f"checkpoint is truncated or corrupted ({first}); use an older one from the same run",
                    Location(str(path))) from None
     if not isinstance(state, dict):
         raise fail(f"not a convspec checkpoint (it holds a {type(state).__name__}, where convspec writes a dict); "

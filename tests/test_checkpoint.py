@@ -1,6 +1,7 @@
 """Checkpoints: atomic writes, safe reads, clear errors, pruning."""
 
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +35,12 @@ def test_truncated_and_corrupted_files_name_the_file(tmp_path):
     (tmp_path / "empty.pt").write_bytes(b"")
     (tmp_path / "junk.pt").write_bytes(os.urandom(2000))
     (tmp_path / "spec.cfg").write_text("[data]\ntype=data\n")
+    with zipfile.ZipFile(tmp_path / "other.pt", "w") as other:  # a whole zip, not torch's: its text was cut off
+        other.writestr("archive/notes.txt", "hello")
     for name, words in (("cut.pt", "checkpoint is truncated or corrupted"), ("empty.pt", "checkpoint is empty"),
-                        ("junk.pt", "not a checkpoint"), ("spec.cfg", "not a checkpoint")):
+                        ("junk.pt", "not a checkpoint"), ("spec.cfg", "not a checkpoint"),
+                        ("other.pt", "not a checkpoint: a zip file, but not one torch.save wrote (it holds no "
+                                     "data.pkl); give a run folder or one of the .pt files convspec train writes")):
         with pytest.raises(SpecError) as err:
             load(tmp_path / name)
         assert str(err.value).startswith(f"{tmp_path / name}: {words}")
