@@ -880,7 +880,7 @@ class Trainer:
         if step == 1 and value is not None:  # the first loss came from the initial weights: no update did it
             err = fail(f"{head}, before any update; {what}. Training stopped and {kept}. No learning rate did "
                        "this: check the spec's neurons, initW and the cost's coeff, and the data")
-        elif (runaway := runaway_decay(self.net, self.step / self.total_steps)) is not None:
+        elif (runaway := runaway_decay(self.net, self.step / self.total_steps, self.optimizer.lr_scale)) is not None:
             layer, product, bound = runaway
             err = fail(f"{head}; {what}. Training stopped and {kept}. Weight decay alone makes '{layer}' diverge: "
                        f"epsW x wc = {product:g}, and the update is stable only below 2(1 + momW) = {bound:g}; "
@@ -1043,10 +1043,11 @@ def diagnose(net, x: torch.Tensor, progress: float) -> tuple[str, str]:
     return "the weights and outputs are finite but the loss is not", fastest
 
 
-def runaway_decay(net, progress: float) -> tuple[str, float, float] | None:
+def runaway_decay(net, progress: float, lr_scale: float = 1.0) -> tuple[str, float, float] | None:
     """The first learned layer whose weight decay diverges whatever the data, if any.
 
-    Alone, the decay's update is  inc = mom * inc - a * W;  W += inc  with a = epsW * wc:
+    Alone, the decay's update is  inc = mom * inc - a * W;  W += inc  with a = epsW * wc
+    (epsW as it is now: its schedule at ``progress``, times the drops' ``lr_scale``):
     a linear recurrence whose roots lie inside the unit circle only while
     0 < a < 2 (1 + mom).  Past that the weights grow every step, so lowering the
     learning rates in general (the usual advice) is not the fix: this layer's wc is."""
@@ -1058,7 +1059,7 @@ def runaway_decay(net, progress: float) -> tuple[str, float, float] | None:
         for schedule, wc, mom in zip(layer["epsW"] or [], layer["wc"] or [], layer["momW"] or []):
             if schedule is None or not wc or mom is None:
                 continue
-            product, bound = schedule.value(progress) * wc, 2 * (1 + mom)
+            product, bound = schedule.value(progress) * lr_scale * wc, 2 * (1 + mom)
             if product >= bound:
                 return layer.name, product, bound
     return None

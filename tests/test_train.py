@@ -453,6 +453,8 @@ def test_the_runaway_decay_bound_is_where_the_decay_alone_starts_to_diverge():
             layer = Layer(epsW=[Schedule("const", a)], wc=[1.0], momW=[mom])
             net = SimpleNamespace(spec=SimpleNamespace(layers={"fc": layer}))
             assert (runaway_decay(net, 0.0) is not None) == grows(a, mom), (a, mom)
+            # After a drop to a tenth of the rate, the same decay is judged at the rate it has then.
+            assert (runaway_decay(net, 0.0, lr_scale=0.1) is not None) == grows(0.1 * a, mom), (a, mom)
 
 
 @pytest.mark.parametrize("override, said", [
