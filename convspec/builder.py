@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .check import CheckedNet
+from .check import CheckedNet, module_name
 from .errors import SpecError, did_you_mean, fail
 from .fuse import Step, plan
 from .layers import LAYER_TYPES
@@ -48,22 +48,14 @@ def default_devices() -> list[torch.device]:
     return [torch.device("cpu")]
 
 
-def module_name(layer_name: str) -> str:
-    # nn.Module names cannot contain '.'.
-    return layer_name.replace(".", "_")
-
-
 def _free_module_name(net: nn.Module, layer) -> str:
-    """The layer's module name, refused where PyTorch would fail or silently share a module.
+    """The layer's module name, refused where PyTorch would fail.
 
     A layer is stored as an attribute of the built net, under its section's name (so the
     state-dict keys are the spec's): a section named [forward], [training] or [cost] would
-    shadow the net's own, and [a.b] and [a_b] would both become module 'a_b'."""
+    shadow the net's own.  (Two sections with one module name, [a.b] and [a_b], are
+    refused by the checker, which knows no PyTorch attributes.)"""
     name = module_name(layer.name)
-    if name in net._modules:
-        other = next(l for l in net.spec.layers.values() if l.name != layer.name and module_name(l.name) == name)
-        raise fail(f"layers '{other.name}' and '{layer.name}' would both be PyTorch module '{name}' ('.' becomes "
-                   "'_'); rename one", layer.loc)
     if hasattr(net, name):
         raise fail(f"layer name '{layer.name}' is taken by the built PyTorch module's own attribute '{name}'; "
                    f"rename the section, e.g. [{layer.name}1]", layer.loc)

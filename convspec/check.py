@@ -186,13 +186,24 @@ def layers_without_learning_rules(net: CheckedNet) -> list[str]:
             and (None in (l["epsB"], l["momB"]) or None in l["epsW"] or None in l["momW"])]
 
 
+def module_name(layer_name: str) -> str:
+    """The name of a layer's module in the built PyTorch net: nn.Module names cannot contain '.'."""
+    return layer_name.replace(".", "_")
+
+
 def _sections_to_layers(spec: SpecFile, notes: list[str]) -> dict[str, Layer]:
     if not spec.sections:
         raise fail("empty spec: no [layer] sections; a spec starts with e.g. [data] and type=data",
                    Location(spec.path, 1, 1, spec.text.split("\n")[0] if spec.text else ""))
     layers: dict[str, Layer] = {}
+    by_module: dict[str, str] = {}  # module name -> the section that has it
     for section in spec.sections:
         _check_section_name(section, layers)
+        # [a.b] and [a_b] once built into one shared module, silently.
+        other = by_module.setdefault(module_name(section.name), section.name)
+        if other != section.name:
+            raise fail(f"layers '{other}' and '{section.name}' would both be PyTorch module "
+                       f"'{module_name(section.name)}' ('.' becomes '_'); rename one", section.loc)
         entries = _entry_map(section, notes)
         type_entry = entries.get("type")
         if type_entry is None and section.name == TRAIN_SECTION:

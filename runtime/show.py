@@ -340,7 +340,7 @@ def filter_layers(checked, requested: list[str], where: Location) -> list[Layer]
 def layer_weight(model: dict, layer: Layer, checked) -> np.ndarray:
     """(filters, channels, k, k) float64: the weights of a data-fed layer's image
     input, else every input's channels side by side."""
-    from convspec.builder import module_name
+    from convspec.check import module_name
 
     prefix = module_name(layer.name)
     if f"{prefix}.weight" in model:

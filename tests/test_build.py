@@ -442,16 +442,6 @@ def test_a_layer_named_like_the_built_nets_own_attribute_is_a_located_error(name
     assert renamed(torch.zeros(1, 3, 8, 8, dtype=torch.float64)).shape == (1, 2)
 
 
-def test_two_layers_that_would_share_one_module_name_are_a_located_error():
-    """'.' cannot be in a PyTorch module name and becomes '_': [a.b] and [a_b] once became one module."""
-    from convspec.errors import SpecError
-    with pytest.raises(SpecError) as caught:
-        built("[a.b]\ntype=fc\ninputs=data\noutputs=2\n[a_b]\ntype=fc\ninputs=a.b\noutputs=2\n")
-    assert caught.value.message == ("layers 'a.b' and 'a_b' would both be PyTorch module 'a_b' ('.' becomes '_'); "
-                                    "rename one")
-    assert caught.value.location.line == 11
-
-
 # --- every spec builds and runs ------------------------------------------------------------------------
 
 def _all_specs():
