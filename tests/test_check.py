@@ -58,6 +58,33 @@ def test_cifar_specs_match_cuda_convnet_counts():
     assert check_paths(SPECS / "cifar10-18pct.cfg").total_params == 2432 + 25632 + 51264 + 10250
 
 
+# The recipes in specs/ beside each net's own params file, and what each may change from it
+# (the net's cuda-convnet rules): the README states these differences, so they are held here.
+ALTERNATE_PARAMS = {
+    "cifar10-80sec-fast.params.cfg": ("cifar10-80sec.cfg", {"epsW", "epsB"}),
+    "cifar10-18pct-aug.params.cfg": ("cifar10-18pct.cfg", {"fc10.wc"}),
+}
+
+
+def test_every_params_file_in_specs_checks_with_its_net_and_changes_only_what_it_says():
+    siblings = {p.name.replace(".cfg", ".params.cfg") for p in SPECS.glob("*.cfg")}
+    assert {p.name for p in SPECS.glob("*.params.cfg")} - siblings == set(ALTERNATE_PARAMS)
+    for name, (spec, may_change) in ALTERNATE_PARAMS.items():
+        own, alternate = check_paths(SPECS / spec), check_paths(SPECS / spec, SPECS / name)
+        changed = set()
+        for layer in own.layers.values():
+            for key in ("epsW", "epsB", "momW", "momB", "wc", "wball", "updatePeriod"):
+                if layer.attrs.get(key) != alternate.layers[layer.name].attrs.get(key):
+                    changed.add(key if key in may_change else f"{layer.name}.{key}")
+        assert changed == may_change, name
+    # cifar10-18pct-aug keeps cuda-convnet's schedule and adds flips and +-2 px shifts (crops of 36x36).
+    own, aug = (check_paths(SPECS / "cifar10-18pct.cfg", SPECS / p).recipe
+                for p in ("cifar10-18pct.params.cfg", "cifar10-18pct-aug.params.cfg"))
+    assert (aug.epochs, aug.lr_drops, aug.lr_factor, aug.batch_size) == (own.epochs, own.lr_drops, own.lr_factor,
+                                                                         own.batch_size) == (140, (120, 130), 0.1, 128)
+    assert (aug.flip, aug.random_crop, aug.image_size, aug.precision) == (True, True, 36, "bf16")
+
+
 @needs_shared
 @pytest.mark.parametrize("name, shape, params", [
     ("cuda-convnet-layers-80sec.cfg", (3, 32, 32), 145_578),
@@ -210,6 +237,9 @@ ERRORS = [
     ("[../x]\ntype=conv\ninputs=data\nfilters=16\nfilterSize=5\n[fc]\ntype=fc\ninputs=../x\noutputs=10\n" + TAIL, None,
      "s.cfg:8:2: section name '../x' contains '/' or '\\'; layer names also name files (convspec show's "
      "filters-NAME.png), so use letters, digits, '_', '-' or '.'"),
+    # '.' cannot be in a PyTorch module name and becomes '_': [a.b] and [a_b] once built one shared module.
+    ("[a.b]\ntype=fc\ninputs=data\noutputs=2\n[a_b]\ntype=fc\ninputs=a.b\noutputs=10\n" + TAIL, None,
+     "s.cfg:12:2: layers 'a.b' and 'a_b' would both be PyTorch module 'a_b' ('.' becomes '_'); rename one"),
     (CONV + "initB=-1e39\n" + FC + TAIL, None,
      "s.cfg:13:7: layer 'c': initB=-1e39 is beyond float32's range (magnitude at most 3.4e38), the precision "
      "nets are built and trained in"),
