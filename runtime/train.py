@@ -1050,7 +1050,8 @@ def runaway_decay(net, progress: float, lr_scale: float = 1.0) -> tuple[str, flo
     (epsW as it is now: its schedule at ``progress``, times the drops' ``lr_scale``):
     a linear recurrence whose roots lie inside the unit circle only while
     0 < a < 2 (1 + mom).  Past that the weights grow every step, so lowering the
-    learning rates in general (the usual advice) is not the fix: this layer's wc is."""
+    learning rates in general (the usual advice) is not the fix: this layer's wc or
+    epsW is."""
     from convspec.layers import LAYER_TYPES
 
     for layer in net.spec.layers.values():
