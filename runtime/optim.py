@@ -55,7 +55,8 @@ def _has_fused_kernel(device: torch.device) -> bool:
                               weight_decay=0.0, momentum=0.9, lr=1.0, dampening=0.0, nesterov=False,
                               maximize=False, is_first_step=False)
             _fused_kernel[device.type] = device.type in ("cpu", "cuda")
-        except (AttributeError, NotImplementedError, RuntimeError):
+        except (AttributeError, NotImplementedError, RuntimeError, TypeError):
+            # TypeError: a torch whose private kernel takes other arguments than 2.13's.
             _fused_kernel[device.type] = False
     return _fused_kernel[device.type]
 

@@ -78,6 +78,25 @@ def test_fused_kernel_and_foreach_passes_agree_on_float32_channels_last_weights(
     assert not torch.equal(results[0][0], start[0])
 
 
+@pytest.mark.parametrize("error", [AttributeError, NotImplementedError, RuntimeError, TypeError])
+def test_a_torch_without_the_fused_kernel_takes_the_foreach_passes(monkeypatch, error):
+    """The kernel is private: another torch may lack it, or take other arguments (a
+    TypeError from its argument parser).  The probe then says no, and step() still
+    applies the formula's update."""
+    def missing(*args, **kwargs):
+        raise error("no such kernel here")
+
+    monkeypatch.setattr(optim, "_fused_kernel", {})
+    monkeypatch.setattr(torch, "_fused_sgd_", missing)
+    assert not optim._has_fused_kernel(torch.device("cpu"))
+    w = torch.tensor([1.0, -2.0, 3.0])
+    p = w.clone().requires_grad_()
+    opt = ConvnetSGD([("w", p, Rule(Schedule("const", 0.1), 0.9, 0.5, 0.0, 0))])
+    p.grad = torch.tensor([0.5, 0.5, 0.5])
+    opt.step()
+    torch.testing.assert_close(p.detach(), w - 0.1 * (torch.tensor([0.5, 0.5, 0.5]) + 0.5 * w))
+
+
 @pytest.mark.parametrize("case", ["bf16", "fp16", "mixed-layout"])
 def test_where_the_fused_kernel_is_wrong_the_foreach_passes_run(case):
     """torch 2.13's CPU kernel left bf16 and fp16 weights unchanged (whole 16-element
