@@ -96,7 +96,7 @@ def _a_number(ctx, param, value):
 @params_option
 @input_option
 @click.option("--set", "overrides", multiple=True, metavar="LAYER.KEY=VALUE",
-              help="Override a spec or params value before checking, as train does, e.g. --set conv1.filters=64 "
+              help="Override a spec or params value before checking, as train does, e.g. --set fc64.outputs=128 "
                    "(repeatable): an ablation's shapes and parameters before it trains.")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON.")
 @click.pass_context
@@ -112,7 +112,7 @@ def check(ctx, spec, params_path, input_shape, overrides, as_json):
       convspec check specs/alexnet.cfg
       convspec check ../shared/reference-specs/cuda-convnet-layers-80sec.cfg --input 3x32x32
       convspec check specs/alexnet.cfg --json | python -m json.tool
-      convspec check specs/cifar10-80sec.cfg --set conv1.filters=64
+      convspec check specs/cifar10-80sec.cfg --set fc64.outputs=128
     """
     from .check import check_paths
     from .report import as_dict, as_text
@@ -134,7 +134,7 @@ def check(ctx, spec, params_path, input_shape, overrides, as_json):
               help="JPEG quality of the stored images.")
 @click.option("--raw", is_flag=True, help="Store raw uint8 pixels instead of JPEG (small images such as CIFAR).")
 @click.option("--workers", default=0, type=click.IntRange(0),
-              help="Decoding processes.  Default: one per CPU this process may use.")
+              help="Decoding processes; 0, the default, is one per CPU this process may use.")
 @click.option("--synsets", type=click.Path(dir_okay=False, exists=True),
               help="'wnid name' lines giving readable class names (ImageNet's synsets file).")
 @click.pass_context
@@ -529,7 +529,7 @@ def eval_(ctx, checkpoint, data, labels, topk, views, devices, batch_size, per_c
               help="NHWC memory layout, as train's default; --no-channels-last times NCHW.")
 @click.option("--threads", type=click.IntRange(1), help="CPU threads.  Default: PyTorch's choice.")
 @click.option("--set", "overrides", multiple=True, metavar="LAYER.KEY=VALUE",
-              help="Override a spec or params value before timing, e.g. --set fc64.outputs=128.")
+              help="Override a spec or params value before timing, e.g. --set fc64.outputs=128 (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
 def bench(ctx, spec, params_path, input_shape, batch_size, iterations, warmup, devices, precision, channels_last,

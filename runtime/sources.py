@@ -71,7 +71,8 @@ def detect(path: Path) -> str:
     if any((path / name).is_file() for name in ("data_batch_1", "test_batch")):
         raise fail("holds CIFAR-10 batches but no batches.meta (the class names); download the python version "
                    "again", Location(str(path)))
-    raise fail("holds no images, class folders, CIFAR batches or prepared store", Location(str(path)))
+    raise fail("holds no images, class folders, CIFAR batches or prepared store; give the folder whose "
+               "sub-folders hold each class's images (CLASS/IMAGE.jpg)", Location(str(path)))
 
 
 @dataclass

@@ -209,6 +209,11 @@ ERRORS = [
                                       "(the default is none)"),
     ("[c]\ntype=conv\ninputs=dta\nfilters=16\nfilterSize=5\n" + FC + TAIL, None,
      "s.cfg:10:8: layer 'c': input 'dta' is not defined; did you mean 'data'?"),
+    # pool1 and pool3 are as close to 'pool9'; pool3 comes later and would make a cycle.
+    ("[pool1]\ntype=pool\npool=max\ninputs=data\nsizeX=2\nstride=2\n"
+     "[c]\ntype=conv\ninputs=pool9\nfilters=16\nfilterSize=5\n"
+     "[pool3]\ntype=pool\npool=max\ninputs=c\nsizeX=2\nstride=2\n" + FC.replace("inputs=c", "inputs=pool3") + TAIL,
+     None, "s.cfg:16:8: layer 'c': input 'pool9' is not defined; did you mean 'pool1'?"),
     (CONV + "[c]\ntype=fc\ninputs=data\noutputs=3\n" + FC + TAIL, None,
      "s.cfg:13:2: duplicate section [c] (first at line 8); rename or merge one"),
     # An old spelling beside the new one, in either order: the second once won silently.

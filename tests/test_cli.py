@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -469,3 +470,29 @@ def test_check_takes_set_as_train_does():
     bad = invoke("check", spec, "--set", "fc64.outputs=x")
     assert (bad.exit_code, bad.stderr.splitlines()[0]) == (1, "--set:1:14: layer 'fc64': outputs must be a whole "
                                                               "number, not 'x'")
+
+
+def help_examples(command: str) -> list[str]:
+    """The ``convspec ...`` lines under 'Examples:' in COMMAND's --help (the top level's for '')."""
+    result = CliRunner().invoke(main, [*command.split(), "--help"])
+    assert result.exit_code == 0, result.output
+    _, _, examples = result.output.partition("Examples:")
+    return [line.strip() for line in examples.splitlines() if line.strip().startswith("convspec ")]
+
+
+def test_every_check_example_in_the_help_checks(monkeypatch):
+    """A user pastes the help's examples first, so each `convspec check` one must pass as
+    printed, run from the project root as the README says (an example whose
+    --set broke the spec's channel counts shipped once).  The other commands' examples
+    need data or runs; those that fit a test are run in their own tests."""
+    monkeypatch.chdir(ROOT)
+    examples = [line for name in ["", *main.commands] for line in help_examples(name)
+                if line.startswith("convspec check ")]
+    assert len(examples) >= 4, examples
+    for line in examples:
+        if "../shared" in line and not SHARED.is_dir():
+            continue
+        argv = shlex.split(line.split("|")[0])[1:]
+        result = CliRunner().invoke(main, argv)
+        assert result.exit_code == 0, f"{line}\n{result.output}"
+        assert "params" in result.output or '"layers"' in result.output, line

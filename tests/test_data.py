@@ -436,8 +436,10 @@ def test_prepare_refuses_a_different_store_and_bad_paths(tmp_path):
     with pytest.raises(SpecError, match="no such dataset path"):
         prepare(tmp_path / "nope", tmp_path / "o2", PrepareOptions(), progress=False)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SpecError, match="holds no images"):
+    with pytest.raises(SpecError) as err:
         prepare(tmp_path / "empty", tmp_path / "o3", PrepareOptions(), progress=False)
+    assert str(err.value) == (f"{tmp_path / 'empty'}: holds no images, class folders, CIFAR batches or prepared "
+                              "store; give the folder whose sub-folders hold each class's images (CLASS/IMAGE.jpg)")
     # OUT inside SRC would be read as one more class folder next time; SRC itself is refused the same way.
     for out, where in [(root / "store", f"inside SRC {root}"), (root, "SRC itself")]:
         with pytest.raises(SpecError) as err:
