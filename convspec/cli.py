@@ -23,6 +23,7 @@ from . import __version__
 from .errors import SpecError, fail
 from .recipe import PRECISIONS
 from .values import LARGEST_WHOLE, parse_shape
+from runtime.allocator import keep_freed_blocks
 
 
 def _shape_option(ctx, param, value):
@@ -71,6 +72,9 @@ def main(ctx: click.Context, debug: bool) -> None:
       convspec bench specs/cifar10-80sec.cfg
     """
     ctx.obj = {"debug": debug}
+    # Every command steps with the heap that training reaches anyway (runtime/allocator.py),
+    # so that bench times layers, not page faults.
+    keep_freed_blocks()
 
 
 # One spelling of the options that check, train and bench share.
