@@ -12,8 +12,8 @@ rows were inflated by page faults, not by the layers.
 
 Setting the two thresholds once, at start-up, gives every command the state
 training had by accident.  It changes where memory comes from, never a number
-computed, and the process's peak memory stayed the same (361 vs 364 MiB in that
-step loop).  It is glibc only (Linux); elsewhere, or where the user set any
+computed; a standalone loop of that step peaked at 364 MiB with it and 361 MiB
+without.  It is glibc only (Linux); elsewhere, or where the user set any
 MALLOC_* variable of their own, nothing is changed.
 """
 
@@ -27,8 +27,9 @@ import sys
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 
-# Blocks up to this size come from the heap, so they are reused.  glibc accepts up to
-# 32 MiB everywhere (64 MiB on newer releases); larger tensors are still mmapped.
+# Blocks up to this size come from the heap, so they are reused; larger tensors are still
+# mmapped.  mallopt(3) gives 32 MiB as the 64-bit maximum, which the second value meets
+# where a glibc refuses more (2.36, here, accepts 64 MiB).
 MMAP_THRESHOLDS = (64 << 20, 32 << 20)
 # Free memory at the heap's top is kept up to this much before being returned.
 TRIM_THRESHOLD = 256 << 20
