@@ -88,6 +88,18 @@ input_option = click.option(
          "inputSize=; needed for original cuda-convnet files, which have none.")
 
 
+class _CountOption(click.Option):
+    """A count whose --help shows only its floor.  Its ceiling is a machine limit, kept so
+    that a huge value is a usage error (whose message still states it), not a bound
+    anyone chooses within: [1<=x<=2147483647] in every help was noise."""
+
+    def get_help_extra(self, ctx: click.Context) -> dict:
+        extra = super().get_help_extra(ctx)
+        if "range" in extra:
+            extra["range"] = f"x>={self.type.min}"
+        return extra
+
+
 def _a_number(ctx, param, value):
     """click's FloatRange lets nan through (every comparison with it is false): refuse it as it refuses inf."""
     if value is not None and value != value:
@@ -187,8 +199,8 @@ def prepare(ctx, src, out, size, quality, raw, workers, synsets):
                    "(DIR/train/<class>/*, or DIR/<class>/*), or cifar10 / cifar100 (downloaded once).")
 @click.option("--val-data", metavar="PATH",
               help="Validation data (same kinds).  Default: valFraction of the training split, held out by splitSeed.")
-@click.option("--epochs", type=click.IntRange(1, LARGEST_WHOLE), help="Override [train] epochs.")
-@click.option("--batch-size", type=click.IntRange(1, LARGEST_WHOLE),
+@click.option("--epochs", type=click.IntRange(1, LARGEST_WHOLE), cls=_CountOption, help="Override [train] epochs.")
+@click.option("--batch-size", type=click.IntRange(1, LARGEST_WHOLE), cls=_CountOption,
               help="Global minibatch, split across data-parallel ranks.  Override [train] batchSize (default 128).")
 @click.option("--out", metavar="RUN", help="Run folder.  Default: a new runs/<spec>-<date>-<time>.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out (default: the newest under runs/) "
@@ -197,7 +209,7 @@ def prepare(ctx, src, out, size, quality, raw, workers, synsets):
 @click.option("--devices", metavar="DEVICES",
               help="Comma list, e.g. cpu, cuda:0 or cuda:0,cuda:1: the spec's gpu= groups fold onto them.  "
                    "Default: every GPU, else the CPU.")
-@click.option("--seed", type=click.IntRange(0, 2**63 - 1), help="Override [train] seed (weights, data order, augmentation).")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), cls=_CountOption, help="Override [train] seed (weights, data order, augmentation).")
 @click.option("--precision", type=click.Choice(PRECISIONS),
               help="bf16 runs the layers under autocast (changes results slightly; the loss stays fp32): "
                    "about 2x faster on a CPU with bf16 units (avx512_bf16 or AMX), far slower on one without.  "
@@ -212,7 +224,7 @@ def prepare(ctx, src, out, size, quality, raw, workers, synsets):
 @click.option("--set", "overrides", multiple=True, metavar="LAYER.KEY=VALUE",
               help="Override a spec or params value, e.g. --set conv1.epsW=0.002 or --set train.flip=1. "
                    "Repeatable; recorded with the run.")
-@click.option("--train-limit", type=click.IntRange(1, LARGEST_WHOLE),
+@click.option("--train-limit", type=click.IntRange(1, LARGEST_WHOLE), cls=_CountOption,
               help="Train on this many images of the training split (a fixed random subset), for quick trials.")
 @click.option("--synsets", type=click.Path(dir_okay=False, exists=True),
               help="'wnid name' lines giving readable class names to record with the run.")

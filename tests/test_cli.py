@@ -181,6 +181,13 @@ def test_train_counts_past_what_the_recipe_takes_are_a_usage_error(option, tmp_p
         f"Error: Invalid value for '{option}': 99999999999999999999 is not in the range 1<=x<=2147483647.")
 
 
+def test_train_help_shows_a_counts_floor_not_the_machine_limit():
+    """The ceiling above is a refusal's business, not the help's: it read [1<=x<=2147483647]."""
+    text = invoke("train", "--help").output
+    assert "2147483647" not in text and "9223372036854775807" not in text
+    assert "[x>=1]" in text and "[x>=0]" in text
+
+
 @pytest.mark.parametrize("command", ["prepare", "train", "train with ranks"])
 def test_more_decoding_workers_than_cpus_are_refused_before_any_work(command, tmp_path):
     """prepare --workers 1000 forked a thousand decoders on two cores; under --nproc-per-node
