@@ -507,8 +507,8 @@ def eval_(ctx, checkpoint, data, labels, topk, views, devices, batch_size, per_c
         capped = ""
         if _typed(ctx, "topk") and topk > r.k:
             capped = f"   (--topk {topk} is more than the {r.k} classes)"
-        elif _typed(ctx, "topk") and topk == len(done.class_names):  # a 0.00% that says nothing about the net
-            capped = f"   (the top {topk} of {topk} classes always hold the right one)"
+        elif r.k == len(done.class_names):  # a 0.00% that says nothing about the net, typed or by default
+            capped = f"   (the top {r.k} of {r.k} classes always hold the right one)"
         click.echo(f"top-1 error {100 * r.top1_error:.2f}%   top-{r.k} error {100 * r.topk_error:.2f}%{capped}")
         for note in done.notes:
             click.echo(note)
