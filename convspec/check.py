@@ -460,12 +460,13 @@ def _check_inputs(layers: dict[str, Layer]) -> None:
         if ltype.num_inputs == 0:
             continue
         seen = set()
-        # A layer defined above this one is the likelier meant input: one below it usually
-        # reads this layer, so suggesting it would make a cycle ('pool9' -> pool1, not pool3).
-        names = list(layers)
-        above = names[:names.index(layer.name)]
         for i, name in enumerate(layer.inputs):
             if name not in layers:
+                # A layer defined above this one is the likelier meant input: one below it usually
+                # reads this layer, so suggesting it would make a cycle ('pool9' -> pool1, not pool3).
+                # (Listed only here, on the way to the error: checking a valid spec stays linear.)
+                names = list(layers)
+                above = names[:names.index(layer.name)]
                 hint = did_you_mean(name, above) or did_you_mean(name, [n for n in names if n != layer.name])
                 raise fail(f"layer '{layer.name}': input '{name}' is not defined{hint}",
                            layer.loc_of("inputs", i))
