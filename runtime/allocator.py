@@ -8,7 +8,7 @@ loading the dataset frees big arrays, which raises glibc's adaptive thresholds.
 A fresh `convspec bench` process did not, and on cifar10-80sec in bf16 at batch 128
 (2-core AMD EPYC) it timed the step at 40.3 ms where the same process with the
 thresholds raised took 28.4 ms and training's loop ran at about 30 ms: its forward
-rows were inflated by page faults, not by the layers.
+and backward times were inflated alike, by page faults, not by the layers.
 
 Setting the two thresholds once, at start-up, gives every command the state
 training had by accident.  It changes where memory comes from, never a number
