@@ -58,6 +58,17 @@ def parse_override(text: str) -> Override:
     return Override(section, key, entry, text)
 
 
+def same_settings(given: list[str], recorded: list[str]) -> bool:
+    """Whether two lists of ``--set`` texts make the same edits.  A key may be set once
+    (apply_overrides refuses it twice), so order is not an edit, and keys are matched
+    without regard to case, as in the files; layer names and values are compared as typed."""
+    def settings(texts):
+        parsed = (text.partition("=") for text in texts)
+        return {(head.strip().rpartition(".")[0], head.strip().rpartition(".")[2].lower(), value.strip())
+                for head, _, value in parsed}
+    return settings(given) == settings(recorded)
+
+
 def _relocate(obj, shift: int, line: str):
     """Locations in the parsed snippet (line 2 of "[s]\\nkey=value") -> column
     in the option as typed, so carets point into ``--set``'s text."""

@@ -330,6 +330,7 @@ class Trainer:
         ablation (--set, another SPEC) silently not applied wastes the whole run.
         The same values as recorded (the first command retyped with --resume) pass."""
         from convspec.check import find_params_file
+        from convspec.overrides import same_settings
         from convspec.parse import read_spec_text
 
         s, o, d = self.state, self.o, self.state["data"]
@@ -363,8 +364,9 @@ class Trainer:
              o.params and edited_or_other(o.params, spec["params_path"], "--params")),
             (found is not None and read_spec_text(found) != spec["params_text"],
              found and edited_or_other(found, spec["params_path"], "the params file")),
-            (bool(o.overrides) and list(o.overrides) != list(spec.get("overrides", [])),
-             f"--set (the run's: {' '.join(spec.get('overrides', [])) or 'none'})"),
+            (bool(o.overrides) and not same_settings(o.overrides, spec.get("overrides", [])),
+             f"--set {' --set '.join(o.overrides)} (the run's: "
+             f"{' '.join('--set ' + t for t in spec.get('overrides', [])) or 'none'})"),
             (o.val_data is not None and resolved(o.val_data) != (d.get("val_resolved") or resolved(d["val_path"])),
              f"--val-data (the run's: {d['val_path'] or 'held out of the training data'})"),
             (o.batch_size is not None and o.batch_size != recipe["batch_size"],

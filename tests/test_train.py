@@ -1338,7 +1338,8 @@ def test_resume_refuses_options_that_would_change_the_run(setup, tmp_path):
     option that would change the run (an ablation by --set, another SPEC) is refused, not dropped."""
     spec, data = setup
     out = tmp_path / "run"
-    first = ["train", str(spec), "--data", str(data), "--out", str(out), "--quiet", "--set", "fc1.outputs=12"]
+    first = ["train", str(spec), "--data", str(data), "--out", str(out), "--quiet", "--set", "fc1.outputs=12",
+             "--set", "train.flip=0"]
     assert CliRunner().invoke(main, first + ["--epochs", "1"]).exit_code == 0
     other = tmp_path / "other.cfg"
     other.write_text(SPEC.replace("outputs=16", "outputs=8"))
@@ -1352,7 +1353,7 @@ def test_resume_refuses_options_that_would_change_the_run(setup, tmp_path):
              "the run, or train a new run with another --out")
     assert refused(str(other)) == keeps.format(f"SPEC {other} (the run's is {spec})")
     assert refused("--set", "fc1.outputs=20", "--seed", "3") == keeps.format(
-        "--set (the run's: fc1.outputs=12); --seed 3 (the run's: 0)")
+        "--set fc1.outputs=20 (the run's: --set fc1.outputs=12 --set train.flip=0); --seed 3 (the run's: 0)")
     assert refused("--precision", "bf16", "--no-channels-last") == keeps.format(
         "--precision bf16 (the run's: fp32); --no-channels-last (the run's: channels_last)")
     assert refused("--train-limit", "50") == keeps.format("--train-limit 50 (the run's: none)")
@@ -1368,7 +1369,9 @@ def test_resume_refuses_options_that_would_change_the_run(setup, tmp_path):
                                               "keeps its copy in the run folder)")
     params.write_text(PARAMS)
 
-    res = CliRunner().invoke(main, first + ["--epochs", "2", "--resume"])
+    # The same edits typed in another order, a key in another case: the same run (was refused).
+    retyped = first[:-4] + ["--set", "train.FLIP=0", "--set", "fc1.outputs=12"]
+    res = CliRunner().invoke(main, retyped + ["--epochs", "2", "--resume"])
     assert res.exit_code == 0, res.output
     assert not res.output.startswith("note:")
     # 4 classes: the closing line names the top-k it measured, as the epoch lines do
