@@ -258,7 +258,8 @@ def _syntax_error(err: lark.exceptions.UnexpectedInput, path: str, lines: list[s
 
 def parse_text(text: str, path: str = "<string>") -> SpecFile:
     """Parse spec text.  Raises SpecError for syntax errors."""
-    text = text.replace("\r\n", "\n").lstrip("\ufeff")
+    # A lone CR ended lines in old Mac files; ConfigParser's universal newlines read them as lines.
+    text = text.replace("\r\n", "\n").replace("\r", "\n").lstrip("\ufeff")
     lines = text.split("\n")
     try:
         tree = _parser().parse(text if text.endswith("\n") else text + "\n")
@@ -288,9 +289,12 @@ def read_spec_text(path: str | os.PathLike) -> str:
     if len(data) > MAX_SPEC_BYTES:
         raise fail(f"is over {MAX_SPEC_BYTES // 2**20} MiB, which no spec is; give the path of a .cfg layer file",
                    Location(shown))
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):  # a byte-order mark: Windows Notepad's "Unicode"
+        raise fail("is UTF-16 text, not UTF-8; save it as UTF-8", Location(shown, 1, 1))
     if b"\0" in data:
-        raise fail("is a binary file, not a spec; a spec is text of [section] and key=value lines",
-                   Location(shown, 1, 1))
+        at = data.index(b"\0")
+        raise fail("is a binary file, not a spec (a NUL byte); a spec is text of [section] and key=value lines",
+                   Location(shown, data.count(b"\n", 0, at) + 1, at - data.rfind(b"\n", 0, at)))
     try:
         return decode_utf8(data, shown)
     except SpecError:

@@ -353,7 +353,7 @@ def test_missing_image_size_asks_for_input():
 @pytest.mark.parametrize("content, message", [
     (b"", "empty spec: no [layer] sections; a spec starts with e.g. [data] and type=data"),
     (b"# only a comment\n", "empty spec: no [layer] sections; a spec starts with e.g. [data] and type=data"),
-    (b"\x00\x01binary", "is a binary file, not a spec; a spec is text of [section] and key=value lines"),
+    (b"\x00\x01binary", "is a binary file, not a spec (a NUL byte); a spec is text of [section] and key=value lines"),
     (b"[a]\ntype=\xff\n", "is not UTF-8 text (bad byte 0xff); save it as UTF-8"),
 ])
 def test_bad_files(tmp_path, content, message):
@@ -363,6 +363,26 @@ def test_bad_files(tmp_path, content, message):
         check_paths(path)
     assert err.value.message == message
     assert str(err.value).startswith(str(path))
+
+
+@pytest.mark.parametrize("ending", ["\r\n", "\r"], ids=["windows", "old-mac"])
+def test_other_line_endings_read_as_the_same_lines(tmp_path, ending):
+    """A lone CR (old Mac files) was one long line: the params file's rates went unread and
+    train said the file set none.  ConfigParser, which cuda-convnet used, read both."""
+    spec, params = tmp_path / "net.cfg", tmp_path / "net.params.cfg"
+    spec.write_bytes((SPECS / "cifar10-80sec.cfg").read_bytes().replace(b"\n", ending.encode()))
+    params.write_bytes((SPECS / "cifar10-80sec.params.cfg").read_bytes().replace(b"\n", ending.encode()))
+    net, lf = check_paths(spec), check_paths(SPECS / "cifar10-80sec.cfg")
+    def rules(n):
+        return [(name, l.shape, l.attrs) for name, l in n.layers.items()]
+    assert rules(net) == rules(lf) and net.recipe == lf.recipe and net.total_params == lf.total_params
+    assert (net.layers["conv1"]["epsW"][0].base, net.layers["fc10"]["wc"]) == (0.001, [0.03])  # the params file's
+    text = (SPECS / "cifar10-80sec.cfg").read_text()
+    line = text[:text.index("filters=32")].count("\n") + 1
+    spec.write_bytes(text.replace("filters=32", "filters=x", 1).replace("\n", ending).encode())
+    with pytest.raises(SpecError) as err:
+        check_paths(spec)
+    assert err.value.location.line == line
 
 
 def test_missing_file(tmp_path):

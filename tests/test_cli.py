@@ -268,8 +268,11 @@ def test_missing_params_file(tmp_path):
     (b"", "{path}:1:1: empty spec: no [layer] sections; a spec starts with e.g. [data] and type=data"),
     (b"\n\n# only a comment\n",
      "{path}:1:1: empty spec: no [layer] sections; a spec starts with e.g. [data] and type=data"),
-    (b"[a]\nx=\x001\n", "{path}:1:1: is a binary file, not a spec; a spec is text of [section] and key=value lines"),
-    (bytes(range(256)), "{path}:1:1: is a binary file, not a spec; a spec is text of [section] and key=value lines"),
+    (b"[a]\nx=\x001\n",
+     "{path}:2:3: is a binary file, not a spec (a NUL byte); a spec is text of [section] and key=value lines"),
+    (bytes(range(256)),
+     "{path}:1:1: is a binary file, not a spec (a NUL byte); a spec is text of [section] and key=value lines"),
+    ("[data]\ntype=data\n".encode("utf-16"), "{path}:1:1: is UTF-16 text, not UTF-8; save it as UTF-8"),
     (b"[a]\ntype=caf\xe9\n", "{path}:2:9: is not UTF-8 text (bad byte 0xe9); save it as UTF-8"),
     # Latin-1 in a comment is read (Python 2's ConfigParser never looked); in a value it is not.
     (b"[a]\n# by Andr\xe9\ntype=caf\xe9 # \xe9t\xe9\n", "{path}:3:9: is not UTF-8 text (bad byte 0xe9); save it as UTF-8"),
