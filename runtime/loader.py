@@ -245,11 +245,24 @@ def _read_into_memory(listing: ImageList, size: int, stats: bool, progress: bool
     folder = FolderSource(listing, size, stats=False)
     images = np.empty((len(folder), size, size, 3), np.uint8)
     bar = Progress(len(folder), f"reading {len(folder):,} images", enabled=progress)
+    broken: list[tuple[Path, Exception]] = []
     for start in range(0, len(folder), 256):
         stop = min(len(folder), start + 256)
-        images[start:stop] = folder.images(range(start, stop))
+        for i in range(start, stop):
+            try:
+                images[i] = load_square(str(folder.paths[i]), size)
+            except Exception as err:  # read on: one run that names every broken file, not one run per file
+                broken.append((Path(folder.paths[i]), err))
         bar.update(stop - start)
     bar.close()
+    if broken:
+        (first, err), rest = broken[0], [p for p, _ in broken[1:]]
+        others = ""
+        if rest:
+            names = ", ".join(f"{p.parent.name}/{p.name}" for p in rest[:3]) + (", ..." if len(rest) > 3 else "")
+            others = f"; {len(rest)} more of the {len(folder):,} images cannot be read either ({names})"
+        raise fail(f"cannot read image ({type(err).__name__}: {err}){others}; "
+                   "run convspec prepare to list and skip broken files", Location(str(first)))
     return ArraySource(images, folder.labels, folder.classes, stats=None if stats else False,
                        paths=folder.paths)
 

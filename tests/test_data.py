@@ -326,6 +326,17 @@ def test_a_link_whose_image_is_gone_is_named_not_dropped_or_a_crash(tmp_path):
     assert len(open_source(root, "train", size=16)) == 7
 
 
+def test_training_from_a_folder_names_every_broken_image_in_one_run(tmp_path):
+    """It stopped at the first: a folder with five broken files took five runs, each reading it all."""
+    root = _image_folder(tmp_path) / "train"
+    with pytest.raises(SpecError) as err:
+        open_source(root, "train", size=16)
+    first = root / "cat" / "empty.jpg"
+    assert str(err.value) == (f"{first}: cannot read image (UnidentifiedImageError: cannot identify image file "
+                              f"'{first}'); 3 more of the 10 images cannot be read either (cat/gone.jpg, "
+                              "dog/cut.jpg, dog/junk.jpeg); run convspec prepare to list and skip broken files")
+
+
 def test_prepare_jpeg_store_is_close_to_the_pixels(tmp_path):
     root = _image_folder(tmp_path, bad=False)
     ramp = np.linspace(0, 255, 32)
