@@ -692,7 +692,11 @@ def _guard(ctx: click.Context, fn) -> None:
         # A rename (a file written whole under a temporary name) fails for its target, not the temporary file.
         named = err.filename2 or err.filename
         what = f"{named}: {err.strerror or err}" if named else " ".join(str(err).split())
-        click.echo(f"error: {what}; check the path, its permissions and the free disk space", err=True)
+        fix = "check the path, its permissions and the free disk space"
+        if named and os.path.islink(named) and not os.path.exists(named):  # mkdir said "File exists"
+            what, fix = f"{named}: a link to {os.readlink(named)}, which does not exist", \
+                "remove the link, or make the folder it points to"
+        click.echo(f"error: {what}; {fix}", err=True)
         sys.exit(1)
     except Exception as err:  # noqa: BLE001 - the last line of defence, re-raised under --debug
         if debug:

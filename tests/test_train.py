@@ -1333,6 +1333,17 @@ def test_the_recipe_sets_precision_and_the_option_overrides_it(setup, tmp_path):
     assert ckpt.load(tmp_path / "recipe" / "epoch-0002.pt")["options"]["precision"] == "bf16"
 
 
+def test_an_out_that_is_a_dangling_link_is_named_as_one(setup, tmp_path):
+    """mkdir on a link to nothing says "File exists", which sent users looking for a folder."""
+    out = tmp_path / "run"
+    out.symlink_to(tmp_path / "gone")
+    spec, data = setup
+    result = CliRunner().invoke(main, ["train", str(spec), "--data", str(data), "--out", str(out), "--quiet"])
+    assert result.exit_code == 1 and result.output == (
+        f"error: {out}: a link to {tmp_path / 'gone'}, which does not exist; remove the link, or make the folder "
+        "it points to\n")
+
+
 def test_resume_refuses_options_that_would_change_the_run(setup, tmp_path):
     """A resumed run trains what it recorded.  Retyping the first command with --resume passes; an
     option that would change the run (an ablation by --set, another SPEC) is refused, not dropped."""
