@@ -52,8 +52,12 @@ def save(path: str | Path, state: dict) -> Path:
     try:
         files.write_whole(path, lambda f: torch.save(state, f))
     except (OSError, RuntimeError) as err:
-        # A full disk reaches torch.save's zip writer as a RuntimeError ("unexpected pos").
-        raise fail(f"could not write the checkpoint ({' '.join(str(err).split())[:120]}); "
+        text = " ".join(str(err).split())
+        # A full disk reaches torch.save's zip writer as a RuntimeError: "[enforce fail at
+        # inline_container.cc:672] . unexpected pos 119872 vs 119824", which names nothing a user knows.
+        why = "the disk filled up as it was written" if "unexpected pos" in text else \
+            (err.strerror if isinstance(err, OSError) and err.strerror else text[:120])
+        raise fail(f"could not write the checkpoint ({why}); "
                    f"{files.free_space(path.parent)}free some space or choose another --out "
                    "(--resume continues from the last checkpoint saved)", Location(str(path))) from None
     return path
