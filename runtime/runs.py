@@ -21,7 +21,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import shlex
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -100,8 +102,25 @@ def refuse_if_busy(run_dir: Path) -> None:
 
 def _busy(run_dir: Path, holder: str) -> SpecError:
     who = f" ({holder})" if holder else ""
+    if _gone(holder):  # a killed train's DataLoader workers hold its lock until they notice, a few seconds
+        return fail(f"the convspec train that held this run folder{who} has exited, but processes it started "
+                    "(data-loading workers) still hold it; retry in a few seconds", Location(str(run_dir)))
     return fail(f"another convspec train is training in this run folder{who}; wait for it to end or stop it, "
                 "or choose another --out", Location(str(run_dir)))
+
+
+def _gone(holder: str) -> bool:
+    """Whether the lock file's "pid N on HOST" is a process of this machine that no longer runs."""
+    match = re.fullmatch(r"pid (\d+) on (.+)", holder)
+    if not match or match[2] != socket.gethostname():
+        return False
+    try:
+        os.kill(int(match[1]), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, OverflowError):  # another user's process (EPERM): alive
+        return False
+    return False
 
 
 def check_can_create(run_dir: Path) -> None:

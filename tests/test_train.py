@@ -1429,6 +1429,50 @@ def test_a_run_folder_another_process_trains_in_is_refused_and_freed_when_it_die
     assert train(_quiet(resume=True, out=str(run), epochs=2)).epochs == 2
 
 
+_LOCK_THEN_EXIT_LEAVING_A_CHILD = """
+import os, sys, time
+from pathlib import Path
+from runtime import runs
+runs.lock_run(Path(sys.argv[1]))
+child = os.fork()
+if child == 0:  # a DataLoader worker: it inherits the locked descriptor and outlives its parent a while
+    time.sleep(600)
+else:
+    print(os.getpid(), child, flush=True)
+    os._exit(0)
+"""
+
+
+def test_a_lock_held_on_by_a_dead_trains_workers_says_to_retry(setup, tmp_path):
+    """A train killed with --workers 2: its workers held the lock a few seconds more, and the
+    refusal named the dead train's pid as "another convspec train is training"."""
+    import signal
+    import socket
+
+    run = tmp_path / "run"
+    run.mkdir()
+    parent = subprocess.Popen([sys.executable, "-c", _LOCK_THEN_EXIT_LEAVING_A_CHILD, str(run)], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    pid, worker = map(int, parent.stdout.readline().split())
+    parent.wait()
+    try:
+        with pytest.raises(SpecError) as err:
+            runs.lock_run(run)
+        assert str(err.value) == (f"{run}: the convspec train that held this run folder (pid {pid} on "
+                                  f"{socket.gethostname()}) has exited, but processes it started (data-loading "
+                                  "workers) still hold it; retry in a few seconds")
+    finally:
+        os.kill(worker, signal.SIGKILL)
+    deadline = time.time() + 10
+    while True:  # the worker gone, the folder is free
+        try:
+            os.close(runs.lock_run(run))
+            break
+        except SpecError:
+            assert time.time() < deadline
+            time.sleep(0.1)
+
+
 def test_a_full_disk_at_the_run_files_names_the_file_and_a_rerun_goes_ahead(setup, tmp_path, monkeypatch):
     """The error was "[Errno 28] No space left on device" alone (a failed write names no file)."""
     import errno
