@@ -274,7 +274,7 @@ def train(ctx, spec, params_path, data, val_data, epochs, batch_size, out, resum
       convspec train specs/alexnet.cfg --data data/imagenet --nproc-per-node 4
       torchrun --nproc-per-node 4 -m convspec train specs/alexnet.cfg --data data/imagenet
     """
-    from runtime.train import TrainingStopped, TrainOptions, parse_devices, train as run_train
+    from runtime.train import StoppedAtOnce, TrainingStopped, TrainOptions, parse_devices, train as run_train
 
     def unless_defaulted_on_resume(name, value):
         # A resumed run keeps its recorded precision and layout unless they are typed.
@@ -306,9 +306,11 @@ def train(ctx, spec, params_path, data, val_data, epochs, batch_size, out, resum
         except TrainingStopped as stop:
             click.echo(str(stop), err=True)
             sys.exit(stop.exit_code)
+        except StoppedAtOnce as stop:
+            click.echo(str(stop), err=True)
+            sys.exit(130)
         except KeyboardInterrupt:
-            click.echo("interrupted before training started (or by a second Ctrl-C); nothing new was saved",
-                       err=True)
+            click.echo("interrupted before training started; nothing new was saved", err=True)
             sys.exit(130)
         if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
             return

@@ -62,6 +62,10 @@ class TrainingStopped(Exception):
         self.exit_code = exit_code
 
 
+class StoppedAtOnce(KeyboardInterrupt):
+    """A second Ctrl-C: out at once, without saving, saying where --resume goes on from."""
+
+
 @dataclass
 class TrainOptions:
     spec: str | None = None
@@ -707,11 +711,21 @@ class Trainer:
 
     def _on_signal(self, signum, frame) -> None:
         if self.stop_signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now, without saving
+            raise StoppedAtOnce(self._stopped_at_once())  # a second Ctrl-C: stop now, without saving
         self.stop_signal = signum
         if self.main:  # at once: validation may take a while before the stop comes
             print(f"\n{signal.Signals(signum).name}: saving and stopping after this batch, or after this "
                   "epoch's validation (Ctrl-C again: stop now, without saving)", file=sys.stderr, flush=True)
+
+    def _stopped_at_once(self) -> str:
+        said = "SIGINT again: stopped at once, without saving"
+        try:
+            if not runs.has_checkpoints(self.run_dir):
+                return f"{said}; the run has no checkpoint yet, so start it again without --resume"
+            return (f"{said}. Continue from {runs.resume_checkpoint(self.run_dir).name} with: "
+                    f"{self._resume_command()}")
+        except Exception:  # noqa: BLE001 - in a signal handler: the stop matters more than the hint
+            return f"{said}; convspec train --resume --out RUN continues from the run's last checkpoint"
 
     def _lr_scale(self, epoch: int) -> float:
         r = self.recipe

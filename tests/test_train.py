@@ -1630,6 +1630,28 @@ def test_a_signal_during_validation_stops_after_that_epoch(setup, tmp_path, monk
     assert [h["epoch"] for h in summary.history] == [1, 2, 3]
 
 
+def test_a_second_ctrl_c_stops_at_once_and_says_where_the_run_goes_on_from(setup, tmp_path, monkeypatch):
+    """It said only "nothing new was saved", though epoch 1's checkpoint was there to resume from."""
+    from runtime.train import Trainer
+
+    spec, data = setup
+    validate = Trainer.validate
+
+    def ctrl_c_twice_in_epoch_2(self):
+        if self.step > len(self.batches):
+            self._on_signal(signal.SIGINT, None)
+            self._on_signal(signal.SIGINT, None)
+        return validate(self)
+
+    monkeypatch.setattr(Trainer, "validate", ctrl_c_twice_in_epoch_2)
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, ["train", str(spec), "--data", str(data), "--out", str(out), "--quiet"])
+    assert res.exit_code == 130
+    assert res.output.splitlines()[-1] == ("SIGINT again: stopped at once, without saving. Continue from "
+                                           f"epoch-0001.pt with: convspec train --resume --out {out}")
+    assert sorted(p.name for p in out.glob("*.pt")) == ["best.pt", "epoch-0001.pt"]
+
+
 def test_resume_from_a_damaged_checkpoint_says_how_to_use_the_one_before(setup, tmp_path):
     spec, data = setup
     out = tmp_path / "run"
