@@ -77,9 +77,17 @@ def main(ctx: click.Context, debug: bool) -> None:
     keep_freed_blocks()
 
 
+def _a_path(ctx, param, value):
+    """An empty path (an unset shell variable: --out "$RUN") was read as no option by some
+    commands (--out, --val-data: a new run, a held-out split) and as '.' by others."""
+    if value == "":
+        raise click.BadParameter("is an empty path; give a path, or leave it out")
+    return value
+
+
 # One spelling of the options that check, train and bench share.
 params_option = click.option(
-    "--params", "params_path", type=click.Path(dir_okay=False),
+    "--params", "params_path", type=click.Path(dir_okay=False), callback=_a_path,
     help="Layer-params file.  Default: NAME.params.cfg or cuda-convnet's "
          "layer-params pairing beside SPEC, if one exists.")
 input_option = click.option(
@@ -108,7 +116,7 @@ def _a_number(ctx, param, value):
 
 
 @main.command()
-@click.argument("spec", type=click.Path(dir_okay=False))
+@click.argument("spec", type=click.Path(dir_okay=False), callback=_a_path)
 @params_option
 @input_option
 @click.option("--set", "overrides", multiple=True, metavar="LAYER.KEY=VALUE",
@@ -141,8 +149,8 @@ def check(ctx, spec, params_path, input_shape, overrides, as_json):
 
 
 @main.command()
-@click.argument("src", type=click.Path())
-@click.argument("out", type=click.Path(file_okay=False))
+@click.argument("src", type=click.Path(), callback=_a_path)
+@click.argument("out", type=click.Path(file_okay=False), callback=_a_path)
 @click.option("--size", type=click.IntRange(1),
               help="Side of the stored square: short side rescaled to SIZE, centre crop (image folders).  "
                    "Default: 256; CIFAR batches keep their 32x32.")
@@ -192,17 +200,17 @@ def prepare(ctx, src, out, size, quality, raw, workers, synsets):
 
 
 @main.command()
-@click.argument("spec", required=False, type=click.Path(dir_okay=False))
+@click.argument("spec", required=False, type=click.Path(dir_okay=False), callback=_a_path)
 @params_option
-@click.option("--data", envvar="CONVSPEC_DATA", show_envvar=True, metavar="PATH",
+@click.option("--data", envvar="CONVSPEC_DATA", show_envvar=True, metavar="PATH", callback=_a_path,
               help="Training data: a prepared store, a CIFAR python folder, an image folder "
                    "(DIR/train/<class>/*, or DIR/<class>/*), or cifar10 / cifar100 (downloaded once).")
-@click.option("--val-data", metavar="PATH",
+@click.option("--val-data", metavar="PATH", callback=_a_path,
               help="Validation data (same kinds).  Default: valFraction of the training split, held out by splitSeed.")
 @click.option("--epochs", type=click.IntRange(1, LARGEST_WHOLE), cls=_CountOption, help="Override [train] epochs.")
 @click.option("--batch-size", type=click.IntRange(1, LARGEST_WHOLE), cls=_CountOption,
               help="Global minibatch, split across data-parallel ranks.  Override [train] batchSize (default 128).")
-@click.option("--out", metavar="RUN", help="Run folder.  Default: a new runs/<spec>-<date>-<time>.")
+@click.option("--out", metavar="RUN", callback=_a_path, help="Run folder.  Default: a new runs/<spec>-<date>-<time>.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out (default: the newest under runs/) "
                                              "from its last checkpoint, with the settings it recorded (--epochs "
                                              "sets a new length; an option that would change the run is refused).")
@@ -455,10 +463,10 @@ def _typed_args(ctx: click.Context, leave_out=()) -> list[str]:
 
 
 @main.command(name="eval")
-@click.option("--checkpoint", "checkpoint", metavar="RUN|FILE",
+@click.option("--checkpoint", "checkpoint", metavar="RUN|FILE", callback=_a_path,
               help="A run folder (its best.pt, else its newest checkpoint) or a .pt file.  "
                    "Default: the newest run under runs/.")
-@click.option("--data", metavar="PATH",
+@click.option("--data", metavar="PATH", callback=_a_path,
               help="Score every image under PATH instead of the run's validation split "
                    "(class folders are mapped through the run's class list).")
 @click.option("--labels", type=click.Path(dir_okay=False, exists=True),
@@ -531,7 +539,7 @@ def eval_(ctx, checkpoint, data, labels, topk, views, devices, batch_size, per_c
 
 
 @main.command()
-@click.argument("spec", type=click.Path(dir_okay=False))
+@click.argument("spec", type=click.Path(dir_okay=False), callback=_a_path)
 @params_option
 @input_option
 @click.option("--batch-size", type=click.IntRange(1), help="Images per step.  Default: [train] batchSize (128).")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .cli import _guard
+from .cli import _a_path, _guard
 from .errors import did_you_mean
 
 PICTURES = ("curves", "filters", "preds", "neighbours", "net")
@@ -32,8 +32,8 @@ def _one_name_each(ctx, param, value):
 
 
 @click.command()
-@click.argument("run_dir", required=False, type=click.Path(), metavar="[RUN]")
-@click.option("--out", type=click.Path(file_okay=False),
+@click.argument("run_dir", required=False, type=click.Path(), metavar="[RUN]", callback=_a_path)
+@click.option("--out", type=click.Path(file_okay=False), callback=_a_path,
               help="Folder for the PNGs and index.html.  Default: RUN/show (for a .pt file: its folder's show/).")
 @click.option("--only", callback=_picture_list, metavar="LIST",
               help=f"Comma list of pictures: {','.join(PICTURES)}.  Default: all of them, skipping "
@@ -43,7 +43,7 @@ def _one_name_each(ctx, param, value):
 @click.option("--layer", "layers", multiple=True, metavar="NAME", callback=_one_name_each,
               help="Conv layer whose filters to draw.  Repeatable.  Default: every conv layer fed by the data "
                    "layer (colour tiles); deeper layers are drawn as grey tiles, one per input channel.")
-@click.option("--data", metavar="PATH",
+@click.option("--data", metavar="PATH", callback=_a_path,
               help="Test images for preds and neighbours (class folders, CIFAR batches or a prepared store, "
                    "mapped through the run's classes).  Default: the run's validation images.")
 @click.option("--synsets", type=click.Path(dir_okay=False, exists=True),

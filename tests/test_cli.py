@@ -506,3 +506,26 @@ def test_every_check_example_in_the_help_checks(monkeypatch):
         result = CliRunner().invoke(main, argv)
         assert result.exit_code == 0, f"{line}\n{result.output}"
         assert "params" in result.output or '"layers"' in result.output, line
+
+
+@pytest.mark.parametrize("args, name", [
+    (["train", "specs/cifar10-80sec.cfg", "--out", ""], "'--out'"),
+    (["train", "specs/cifar10-80sec.cfg", "--val-data", ""], "'--val-data'"),
+    (["train", "specs/cifar10-80sec.cfg", "--params", ""], "'--params'"),
+    (["train", ""], "'[SPEC]'"),
+    (["check", ""], "'SPEC'"),
+    (["bench", ""], "'SPEC'"),
+    (["eval", "--checkpoint", ""], "'--checkpoint'"),
+    (["eval", "--data", ""], "'--data'"),
+    (["prepare", "", "out"], "'SRC'"),
+    (["prepare", "src", ""], "'OUT'"),
+    (["show", "--out", ""], "'--out'"),
+    (["show", ""], "'[RUN]'"),
+])
+def test_an_empty_path_is_refused_not_read_as_a_default(args, name):
+    """--out "" (an unset variable: --out "$RUN") trained into a new runs/ folder, --val-data ""
+    held images out of the training data, and --params "" was ': is a directory'."""
+    result = invoke(*args)
+    assert result.exit_code == 2
+    assert result.output.splitlines()[-1] == (f"Error: Invalid value for {name}: is an empty path; give a path, "
+                                              "or leave it out")
