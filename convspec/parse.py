@@ -256,10 +256,16 @@ def _syntax_error(err: lark.exceptions.UnexpectedInput, path: str, lines: list[s
     return fail(got + hint, loc)
 
 
+def as_parsed(text: str) -> str:
+    """Spec text as the parser reads it, and as a run records it: LF line ends (CRLF, and a
+    lone CR as old Mac files have, as ConfigParser's universal newlines read them), no
+    byte-order mark.  Texts compared for sameness are compared so."""
+    return text.replace("\r\n", "\n").replace("\r", "\n").lstrip("\ufeff")
+
+
 def parse_text(text: str, path: str = "<string>") -> SpecFile:
     """Parse spec text.  Raises SpecError for syntax errors."""
-    # A lone CR ended lines in old Mac files; ConfigParser's universal newlines read them as lines.
-    text = text.replace("\r\n", "\n").replace("\r", "\n").lstrip("\ufeff")
+    text = as_parsed(text)
     lines = text.split("\n")
     try:
         tree = _parser().parse(text if text.endswith("\n") else text + "\n")

@@ -180,11 +180,13 @@ def folder_disagrees(state: dict, run_dir: Path) -> str | None:
     """The run-folder file (spec.cfg, spec.params.cfg or run.json) that says the
     checkpoint was trained from another layer file, params file or --set, else None."""
     from convspec.errors import read_utf8
+    from convspec.parse import as_parsed
 
     spec = state["spec"]
     for name, text in (("spec.cfg", spec["text"]), ("spec.params.cfg", spec.get("params_text") or "")):
         path = run_dir / name
-        if path.is_file() and read_utf8(path) != text:  # a file deleted by hand proves nothing
+        # A file deleted by hand proves nothing; one opened and saved with CRLF line ends is unchanged.
+        if path.is_file() and as_parsed(read_utf8(path)) != as_parsed(text):
             return name
     info = _run_info(run_dir)  # the texts agree; without a run.json there is nothing more to compare
     recorded = info.get("overrides") if info else None

@@ -335,7 +335,7 @@ class Trainer:
         The same values as recorded (the first command retyped with --resume) pass."""
         from convspec.check import find_params_file
         from convspec.overrides import same_settings
-        from convspec.parse import read_spec_text
+        from convspec.parse import as_parsed, read_spec_text
 
         s, o, d = self.state, self.o, self.state["data"]
         spec, recipe = s["spec"], s["recipe"]
@@ -348,6 +348,9 @@ class Trainer:
 
         def resolved(path):
             return str(Path(path).resolve()) if path else None
+
+        def other_text(path, recorded):  # a file saved with CRLF (Windows) is the text the run recorded
+            return as_parsed(read_spec_text(path)) != as_parsed(recorded or "")
 
         def edited_or_other(given, recorded_path, what):
             # The same file edited since the run started is not "another" file.
@@ -362,11 +365,11 @@ class Trainer:
         if found is not None and resolved(found) != resolved(spec["params_path"]):
             found = None
         changed = [
-            (o.spec is not None and read_spec_text(o.spec) != spec["text"],
+            (o.spec is not None and other_text(o.spec, spec["text"]),
              o.spec and edited_or_other(o.spec, spec["path"], "SPEC")),
-            (o.params is not None and read_spec_text(o.params) != spec["params_text"],
+            (o.params is not None and other_text(o.params, spec["params_text"]),
              o.params and edited_or_other(o.params, spec["params_path"], "--params")),
-            (found is not None and read_spec_text(found) != spec["params_text"],
+            (found is not None and other_text(found, spec["params_text"]),
              found and edited_or_other(found, spec["params_path"], "the params file")),
             (bool(o.overrides) and not same_settings(o.overrides, spec.get("overrides", [])),
              f"--set {' --set '.join(o.overrides)} (the run's: "
@@ -1006,7 +1009,7 @@ class Trainer:
                 "provenance": provenance()}
         # run.json first: a folder holding it is one a rerun may write over, should the disk fill below.
         _write_whole(self.run_dir / "run.json", json.dumps(info, indent=2) + "\n")
-        # Byte for byte as read (UTF-8, newlines as written): a resume compares them to the checkpoint's.
+        # As parsed (UTF-8, LF line ends): a resume compares them to the checkpoint's.
         _write_whole(self.run_dir / "spec.cfg", spec.spec_text)
         if spec.params_text:
             _write_whole(self.run_dir / "spec.params.cfg", spec.params_text)

@@ -1443,6 +1443,22 @@ else:
 """
 
 
+@pytest.mark.parametrize("ending", ["\r\n", "\r"], ids=["windows", "old-mac"])
+def test_a_spec_saved_with_other_line_ends_resumes_with_the_first_command_retyped(setup, tmp_path, ending):
+    """A Windows-saved spec was refused as "edited since the run started" by its own resume:
+    the run records the text as parsed (LF), and the file was compared as read (CRLF)."""
+    spec, data = setup
+    for path in (spec, tmp_path / "tiny.params.cfg"):
+        path.write_bytes(path.read_bytes().replace(b"\n", ending.encode()))
+    first = ["train", str(spec), "--data", str(data), "--out", str(tmp_path / "run"), "--quiet"]
+    assert CliRunner().invoke(main, first + ["--epochs", "1"]).exit_code == 0
+    res = CliRunner().invoke(main, first + ["--epochs", "2", "--resume"])
+    assert res.exit_code == 0, res.output
+    (tmp_path / "tiny.params.cfg").write_bytes(PARAMS.replace("epsW=0.01", "epsW=0.05").encode())
+    res = CliRunner().invoke(main, first + ["--epochs", "3", "--resume"])  # a real edit is still one
+    assert res.exit_code == 1 and "the params file" in res.output and "edited since the run started" in res.output
+
+
 def test_a_lock_held_on_by_a_dead_trains_workers_says_to_retry(setup, tmp_path):
     """A train killed with --workers 2: its workers held the lock a few seconds more, and the
     refusal named the dead train's pid as "another convspec train is training"."""
