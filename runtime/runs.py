@@ -277,6 +277,11 @@ def eval_checkpoint(path: str | Path | None, root: Path = RUNS_ROOT) -> Path:
         return found[-1]
     if (path / INTERRUPTED).is_file():
         return path / INTERRUPTED
+    inside = sorted((d for d in path.iterdir() if d.is_dir() and checkpoint_files(d)),
+                    key=lambda d: max(p.stat().st_mtime for p in checkpoint_files(d)))
+    if inside:  # the folder of runs (runs/), not a run: name the newest, as no --checkpoint would
+        raise fail(f"holds run folders, not a checkpoint; give one of them (the newest is "
+                   f"{shlex.quote(str(inside[-1]))})", Location(str(path)))
     raise fail("holds no checkpoint (best.pt or epoch-*.pt)", Location(str(path)))
 
 

@@ -1668,6 +1668,15 @@ def test_a_second_ctrl_c_stops_at_once_and_says_where_the_run_goes_on_from(setup
     assert sorted(p.name for p in out.glob("*.pt")) == ["best.pt", "epoch-0001.pt"]
 
 
+def test_eval_on_the_folder_of_runs_names_the_newest_run(setup, tmp_path):
+    """eval --checkpoint runs said "holds no checkpoint", though it holds runs that do."""
+    spec, data = setup
+    train(_quiet(spec=str(spec), data=str(data), out=str(tmp_path / "runs" / "a"), epochs=1))
+    res = CliRunner().invoke(main, ["eval", "--checkpoint", str(tmp_path / "runs")])
+    assert (res.exit_code, res.output) == (1, f"{tmp_path / 'runs'}: holds run folders, not a checkpoint; give one "
+                                              f"of them (the newest is {tmp_path / 'runs' / 'a'})\n")
+
+
 def test_resume_from_a_damaged_checkpoint_says_how_to_use_the_one_before(setup, tmp_path):
     spec, data = setup
     out = tmp_path / "run"
