@@ -163,11 +163,11 @@ def _a_run_that_stopped_before_its_first_checkpoint(run_dir: Path) -> bool:
         return True
     if not names <= RUN_START_FILES:
         return False
-    info = _run_info(run_dir)
+    info = run_info(run_dir)
     return info is not None and {"recipe", "provenance"} <= info.keys()
 
 
-def _run_info(run_dir: Path) -> dict | None:
+def run_info(run_dir: Path) -> dict | None:
     """run.json as a dict, or None when it is missing or not one (it is for people, not required)."""
     try:
         info = json.loads((run_dir / "run.json").read_text())
@@ -188,7 +188,7 @@ def folder_disagrees(state: dict, run_dir: Path) -> str | None:
         # A file deleted by hand proves nothing; one opened and saved with CRLF line ends is unchanged.
         if path.is_file() and as_parsed(read_utf8(path)) != as_parsed(text):
             return name
-    info = _run_info(run_dir)  # the texts agree; without a run.json there is nothing more to compare
+    info = run_info(run_dir)  # the texts agree; without a run.json there is nothing more to compare
     recorded = info.get("overrides") if info else None
     if not isinstance(recorded, list) or not all(isinstance(o, str) for o in recorded):
         return None  # no run.json, or one edited out of shape: the checkpoints hold the overrides

@@ -1021,6 +1021,10 @@ class Trainer:
                 "devices": [str(d) for d in self.devices], "snapshot_minutes": self.snapshot_minutes,
                 "world": self.cluster.world, "classes": len(self.classes), "argv": list(sys.argv),
                 "provenance": provenance()}
+        earlier = runs.run_info(self.run_dir) if self.state is not None else None
+        if earlier and isinstance(earlier.get("argv"), list):  # the command that started the run stays
+            info["argv"] = earlier["argv"]
+            info["resumed_with"] = [*(earlier.get("resumed_with") or []), list(sys.argv)]
         # run.json first: a folder holding it is one a rerun may write over, should the disk fill below.
         _write_whole(self.run_dir / "run.json", json.dumps(info, indent=2) + "\n")
         # As parsed (UTF-8, LF line ends): a resume compares them to the checkpoint's.

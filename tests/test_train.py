@@ -1687,6 +1687,20 @@ def test_a_wrong_synsets_file_is_refused_before_the_images_are_read(setup, tmp_p
                               "data (lines of 'CLASS name'), or leave --synsets out")
 
 
+def test_run_json_keeps_the_command_that_started_the_run(setup, tmp_path, monkeypatch):
+    """A resume rewrote run.json's argv with its own command: how the run began was lost."""
+    spec, data = setup
+    out = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["convspec", "train", "first"])
+    train(_quiet(spec=str(spec), data=str(data), out=str(out), epochs=1))
+    for epochs in (2, 3):
+        monkeypatch.setattr(sys, "argv", ["convspec", "train", "--resume", str(epochs)])
+        train(_quiet(resume=True, out=str(out), epochs=epochs))
+    info = json.loads((out / "run.json").read_text())
+    assert info["argv"] == ["convspec", "train", "first"]
+    assert info["resumed_with"] == [["convspec", "train", "--resume", "2"], ["convspec", "train", "--resume", "3"]]
+
+
 def test_eval_on_the_folder_of_runs_names_the_newest_run(setup, tmp_path):
     """eval --checkpoint runs said "holds no checkpoint", though it holds runs that do."""
     spec, data = setup
