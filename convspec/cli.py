@@ -695,7 +695,7 @@ def _guard(ctx: click.Context, fn) -> None:
                 import time
                 time.sleep(2)  # so that the launcher sees rank 0 stop first, not this copy of its error
                 sys.exit(STOPPED_WITH_RANK_0)
-        sys.exit(1)
+        sys.exit(err.exit_code)
     except OSError as err:  # a path that cannot be made, read or written; a full disk
         if debug:
             raise

@@ -42,6 +42,7 @@ class SpecError(Exception):
 
     # Raised by every rank of a distributed run together (a NaN loss): rank 0 alone reports it.
     every_rank = False
+    exit_code = 1  # 130 for a stop by Ctrl-C, as train's and the shell's
 
     def __init__(self, message: str, location: Location | None = None):
         super().__init__(message)

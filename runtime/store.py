@@ -264,8 +264,10 @@ def _write_store(source: Path, out: Path, options: PrepareOptions, splits, finge
                 meta["splits"][split] = {"count": count, "shards": shards}
     except KeyboardInterrupt:
         # Leaving the with-block terminated the workers; finished shards are on disk.
-        raise fail("interrupted; the shards written so far are kept: run the same command again to finish",
-                   Location(str(out))) from None
+        stopped = fail("interrupted; the shards written so far are kept: run the same command again to finish",
+                       Location(str(out)))
+        stopped.exit_code = 130
+        raise stopped from None
     meta["skipped"] = len(bad)
     meta["size"] = int(total_stats.pixel_sum.shape[0])
     _save_atomic(out / "report.txt", lambda f: f.write("".join(line + "\n" for line in bad).encode()))
