@@ -60,6 +60,9 @@ def detect(path: Path) -> str:
         return "cifar"
     if (path / "train").is_dir():
         return "imagefolder"
+    if (path / "run.json").is_file() and any(path.glob("*.pt")):  # its show/ folder read as a class
+        raise fail("is a run folder (what convspec train writes), not data; give it to eval or show as the "
+                   "run (eval --checkpoint RUN), and give --data a folder of images", Location(str(path)))
     subdirs = [d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")]
     if subdirs:
         return "classfolders"

@@ -1687,6 +1687,19 @@ def test_a_wrong_synsets_file_is_refused_before_the_images_are_read(setup, tmp_p
                               "data (lines of 'CLASS name'), or leave --synsets out")
 
 
+def test_a_run_folder_given_as_data_is_named_as_one(setup, tmp_path):
+    """eval --data RUN said "class folder 'show' is not one of the 4 classes"."""
+    spec, data = setup
+    out = tmp_path / "run"
+    train(_quiet(spec=str(spec), data=str(data), out=str(out), epochs=1))
+    (out / "show").mkdir()
+    for command in (["eval", "--checkpoint", str(out), "--data", str(out)], ["train", str(spec), "--data", str(out)]):
+        res = CliRunner().invoke(main, command)
+        assert (res.exit_code, res.output) == (1, f"{out}: is a run folder (what convspec train writes), not data; "
+                                                  "give it to eval or show as the run (eval --checkpoint RUN), and "
+                                                  "give --data a folder of images\n")
+
+
 def test_run_json_keeps_the_command_that_started_the_run(setup, tmp_path, monkeypatch):
     """A resume rewrote run.json's argv with its own command: how the run began was lost."""
     spec, data = setup
