@@ -5,9 +5,10 @@ from __future__ import annotations
 import click
 
 from .cli import _a_path, _guard
-from .errors import did_you_mean
+from .errors import did_you_mean, fail
 
 PICTURES = ("curves", "filters", "preds", "neighbours", "net")
+MAX_NEIGHBOURS = 32  # one row of thumbnails each: 32 make a picture 3,612 px wide
 
 
 def _picture_list(ctx, param, value):
@@ -51,7 +52,7 @@ def _one_name_each(ctx, param, value):
 # The caps keep one picture drawable: each image is a tile of the same PNG.
 @click.option("--count", type=click.IntRange(1, 256), help="preds: how many test images (default 16, at most "
                                                             "256); neighbours: how many neighbours per image "
-                                                            "(default 6).")
+                                                            "(default 6, at most 32).")
 @click.option("--queries", default=5, show_default=True, type=click.IntRange(1, 64),
               help="neighbours: how many test images (rows; at most 64).")
 @click.option("--errors-only", is_flag=True, help="preds and neighbours: only images the net gets wrong (top-1).")
@@ -84,6 +85,10 @@ def show(ctx, run_dir, out, only, compare, layers, data, synsets, count, queries
     from runtime.train import parse_devices
 
     def run():
+        if count is not None and count > MAX_NEIGHBOURS and (only is None or "neighbours" in only):
+            # 256 neighbours a row made a 27,804-px-wide PNG that Pillow itself refuses to open.
+            raise fail(f"--count {count}: the neighbours picture draws at most {MAX_NEIGHBOURS} neighbours per image; "
+                       f"give --count {MAX_NEIGHBOURS} or less, or --only preds for more test images")
         options = ShowOptions(run=run_dir, out=out, only=only, compare=list(compare), layers=list(layers),
                               data=data, synsets=synsets, count=count, queries=queries, errors_only=errors_only,
                               search_limit=search_limit, devices=parse_devices(devices), progress=True,

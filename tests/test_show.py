@@ -365,6 +365,16 @@ def test_picture_sizes_are_capped_before_anything_is_read(option, value, cap):
     assert res.exit_code == 2 and f"{value} is not in the range 1<=x<={cap}" in res.output
 
 
+def test_too_many_neighbours_a_row_are_refused_before_anything_is_read():
+    """--count 256 --queries 64 wrote a 27,804 x 8,910 PNG that Pillow refuses to open."""
+    for args in (["--count", "33"], ["--count", "33", "--only", "neighbours,net"]):
+        res = _show(*args)  # no run exists: refused first
+        assert res.exit_code == 1 and res.output == (
+            "error: --count 33: the neighbours picture draws at most 32 neighbours per image; give --count 32 or "
+            "less, or --only preds for more test images\n")
+    assert "at most 32" not in _show("--count", "33", "--only", "preds").output  # preds takes up to 256
+
+
 def test_cli_and_library_list_the_same_pictures():
     from convspec.show_command import PICTURES as CLI_PICTURES
 
