@@ -169,6 +169,10 @@ def check(spec: SpecFile, params: SpecFile | None = None,
         terms = " + ".join(f"{c['coeff']:g}*{c.name}" for c in costs)
         net.notes.append(f"{len(costs)} cost layers: training minimises {terms}; train and eval report "
                          f"the error of '{costs[0].name}', the first in the file")
+    for cost in costs:
+        if cost["topk"] not in (1, 5):  # cuda-convnet printed it as it trained; it changes no gradient
+            net.caution(f"layer '{cost.name}': topk={cost['topk']} is reported by eval, not by training, whose "
+                        f"lines give the top-1 and top-5 errors: convspec eval --topk {cost['topk']}")
     read = net.read_layers()
     unused = [l.name for l in net.layers.values()
               if not l.type.startswith("cost.") and l.name not in read and not _is_labels(l)]

@@ -120,7 +120,7 @@ LEARNING_KEYS = (
     Key("momW", "float", None, per_input=True, minimum=0, below=1, doc="weight momentum"),
     Key("momB", "float", None, minimum=0, below=1, doc="bias momentum"),
     Key("wc", "float", 0.0, per_input=True, minimum=0, doc="L2 weight decay"),
-    Key("wball", "float", 0.0, per_input=True, minimum=0, doc="weight-ball decay (recorded)"),
+    Key("wball", "float", 0.0, per_input=True, minimum=0, doc="weight-ball limit: filters rescaled to this norm after each update (0: off)"),
     Key("updatePeriod", "int", 0, minimum=0, doc="accumulate gradients over this many minibatches"),
     Key("superEps", "float", 0.0, doc="recorded, unused by cuda-convnet2's default path"),
     Key("superMom", "float", 0.0, doc="recorded, unused by cuda-convnet2's default path"),

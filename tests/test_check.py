@@ -413,6 +413,15 @@ def test_costs_that_all_weigh_nothing_are_noted():
     assert not any(n.startswith("coeff=0") for n in checked(CONV + FC + TAIL, "[cost]\ncoeff=0.5\n").notes)
 
 
+def test_a_topk_training_does_not_report_is_a_caution():
+    """topk=3 was accepted and ignored without a word (cuda-convnet printed the top-3 error as it trained)."""
+    caution = ("layer 'cost': topk=3 is reported by eval, not by training, whose lines give the top-1 and top-5 "
+               "errors: convspec eval --topk 3")
+    assert checked(CONV + FC + TAIL, "[cost]\ntopk=3\n").cautions == [caution]
+    for same in ("1", "5"):  # what cuda-convnet printed, training prints too
+        assert checked(CONV + FC + TAIL, f"[cost]\ntopk={same}\n").cautions == []
+
+
 def test_several_cost_layers_are_noted_with_the_sum_they_train_on():
     aux = ("[aux]\ntype=fc\ninputs=c\noutputs=10\n[auxprobs]\ntype=softmax\ninputs=aux\n"
            "[auxcost]\ntype=cost.logreg\ninputs=labels,auxprobs\ncoeff=0.3\n")
