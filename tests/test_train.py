@@ -836,6 +836,24 @@ def test_eval_on_a_copy_of_the_training_folders_says_so_in_text_and_json(setup, 
     assert evaluate_checkpoint(str(run), data=str(copy)).notes == []
 
 
+def test_eval_on_a_store_prepared_from_the_training_folders_says_so(setup, tmp_path):
+    """A store made from the very folders trained on scored its train split as if held out."""
+    from runtime.store import PrepareOptions, prepare
+
+    spec, _ = setup
+    data = _class_folders(tmp_path / "folders", ["cat", "dog"])
+    run = tmp_path / "run"
+    train(_quiet(spec=str(spec), data=str(data), out=str(run), epochs=1, batch_size=4, overrides=["fc2.outputs=2"]))
+    store = tmp_path / "store"
+    prepare(data, store, PrepareOptions(size=32, raw=True, workers=1), progress=False)
+    assert evaluate_checkpoint(str(run), data=str(store)).notes == [
+        f"note: {store} is a store prepared from the data this run trained on ({data}): 12 of its images are "
+        "training images, so this is no held-out error (leave --data out to score the run's held-out images)"]
+    other = _class_folders(tmp_path / "others", ["cat", "dog"])
+    prepare(other, tmp_path / "other-store", PrepareOptions(size=32, raw=True, workers=1), progress=False)
+    assert evaluate_checkpoint(str(run), data=str(tmp_path / "other-store")).notes == []
+
+
 def test_crops_bigger_than_every_image_are_refused_and_a_larger_image_size_is_not(setup, tmp_path):
     """Crops of 40 px from 32 px images were upscaled without a word (prepare refused the same);
     rescaling 32 px images to 36 for +-2 px shifts of 32 px crops is a recipe (README's 18pct row)."""
