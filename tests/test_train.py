@@ -777,13 +777,19 @@ def test_images_in_sub_folders_are_noted_and_hidden_files_are_not_images(setup, 
     assert " 10 training images, 4 validation images" in res.output.splitlines()[1]  # 14 = 16 - 2 nested
 
 
-def test_eval_refuses_held_out_images_it_cannot_find_again(setup, tmp_path):
-    """The held-out images are positions in the folder's listing: after a file was deleted, eval
-    scored other images (some trained on) under the same "held-out" label."""
+def _trained_on_two_class_folders(setup, tmp_path) -> tuple[Path, Path]:
+    """(the class folders, the run): one epoch on 16 images, 4 of them held out."""
     spec, _ = setup
     data = _class_folders(tmp_path / "folders", ["cat", "dog"])
     run = tmp_path / "run"
     train(_quiet(spec=str(spec), data=str(data), out=str(run), epochs=1, batch_size=4, overrides=["fc2.outputs=2"]))
+    return data, run
+
+
+def test_eval_refuses_held_out_images_it_cannot_find_again(setup, tmp_path):
+    """The held-out images are positions in the folder's listing: after a file was deleted, eval
+    scored other images (some trained on) under the same "held-out" label."""
+    data, run = _trained_on_two_class_folders(setup, tmp_path)
     assert evaluate_checkpoint(str(run)).result.images == 4
     recorded = ckpt.load(run / "best.pt")["data"]
     (data / "cat" / "3.png").rename(tmp_path / "3.png")
@@ -820,10 +826,7 @@ def test_eval_refuses_held_out_images_it_cannot_find_again(setup, tmp_path):
 
 def test_eval_on_a_copy_of_the_training_folders_says_so_in_text_and_json(setup, tmp_path):
     """Only the recorded path was recognised: a cp -r of the training data scored as if held out."""
-    spec, _ = setup
-    data = _class_folders(tmp_path / "folders", ["cat", "dog"])
-    run = tmp_path / "run"
-    train(_quiet(spec=str(spec), data=str(data), out=str(run), epochs=1, batch_size=4, overrides=["fc2.outputs=2"]))
+    data, run = _trained_on_two_class_folders(setup, tmp_path)
     copy = tmp_path / "copy"
     shutil.copytree(data, copy)
     said = (f"{copy} holds the same files as the data this run trained on ({data}): 12 of its images are training "
@@ -840,10 +843,7 @@ def test_eval_on_a_store_prepared_from_the_training_folders_says_so(setup, tmp_p
     """A store made from the very folders trained on scored its train split as if held out."""
     from runtime.store import PrepareOptions, prepare
 
-    spec, _ = setup
-    data = _class_folders(tmp_path / "folders", ["cat", "dog"])
-    run = tmp_path / "run"
-    train(_quiet(spec=str(spec), data=str(data), out=str(run), epochs=1, batch_size=4, overrides=["fc2.outputs=2"]))
+    data, run = _trained_on_two_class_folders(setup, tmp_path)
     store = tmp_path / "store"
     prepare(data, store, PrepareOptions(size=32, raw=True, workers=1), progress=False)
     assert evaluate_checkpoint(str(run), data=str(store)).notes == [
