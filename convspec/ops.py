@@ -267,10 +267,13 @@ class Pool(LayerModule):
         padded = F.pad(x, self.pads, value=fill)
         if self.kind == "max":
             return F.max_pool2d(padded, k, s)
-        # maxabs: the element of largest magnitude, with its sign.
-        _, idx = F.max_pool2d(padded.abs(), k, s, return_indices=True)
-        flat = padded.flatten(2)
-        return flat.gather(2, idx.flatten(2)).view_as(idx)
+        # maxabs: the element of largest magnitude, with its sign; of two as large (-2 and 2), the later
+        # in the window, as cuda-convnet's MaxAbsPooler keeps (a strict ">" over a row-major scan).
+        # max_pool2d's indices give the first: flipped, the later comes first, and since the windows
+        # tile the padded image exactly, flipping maps them onto each other.
+        flipped = padded.flip(2, 3)
+        _, idx = F.max_pool2d(flipped.abs(), k, s, return_indices=True)
+        return flipped.flatten(2).gather(2, idx.flatten(2)).view_as(idx).flip(2, 3)
 
 
 # --- normalisation (cudaconv3/src/conv_util.cu) ---------------------------------------------

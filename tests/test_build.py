@@ -1,6 +1,7 @@
 """Stage 3: built modules against hand-written PyTorch and explicit formulas,
 in float64."""
 
+import itertools
 import math
 
 import pytest
@@ -359,6 +360,26 @@ def test_pool_formula(kind, size, stride, start, outputs):
             else:
                 v = win.gather(2, win.abs().argmax(2, keepdim=True)).squeeze(2)
             torch.testing.assert_close(y[:, :, i, j], v)
+
+
+@pytest.mark.parametrize("size, stride, start", [(2, 2, 0), (3, 2, 0), (3, 2, -1), (2, 1, 0), (4, 3, -2)])
+def test_maxabs_keeps_the_later_of_two_as_large_as_cuda_convnet(size, stride, start):
+    """Whole numbers of both signs, so windows hold -v and v: torch kept the first, cuda-convnet's
+    MaxAbsPooler (acc = |acc| > |v| ? acc : v from 0, row-major) the last."""
+    o = 1 + math.ceil((7 - start - size) / stride)
+    net = built(f"[p]\ntype=pool\npool=maxabs\ninputs=data\nsizeX={size}\nstride={stride}\nstart={start}\n"
+                "[fc]\ntype=fc\ninputs=p\noutputs=2\n", shape="3x7x7")
+    x = torch.randint(-2, 3, (2, 3, 7, 7)).double()
+    y = net.double()(x, outputs=["p"])["p"]
+    expected = torch.zeros(2, 3, o, o, dtype=torch.float64)
+    for n, c, i, j in itertools.product(range(2), range(3), range(o), range(o)):
+        acc = 0.0
+        for r in range(max(0, start + i * stride), min(7, start + i * stride + size)):
+            for q in range(max(0, start + j * stride), min(7, start + j * stride + size)):
+                v = x[n, c, r, q].item()
+                acc = acc if abs(acc) > abs(v) else v
+        expected[n, c, i, j] = acc
+    assert torch.equal(y, expected)
 
 
 NEURON_CASES = [
