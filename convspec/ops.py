@@ -29,7 +29,8 @@ def apply_neuron(neuron: Neuron | None, x: torch.Tensor) -> torch.Tensor:
     if name == "logistic":
         return torch.sigmoid(x)
     if name == "abs":
-        return x.abs()
+        # cuda-convnet's gradient is the input's sign with -1 at 0 (unitInput > 0 ? 1 : -1); torch's abs gives 0.
+        return torch.where(x > 0, x, -x)
     if name == "softrelu":
         # cuda-convnet returns x itself above 4, not log(1 + e^x).
         return F.softplus(x, beta=1.0, threshold=4.0)
@@ -44,7 +45,8 @@ def apply_neuron(neuron: Neuron | None, x: torch.Tensor) -> torch.Tensor:
     if name == "abstanh":
         return p[0] * torch.tanh(p[1] * x).abs()
     if name == "brelu":
-        return x.clamp(0.0, p[0])
+        # clamp's gradient is 1 at 0 and at a too; cuda-convnet's is (act > 0) * (act < a): 0 at both ends.
+        return torch.where(x <= 0, 0.0, torch.where(x >= p[0], p[0], x))
     if name == "linear":
         return p[0] * x + p[1]
     if name == "drelu":

@@ -398,6 +398,20 @@ NEURON_CASES = [
 ]
 
 
+@pytest.mark.parametrize("neuron, inputs, gradient", [
+    ("abs", [-1.0, 0.0, 1.0], [-1.0, -1.0, 1.0]),                      # unitInput > 0 ? 1 : -1
+    ("brelu[1.5]", [-1.0, 0.0, 0.5, 1.5, 2.0], [0.0, 0.0, 1.0, 0.0, 0.0]),  # (act > 0) * (act < a)
+    ("relu", [-1.0, 0.0, 1.0], [0.0, 0.0, 1.0]),                        # act > 0
+])
+def test_neuron_gradients_at_their_corners_are_cuda_convnets(neuron, inputs, gradient):
+    """torch's abs gave 0 at 0 and clamp 1 at brelu's ends: cuda-convnet's neuron.cuh says otherwise."""
+    net = built(f"[n]\ntype=neuron\ninputs=data\nneuron={neuron}\n[fc]\ntype=fc\ninputs=n\noutputs=2\n",
+                shape=f"{len(inputs)}x1x1")
+    x = torch.tensor(inputs).view(1, -1, 1, 1).requires_grad_()
+    net(x, outputs=["n"])["n"].sum().backward()
+    assert x.grad.flatten().tolist() == gradient
+
+
 @pytest.mark.parametrize("neuron, formula", NEURON_CASES, ids=[n for n, _ in NEURON_CASES])
 def test_neuron_functions(neuron, formula):
     net = built(f"[n]\ntype=neuron\ninputs=data\nneuron={neuron}\n[fc]\ntype=fc\ninputs=n\noutputs=2\n")
