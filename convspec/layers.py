@@ -316,6 +316,9 @@ def pool_shape(layer: Layer) -> Shape:
             f"layer '{layer.name}': sizeX={size} is larger than the {h}x{w} input of '{layer.inputs[0]}'",
             layer.loc_of("sizeX"),
         )
+    if start <= -size:  # a window over no pixel: avg gave NaN (0/0) and max -inf, as cuda-convnet gave junk
+        raise fail(f"layer '{layer.name}': start={start} puts the first window wholly before the image "
+                   f"(a {size}-pixel window from {start}); use start={1 - size} or more", layer.loc_of("start"))
     if layer["outputsX"]:
         oh = ow = layer["outputsX"]
         if start + (oh - 1) * stride >= min(h, w):

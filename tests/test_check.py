@@ -280,6 +280,9 @@ ERRORS = [
      "'tanh[1,2,3]'"),
     ("[p]\ntype=pool\npool=mean\ninputs=data\nsizeX=3\nstride=2\n[fc]\ntype=fc\ninputs=p\noutputs=10\n" + TAIL, None,
      "s.cfg:10:6: layer 'p': pool=mean is not one of max, avg, maxabs"),
+    ("[p]\ntype=pool\npool=avg\ninputs=data\nsizeX=2\nstride=2\nstart=-2\n[fc]\ntype=fc\ninputs=p\noutputs=10\n" + TAIL, None,
+     "s.cfg:14:7: layer 'p': start=-2 puts the first window wholly before the image (a 2-pixel window from -2); "
+     "use start=-1 or more"),
     ("[p]\ntype=pool\npool=avg\ninputs=data\nsizeX=2\nstride=2\noutputsX=17\n[fc]\ntype=fc\ninputs=p\noutputs=10\n" + TAIL, None,
      "s.cfg:14:10: layer 'p': outputsX=17 puts the last window past the 32x32 input of 'data'; use outputsX=16 or less"),
     (CONV + "gpu=0,0\n" + FC + TAIL, None,
