@@ -96,6 +96,24 @@ input_option = click.option(
          "inputSize=; needed for original cuda-convnet files, which have none.")
 
 
+class _AsciiDigits:
+    """Numbers in ASCII digits only: Python's int() and float() read any script's digits
+    ('--epochs ٣', an Arabic-Indic three, trained 3 epochs), which the spec files refuse."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.isascii():
+            self.fail(f"{value!r} is not a number in ASCII digits (0-9).", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+class _Whole(_AsciiDigits, click.IntRange):
+    pass
+
+
+class _Real(_AsciiDigits, click.FloatRange):
+    pass
+
+
 class _CountOption(click.Option):
     """A count whose --help shows only its floor.  Its ceiling is a machine limit, kept so
     that a huge value is a usage error (whose message still states it), not a bound
@@ -151,13 +169,13 @@ def check(ctx, spec, params_path, input_shape, overrides, as_json):
 @main.command()
 @click.argument("src", type=click.Path(), callback=_a_path)
 @click.argument("out", type=click.Path(file_okay=False), callback=_a_path)
-@click.option("--size", type=click.IntRange(1),
+@click.option("--size", type=_Whole(1),
               help="Side of the stored square: short side rescaled to SIZE, centre crop (image folders).  "
                    "Default: 256; CIFAR batches keep their 32x32.")
-@click.option("--quality", default=90, show_default=True, type=click.IntRange(1, 100),
+@click.option("--quality", default=90, show_default=True, type=_Whole(1, 100),
               help="JPEG quality of the stored images.")
 @click.option("--raw", is_flag=True, help="Store raw uint8 pixels instead of JPEG (small images such as CIFAR).")
-@click.option("--workers", default=0, type=click.IntRange(0),
+@click.option("--workers", default=0, type=_Whole(0),
               help="Decoding processes; 0, the default, is one per CPU this process may use.")
 @click.option("--synsets", type=click.Path(dir_okay=False, exists=True),
               help="'wnid name' lines giving readable class names (ImageNet's synsets file).")
@@ -207,8 +225,8 @@ def prepare(ctx, src, out, size, quality, raw, workers, synsets):
                    "(DIR/train/<class>/*, or DIR/<class>/*), or cifar10 / cifar100 (downloaded once).")
 @click.option("--val-data", metavar="PATH", callback=_a_path,
               help="Validation data (same kinds).  Default: valFraction of the training split, held out by splitSeed.")
-@click.option("--epochs", type=click.IntRange(1, LARGEST_WHOLE), cls=_CountOption, help="Override [train] epochs.")
-@click.option("--batch-size", type=click.IntRange(1, LARGEST_WHOLE), cls=_CountOption,
+@click.option("--epochs", type=_Whole(1, LARGEST_WHOLE), cls=_CountOption, help="Override [train] epochs.")
+@click.option("--batch-size", type=_Whole(1, LARGEST_WHOLE), cls=_CountOption,
               help="Global minibatch, split across data-parallel ranks.  Override [train] batchSize (default 128).")
 @click.option("--out", metavar="RUN", callback=_a_path, help="Run folder.  Default: a new runs/<spec>-<date>-<time>.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out (default: the newest under runs/) "
@@ -217,7 +235,7 @@ def prepare(ctx, src, out, size, quality, raw, workers, synsets):
 @click.option("--devices", metavar="DEVICES",
               help="Comma list, e.g. cpu, cuda:0 or cuda:0,cuda:1: the spec's gpu= groups fold onto them.  "
                    "Default: every GPU, else the CPU.")
-@click.option("--seed", type=click.IntRange(0, 2**63 - 1), cls=_CountOption, help="Override [train] seed (weights, data order, augmentation).")
+@click.option("--seed", type=_Whole(0, 2**63 - 1), cls=_CountOption, help="Override [train] seed (weights, data order, augmentation).")
 @click.option("--precision", type=click.Choice(PRECISIONS),
               help="bf16 runs the layers under autocast (changes results slightly; the loss stays fp32): "
                    "about 2x faster on a CPU with bf16 units (avx512_bf16 or AMX), far slower on one without.  "
@@ -232,28 +250,28 @@ def prepare(ctx, src, out, size, quality, raw, workers, synsets):
 @click.option("--set", "overrides", multiple=True, metavar="LAYER.KEY=VALUE",
               help="Override a spec or params value, e.g. --set conv1.epsW=0.002 or --set train.flip=1. "
                    "Repeatable; recorded with the run.")
-@click.option("--train-limit", type=click.IntRange(1, LARGEST_WHOLE), cls=_CountOption,
+@click.option("--train-limit", type=_Whole(1, LARGEST_WHOLE), cls=_CountOption,
               help="Train on this many images of the training split (a fixed random subset), for quick trials.")
 @click.option("--synsets", type=click.Path(dir_okay=False, exists=True),
               help="'wnid name' lines giving readable class names to record with the run.")
-@click.option("--keep", default=3, show_default=True, type=click.IntRange(1),
+@click.option("--keep", default=3, show_default=True, type=_Whole(1),
               help="Epoch checkpoints to keep (best.pt is kept as well).")
-@click.option("--snapshot-minutes", type=click.FloatRange(0, 10**6), metavar="M", callback=_a_number,
+@click.option("--snapshot-minutes", type=_Real(0, 10**6), metavar="M", callback=_a_number,
               help="Within an epoch, rewrite RUN/interrupted.pt every M minutes, so that a killed process, a lost "
                    "rank or a crash loses at most M minutes (--resume continues from it exactly); 0: never.  "
                    "Default: 30, or on --resume the run's own.")
-@click.option("--workers", type=click.IntRange(0), help="Decoding processes for JPEG stores and large image "
+@click.option("--workers", type=_Whole(0), help="Decoding processes for JPEG stores and large image "
                                                         "folders.  Default: 0 on a CPU, up to 8 with a GPU.")
 @click.option("--deterministic", is_flag=True, help="Deterministic kernels only (slower on a GPU).")
 @click.option("--quiet", is_flag=True, help="No progress bars; epoch lines only.")
-@click.option("--nproc-per-node", "nproc", type=click.IntRange(1), metavar="N",
+@click.option("--nproc-per-node", "nproc", type=_Whole(1), metavar="N",
               help="Train data parallel in N processes on this machine (torch.distributed: one per GPU, "
                    "or gloo ranks sharing the CPU's cores); each computes 1/N of every batch.  Rank 0 "
                    "prints; the others write to RUN/ranks/.")
-@click.option("--nnodes", default=1, show_default=True, type=click.IntRange(1),
+@click.option("--nnodes", default=1, show_default=True, type=_Whole(1),
               help="Machines in the run: start the same command on each, with its --node-rank and node "
                    "0's --rdzv-endpoint.")
-@click.option("--node-rank", default=0, show_default=True, type=click.IntRange(0),
+@click.option("--node-rank", default=0, show_default=True, type=_Whole(0),
               help="This machine's place among --nnodes (0 is the one that saves and prints).")
 @click.option("--rdzv-endpoint", metavar="HOST:PORT",
               help="Node 0's address and a free port, where the machines meet (with --nnodes > 1).")
@@ -471,13 +489,13 @@ def _typed_args(ctx: click.Context, leave_out=()) -> list[str]:
                    "(class folders are mapped through the run's class list).")
 @click.option("--labels", type=click.Path(dir_okay=False, exists=True),
               help="For a flat folder of images: 'filename class' lines (ILSVRC's validation layout).")
-@click.option("--topk", default=5, show_default=True, type=click.IntRange(1), help="k of the top-k error.")
+@click.option("--topk", default=5, show_default=True, type=_Whole(1), help="k of the top-k error.")
 @click.option("--views", type=click.Choice(["center", "10"]),
               help="centre crop, or the paper's 10 views with their softmax averaged.  "
                    "Default: the run's [train] testViews.")
 @click.option("--devices", metavar="DEVICES",
               help="Where to run, e.g. cpu or cuda:0.  Default: cuda:0 if present, else cpu.")
-@click.option("--batch-size", type=click.IntRange(1), help="Images per forward pass (default: the run's).")
+@click.option("--batch-size", type=_Whole(1), help="Images per forward pass (default: the run's).")
 @click.option("--per-class", is_flag=True, help="Also print each class's error.")
 @click.option("--json", "as_json", is_flag=True,
               help='Print {"top1_error", "topk_error", "k", "images", "views", "checkpoint", "notes"} (errors as '
@@ -542,10 +560,10 @@ def eval_(ctx, checkpoint, data, labels, topk, views, devices, batch_size, per_c
 @click.argument("spec", type=click.Path(dir_okay=False), callback=_a_path)
 @params_option
 @input_option
-@click.option("--batch-size", type=click.IntRange(1), help="Images per step.  Default: [train] batchSize (128).")
-@click.option("--iterations", default=10, show_default=True, type=click.IntRange(1),
+@click.option("--batch-size", type=_Whole(1), help="Images per step.  Default: [train] batchSize (128).")
+@click.option("--iterations", default=10, show_default=True, type=_Whole(1),
               help="Timed iterations; the report gives medians.")
-@click.option("--warmup", default=2, show_default=True, type=click.IntRange(0),
+@click.option("--warmup", default=2, show_default=True, type=_Whole(0),
               help="Untimed iterations first (allocator, kernel choice, caches).")
 @click.option("--devices", metavar="DEVICES",
               help="As for train: cpu, cuda:0 or cuda:0,cuda:1.  Default: every GPU, else the CPU.")
@@ -553,7 +571,7 @@ def eval_(ctx, checkpoint, data, labels, topk, views, devices, batch_size, per_c
               help="bf16: layers under autocast, as train --precision bf16.")
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True,
               help="NHWC memory layout, as train's default; --no-channels-last times NCHW.")
-@click.option("--threads", type=click.IntRange(1), help="CPU threads.  Default: PyTorch's choice.")
+@click.option("--threads", type=_Whole(1), help="CPU threads.  Default: PyTorch's choice.")
 @click.option("--set", "overrides", multiple=True, metavar="LAYER.KEY=VALUE",
               help="Override a spec or params value before timing, e.g. --set fc64.outputs=128 (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")

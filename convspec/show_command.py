@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .cli import _a_path, _guard
+from .cli import _Whole, _a_path, _guard
 from .errors import did_you_mean, fail
 
 PICTURES = ("curves", "filters", "preds", "neighbours", "net")
@@ -50,13 +50,13 @@ def _one_name_each(ctx, param, value):
 @click.option("--synsets", type=click.Path(dir_okay=False, exists=True),
               help="'wnid name' lines giving readable class names (ImageNet's synsets file).")
 # The caps keep one picture drawable: each image is a tile of the same PNG.
-@click.option("--count", type=click.IntRange(1, 256), help="preds: how many test images (default 16, at most "
+@click.option("--count", type=_Whole(1, 256), help="preds: how many test images (default 16, at most "
                                                             "256); neighbours: how many neighbours per image "
                                                             "(default 6, at most 32).")
-@click.option("--queries", default=5, show_default=True, type=click.IntRange(1, 64),
+@click.option("--queries", default=5, show_default=True, type=_Whole(1, 64),
               help="neighbours: how many test images (rows; at most 64).")
 @click.option("--errors-only", is_flag=True, help="preds and neighbours: only images the net gets wrong (top-1).")
-@click.option("--search-limit", default=10_000, show_default=True, type=click.IntRange(0),
+@click.option("--search-limit", default=10_000, show_default=True, type=_Whole(0),
               help="neighbours: search this many training images (a fixed random subset); 0 searches all.")
 @click.option("--devices", metavar="DEVICES",
               help="Where to run the net, e.g. cpu or cuda:0.  Default: cuda:0 if present, else cpu.")
