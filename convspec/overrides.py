@@ -37,6 +37,9 @@ class Override:
 def parse_override(text: str) -> Override:
     head, eq, value = text.partition("=")
     section, dot, key = head.strip().rpartition(".")
+    if eq and dot and section and key.strip() and not value.strip():  # "pool1.neuron=": the form is right
+        drop = f"; to drop the neuron, --set {head.strip()}=ident" if key.strip().lower() == "neuron" else ""
+        raise fail(f"--set {text}: no value after '='; give one{drop}")
     if not eq or not dot or not section or not key.strip() or not value.strip():
         raise fail(f"--set takes LAYER.KEY=VALUE (e.g. --set conv1.epsW=0.002 or --set train.epochs=5), "
                    f"not '{text}'")

@@ -518,6 +518,9 @@ def test_train_section_recipe_keys():
     (["conv1.epsW"], "--set takes LAYER.KEY=VALUE (e.g. --set conv1.epsW=0.002 or --set train.epochs=5), "
                      "not 'conv1.epsW'"),
     (["epsW=1"], "--set takes LAYER.KEY=VALUE (e.g. --set conv1.epsW=0.002 or --set train.epochs=5), not 'epsW=1'"),
+    # The form is right, the value missing: it once said "--set takes LAYER.KEY=VALUE".
+    (["c.neuron="], "--set c.neuron=: no value after '='; give one; to drop the neuron, --set c.neuron=ident"),
+    (["c.filters= "], "--set c.filters= : no value after '='; give one"),
     (["c.filters=many"], "--set:1:11: layer 'c': filters must be a whole number, not 'many'"),
     (["c.filters=3]"], "--set:1:12: unexpected ']'; expected ',', a comment or end of line"),
     (["conv1.filters=3"], "--set conv1.filters=3: no layer 'conv1' in s.cfg; use a section name from the spec, "
