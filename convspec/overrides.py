@@ -66,9 +66,7 @@ def same_settings(given: list[str], recorded: list[str]) -> bool:
     (apply_overrides refuses it twice), so order is not an edit, and keys are matched
     without regard to case, as in the files; layer names and values are compared as typed."""
     def settings(texts):
-        parsed = (text.partition("=") for text in texts)
-        return {(head.strip().rpartition(".")[0], head.strip().rpartition(".")[2].lower(), value.strip())
-                for head, _, value in parsed}
+        return {(ov.section, ov.key.lower(), ov.text.partition("=")[2].strip()) for ov in map(parse_override, texts)}
     return settings(given) == settings(recorded)
 
 

@@ -10,7 +10,6 @@ are summed.
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -170,13 +169,8 @@ def trained_on_note(recorded: dict, data: str | None, source) -> str | None:
                 "is no held-out error (leave --data out to score the run's held-out images)")
     # A store prepared from the folders it trained on (store.json names them), scored on its train split.
     if kind == "store" and getattr(source, "store_split", None) == "train":
-        from .sources import STORE_MARKER
-
-        try:
-            made_from = Path(json.loads((here / STORE_MARKER).read_text())["source"])
-        except (OSError, ValueError, KeyError, TypeError):
-            made_from = None
-        if made_from is not None and {made_from, made_from / "train"} & {trained, trained / "train"}:
+        made_from = source.split.meta.get("source")  # store.json, as the split read it
+        if made_from and {Path(made_from), Path(made_from) / "train"} & {trained, trained / "train"}:
             return (f"note: {data} is a store prepared from the data this run trained on ({recorded['path']}): "
                     f"{n:,} of its images are training images, so this is no held-out error (leave --data out "
                     "to score the run's held-out images)")

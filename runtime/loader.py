@@ -105,9 +105,13 @@ class FolderSource(_Sized):
             try:
                 out[k] = load_square(str(self.paths[int(i)]), self.size)
             except Exception as err:  # a broken file mid-epoch: name it rather than crash opaquely
-                raise fail(f"cannot read image ({type(err).__name__}: {err}); "
-                           "run convspec prepare to list and skip broken files", Location(str(self.paths[int(i)])))
+                raise _unreadable_image(Path(self.paths[int(i)]), err) from None
         return out
+
+
+def _unreadable_image(path: Path, err: Exception, others: str = "") -> SpecError:
+    return fail(f"cannot read image ({type(err).__name__}: {err}){others}; run convspec prepare to list and skip "
+                "broken files", Location(str(path)))
 
 
 class _StoreSource(_Sized):
@@ -261,8 +265,7 @@ def _read_into_memory(listing: ImageList, size: int, stats: bool, progress: bool
         if rest:
             names = ", ".join(f"{p.parent.name}/{p.name}" for p in rest[:3]) + (", ..." if len(rest) > 3 else "")
             others = f"; {len(rest)} more of the {len(folder):,} images cannot be read either ({names})"
-        raise fail(f"cannot read image ({type(err).__name__}: {err}){others}; "
-                   "run convspec prepare to list and skip broken files", Location(str(first)))
+        raise _unreadable_image(first, err, others)
     return ArraySource(images, folder.labels, folder.classes, stats=None if stats else False,
                        paths=folder.paths)
 
