@@ -195,6 +195,7 @@ def evaluate_checkpoint(checkpoint: str | None = None, data: str | None = None, 
     from . import checkpoint as ckpt
     from . import runs
     from .loader import eval_batches
+    from .sources import unread_notes
 
     path = runs.eval_checkpoint(checkpoint, Path(runs_root))
     state = ckpt.load_training(path)
@@ -212,6 +213,10 @@ def evaluate_checkpoint(checkpoint: str | None = None, data: str | None = None, 
     result = evaluate(net, batches, torch.device(device_list[0]), len(recorded["classes"]), k,
                       options["precision"], total=len(indices), progress=progress,
                       channels_last=options["channels_last"])
+    # Images under --data that are not scored are said, as training says them; the run's own
+    # validation data was noted when it trained.
+    notes = unread_notes(source, "scored") if data is not None else []
     note = trained_on_note(recorded, data, source)
     return CheckpointEval(result, str(path), shown, list(recorded["class_names"]),
-                          whole_image=int(recorded["crop"]) == int(recorded["size"]), notes=[note] if note else [])
+                          whole_image=int(recorded["crop"]) == int(recorded["size"]),
+                          notes=notes + ([note] if note else []))

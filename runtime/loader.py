@@ -225,7 +225,7 @@ def open_source(path: str | Path, split: str = "train", classes: list[str] | Non
         source = _read_into_memory(listing, size, stats, progress)
     else:
         source = FolderSource(listing, size, stats)
-    source.loose, source.nested = listing.loose, listing.nested
+    source.loose, source.nested, source.absent = listing.loose, listing.nested, listing.absent
     return source
 
 

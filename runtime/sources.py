@@ -84,6 +84,7 @@ class ImageList:
     classes: list[str]  # folder names (wnids), index order
     loose: list[Path] = field(default_factory=list)  # images beside the class folders: they have no class
     nested: list[Path] = field(default_factory=list)  # images in folders inside a class folder: not read
+    absent: list[str] = field(default_factory=list)  # names a labels file gives that the flat folder lacks
 
 
 def unread_notes(listing, action: str) -> list[str]:
@@ -103,6 +104,11 @@ def unread_notes(listing, action: str) -> list[str]:
         notes.append(f"note: {len(nested)} image{'s' * many} in folders inside the class folders ({nested[0]}"
                      f"{', ...' * many}) {'are' if many else 'is'} not {action}; only the images directly in a class "
                      f"folder are: move {'them' if many else 'it'} up a level to use {'them' if many else 'it'}")
+    absent = list(getattr(listing, "absent", ()))
+    if absent:  # a subset of ILSVRC's validation images is a use; the wrong folder or a renamed copy is a mistake
+        many = len(absent) > 1
+        notes.append(f"note: {len(absent)} line{'s' * many} of the labels file name{'s' * (not many)} no image in "
+                     f"the folder ({absent[0]}{', ...' * many}); only the images in the folder are {action}")
     return notes
 
 
@@ -198,7 +204,8 @@ def list_flat(root: Path, labels_file: Path, classes: list[str]) -> ImageList:
             if p.name not in labels:
                 raise fail(f"image '{p.name}' has no line in the labels file", Location(str(labels_file)))
             items.append((p, labels[p.name]))
-    return ImageList(items, classes)
+    found = {p.name for p, _ in items}
+    return ImageList(items, classes, absent=[name for name in labels if name not in found])
 
 
 def sides_of_first(paths: list[Path], n: int = 8) -> tuple[int, int] | None:

@@ -526,6 +526,8 @@ class Trainer:
             if self.val_idx is None:
                 self.val_idx = np.arange(len(self.val_source))
             if self.state is None:
+                for note in unread_notes(self.val_source, "validated on"):
+                    self.say(note)
                 self._note_validation_images_also_trained_on()
         else:
             self.val_source = self.train_source

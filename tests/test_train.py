@@ -839,6 +839,54 @@ def test_eval_on_a_copy_of_the_training_folders_says_so_in_text_and_json(setup, 
     assert evaluate_checkpoint(str(run), data=str(copy)).notes == []
 
 
+def test_eval_data_says_which_images_it_does_not_score(setup, tmp_path):
+    """eval --data skipped images beside the class folders, in folders inside them, and the
+    labels file's lines for images the flat folder lacks, all without a word; train said the first two."""
+    from PIL import Image
+
+    data, run = _trained_on_two_class_folders(setup, tmp_path)
+    others = _class_folders(tmp_path / "others", ["cat", "dog"], per_class=2)
+    pixels = np.zeros((32, 32, 3), np.uint8)
+    Image.fromarray(pixels).save(others / "stray.png")
+    (others / "dog" / "more").mkdir()
+    Image.fromarray(pixels).save(others / "dog" / "more" / "x.png")
+    done = evaluate_checkpoint(str(run), data=str(others))
+    assert done.result.images == 4
+    assert done.notes == [
+        f"note: 1 image beside the class folders in {others} (stray.png) has no class and is not scored; move it "
+        "into a class folder to use it",
+        f"note: 1 image in folders inside the class folders ({others}/dog/more/x.png) is not scored; only the "
+        "images directly in a class folder are: move it up a level to use it"]
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.fromarray(pixels).save(flat / name)
+    labels = tmp_path / "labels.txt"
+    labels.write_text("a.png cat\nb.png dog\nc.png dog\nd.png cat\n")  # a subset of the labelled images
+    res = CliRunner().invoke(main, ["eval", "--checkpoint", str(run), "--data", str(flat), "--labels", str(labels),
+                                    "--json"])
+    assert res.exit_code == 0, res.output
+    got = json.loads(res.stdout)
+    assert (got["images"], got["notes"]) == (2, ["2 lines of the labels file name no image in the folder "
+                                                  "(c.png, ...); only the images in the folder are scored"])
+    labels.write_text("a.png cat\nb.png dog\n")  # every line an image: no note
+    assert evaluate_checkpoint(str(run), data=str(flat), labels=str(labels)).notes == []
+
+
+def test_val_data_images_that_are_not_validated_on_are_noted(setup, tmp_path):
+    from PIL import Image
+
+    spec, _ = setup
+    data = _class_folders(tmp_path / "train", ["cat", "dog"])
+    val = _class_folders(tmp_path / "val", ["cat", "dog"], per_class=2)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(val / "stray.png")
+    said = []
+    train(TrainOptions(spec=str(spec), data=str(data), val_data=str(val), out=str(tmp_path / "run"), epochs=1,
+                       batch_size=4, progress=False, echo=said.append, overrides=["fc2.outputs=2"]))
+    assert (f"note: 1 image beside the class folders in {val} (stray.png) has no class and is not validated on; "
+            "move it into a class folder to use it") in said
+
+
 def test_eval_on_a_store_prepared_from_the_training_folders_says_so(setup, tmp_path):
     """A store made from the very folders trained on scored its train split as if held out."""
     from runtime.store import PrepareOptions, prepare
