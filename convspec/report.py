@@ -19,6 +19,7 @@ def as_dict(net: CheckedNet) -> dict:
             "params": layer.params,
             "neurons": layer.neurons,
             "macs": layer.macs,
+            "settings": settings(layer),
         })
     return {
         "spec": net.path,
@@ -52,15 +53,45 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:.2f} MiB"
 
 
+def settings(layer) -> str:
+    """The values an ablation edits, in one cell: kernel/stride and padding, pooling, norm and
+    dropout settings, the neuron, and a weight layer's rate and decay.  Without them the table
+    of an edited copy (or a --set) read the same as the baseline's."""
+    a = layer.attrs
+    parts = []
+    if "filterSize" in a:
+        parts.append(_per_input(f"{f}x{f}/{s} pad {p}" + (f" groups {g}" if g > 1 else "")
+                                for f, s, p, g in zip(a["filterSize"], a["stride"], a["padding"], a["groups"])))
+    if "pool" in a:
+        parts.append(f"{a['pool']} {a['sizeX']}/{a['stride']}" + (f" start {a['start']}" if a.get("start") else ""))
+    if layer.type in ("cmrnorm", "rnorm", "cnorm"):
+        parts.append(f"size {a['size']}" + "".join(f" {key} {a[key]:g}" for key in ("scale", "pow")
+                                                    if a.get(key) is not None))
+    if "keep" in a:
+        parts.append(f"keep {a['keep']:g}")
+    if a.get("neuron") is not None:
+        parts.append(str(a["neuron"]))
+    if "epsW" in a and a["epsW"] and None not in a["epsW"]:
+        parts.append(f"epsW {_per_input(map(str, a['epsW']))} wc {_per_input(f'{w:g}' for w in a['wc'])}")
+    return " ".join(parts)
+
+
+def _per_input(values) -> str:
+    """One value for a layer's inputs when they share it (AlexNet's conv3 reads both towers alike)."""
+    values = list(values)
+    return values[0] if len(set(values)) == 1 else ",".join(values)
+
+
 def as_text(net: CheckedNet) -> str:
-    header = ("layer", "type", "gpu", "output", "params", "neurons", "MACs")
+    header = ("layer", "type", "gpu", "output", "params", "neurons", "MACs", "settings")
     rows = [header]
     for layer in net.layers.values():
         gpu = ",".join(map(str, layer.gpu)) if layer.gpu else "-"
         shape = "cost" if layer.type.startswith("cost.") else fmt_shape(layer.shape)
         rows.append((layer.name, layer.type, gpu, shape, f"{layer.params:,}", f"{layer.neurons:,}",
-                     f"{layer.macs:,}"))
-    rows.append(("total", "", "", "", f"{net.total_params:,}", f"{net.total_neurons:,}", f"{net.total_macs:,}"))
+                     f"{layer.macs:,}", settings(layer)))
+    rows.append(("total", "", "", "", f"{net.total_params:,}", f"{net.total_neurons:,}", f"{net.total_macs:,}",
+                 ""))
     lines = table(rows, numeric={4, 5, 6})
     lines.append("")
     sources = net.path + (f" + {net.params_path}" if net.params_path else " (no params file)")
