@@ -153,7 +153,7 @@ def check(spec: SpecFile, params: SpecFile | None = None,
     if unset:
         net.notes.append(f"scale= and pow= not set (they belong in the params file); needed to build: "
                          f"{', '.join(unset)}")
-    untrainable = layers_without_learning_rules(net)
+    untrainable = [layer.name for layer, _ in missing_learning_rules(net)]
     if untrainable:
         net.notes.append(f"epsW, epsB, momW or momB not set (they belong in the params file); needed to train: "
                          f"{', '.join(untrainable)}")
@@ -184,10 +184,19 @@ def check(spec: SpecFile, params: SpecFile | None = None,
 # --- pass 1: sections -----------------------------------------------------------
 
 
-def layers_without_learning_rules(net: CheckedNet) -> list[str]:
-    """Weight layers lacking a learning rate or a momentum: what convspec train refuses."""
-    return [l.name for l in net.layers.values() if LAYER_TYPES[l.type].has_weights
-            and (None in (l["epsB"], l["momB"]) or None in l["epsW"] or None in l["momW"])]
+LEARNING_RULES = ("epsW", "epsB", "momW", "momB")  # the keys cuda-convnet requires of a weight layer
+
+
+def missing_learning_rules(net: CheckedNet) -> list[tuple[Layer, list[str]]]:
+    """Weight layers lacking a learning rate or a momentum, with the keys each lacks: what
+    convspec train refuses (check only notes it, since a layer file alone is checkable)."""
+    missing = []
+    for layer in net.layers.values():
+        if LAYER_TYPES[layer.type].has_weights:
+            keys = [k for k in LEARNING_RULES if (None in layer[k] if k in ("epsW", "momW") else layer[k] is None)]
+            if keys:
+                missing.append((layer, keys))
+    return missing
 
 
 def module_name(layer_name: str) -> str:
@@ -295,6 +304,7 @@ def _merge_params(layers: dict[str, Layer], params: SpecFile, net: CheckedNet) -
             net.caution(f"{section.loc}: params section [{section.name}] names no layer in the spec; "
                         f"ignored{did_you_mean(section.name, layers)}")
             continue
+        layer.params_loc = section.loc
         for k, entry in _entry_map(section, net.notes).items():
             if k == "type":
                 raise fail(f"layer '{section.name}': type= belongs in the layer file, not the params file",

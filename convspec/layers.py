@@ -54,6 +54,7 @@ class Layer:
     params: int = 0
     macs: int = 0
     neurons: int = 0
+    params_loc: Location | None = None  # its [section] in the params file, if it has one
 
     def loc_of(self, key: str, index: int | None = None) -> Location:
         """Where ``key`` (or its ``index``-th list item) is written, else the section."""

@@ -604,13 +604,24 @@ class Trainer:
         return self.net_spec.cost_logits[0]
 
     def _check_learning_rules(self) -> None:
-        from convspec.check import layers_without_learning_rules
+        from convspec.check import missing_learning_rules
 
-        untrainable = layers_without_learning_rules(self.net_spec)
-        if untrainable:
-            where = self.net_spec.params_path or f"{self.net_spec.path} (no params file found beside it)"
-            raise fail(f"no learning rate or momentum for {', '.join(untrainable)}: set epsW, epsB, momW and momB "
-                       "in the params file (NAME.params.cfg beside the spec, or --params FILE)", Location(where))
+        missing = missing_learning_rules(self.net_spec)
+        if not missing:
+            return
+        (first, keys), others = missing[0], [layer.name for layer, _ in missing[1:]]
+        more = (f" ({plural(len(others), 'other layer')} {'lack' if len(others) > 1 else 'lacks'} some too: "
+                f"{', '.join(others[:4])}{', ...' * (len(others) > 4)})")
+        lacking = " or ".join(keys) if len(keys) < 3 else f"{', '.join(keys[:-1])} or {keys[-1]}"
+        params = self.net_spec.params_path
+        if params is None:  # nothing to point into: the spec's section, where they may go too
+            fix, where = ("add a params file (NAME.params.cfg beside the spec, or --params FILE) setting epsW, epsB, "
+                          "momW and momB for each layer with weights"), first.loc
+        else:
+            fix = f"set epsW, epsB, momW and momB in its [{first.name}] section of {params}"
+            where = first.params_loc or Location(params)
+        raise fail(f"layer '{first.name}' has no {lacking}, which training needs{more if others else ''}; "
+                   f"{fix}", where)
 
     def _output_count(self) -> int:
         return self.net_spec.layers[self._output_layer()].shape[0]

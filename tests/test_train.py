@@ -637,6 +637,26 @@ ERRORS = [
 ]
 
 
+def test_missing_learning_rules_are_located_and_named(setup, tmp_path):
+    """It said "no learning rate or momentum for conv1, fc1, fc2" against the file alone: not
+    which keys, nor where; check passes such a file (a layer file alone is checkable)."""
+    spec, data = setup
+    params = tmp_path / "tiny.params.cfg"
+    params.write_text(PARAMS.replace("momB=0.9\nwc=0.004\n[fc1]", "wc=0.004\n[fc1]").replace("epsB=0.02\n", "", 2))
+    run = lambda: CliRunner().invoke(main, ["train", str(spec), "--data", str(data), "--out", str(tmp_path / "r"),
+                                            "--quiet"])
+    res = run()
+    assert (res.exit_code, res.output) == (1, (
+        f"{params}:1:2: layer 'conv1' has no epsB or momB, which training needs (1 other layer lacks some too: fc1); "
+        f"set epsW, epsB, momW and momB in its [conv1] section of {params}\n[conv1]\n ^\n"))
+    params.unlink()
+    res = run()
+    assert (res.exit_code, res.output) == (1, (
+        f"{spec}:7:2: layer 'conv1' has no epsW, epsB, momW or momB, which training needs (2 other layers lack some "
+        "too: fc1, fc2); add a params file (NAME.params.cfg beside the spec, or --params FILE) setting epsW, epsB, "
+        "momW and momB for each layer with weights\n[conv1]\n ^\n"))
+
+
 @pytest.mark.skipif(not os.access("/proc", os.W_OK), reason="needs a /proc this user may write to (root on Linux)")
 def test_an_out_folder_that_cannot_be_made_is_refused_before_the_data_is_read(setup, tmp_path):
     """Root passes the permission check on /proc, which makes no folders: the error once came
