@@ -253,10 +253,12 @@ def test_train_refuses_a_spec_without_learning_rules_before_reading_data(tmp_pat
     assert ("note: epsW, epsB, momW or momB not set (they belong in the params file); needed to train: "
             "conv1, conv2, conv3, fc64, fc10") in result.output
     result = invoke("train", str(spec), "--data", str(tmp_path / "not-read"), "--out", str(tmp_path / "run"))
-    assert (result.exit_code, result.output) == (1, f"{spec} (no params file found beside it): no learning rate or "
-                                                    "momentum for conv1, conv2, conv3, fc64, fc10: set epsW, epsB, "
-                                                    "momW and momB in the params file (NAME.params.cfg beside the "
-                                                    "spec, or --params FILE)\n")
+    line = (ROOT / "specs" / "cifar10-80sec.cfg").read_text().splitlines().index("[conv1]") + 1
+    assert (result.exit_code, result.output) == (1, f"{spec}:{line}:2: layer 'conv1' has no epsW, epsB, momW or momB, "
+                                                    "which training needs (4 other layers lack some too: conv2, "
+                                                    "conv3, fc64, fc10); add a params file (NAME.params.cfg beside "
+                                                    "the spec, or --params FILE) setting epsW, epsB, momW and momB "
+                                                    "for each layer with weights\n[conv1]\n ^\n")
     no_cost = tmp_path / "no-cost.cfg"
     no_cost.write_text("[data]\ntype=data\ninputSize=3x8x8\n[fc]\ntype=fc\ninputs=data\noutputs=2\n")
     assert "note: no cost.logreg layer; needed to train (type=cost.logreg, inputs=labels,probs)" in \
