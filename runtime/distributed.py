@@ -166,6 +166,12 @@ def launch(argv: list[str], nproc: int, log_dir: str, nnodes: int = 1, node_rank
             run(parse_args(launcher + ["--module", "convspec", *argv]))
     except SignalException as err:  # Ctrl-C or SIGTERM: the ranks got it too and said what they saved
         return RankFailure(-1, -err.sigval, None)
+    except dist.DistError as err:  # the machines did not meet: torch's words end in "a convspec bug"
+        problem = rendezvous_problem(err, endpoint or "localhost", nnodes, node_rank)
+        if problem is None:
+            raise
+        from convspec.errors import fail
+        raise fail(problem) from None
     except ChildFailedError as err:
         rank = first_to_stop(err.failures)
         failure = err.failures[rank]
@@ -175,6 +181,30 @@ def launch(argv: list[str], nproc: int, log_dir: str, nnodes: int = 1, node_rank
                           key=lambda p: p.stat().st_mtime)
             output = str(logs[-1]) if logs else log_dir
         return RankFailure(rank, failure.exitcode, output)
+    return None
+
+
+def rendezvous_problem(err: Exception, endpoint: str, nnodes: int, node_rank: int) -> str | None:
+    """One line for the ways machines fail to meet that torch reports as a bare DistError:
+    node 0's port taken (by another program, or by a machine also given --node-rank 0), and
+    the others never arriving within torchrun's rendezvous timeout (900 s)."""
+    import re
+
+    text = " ".join(str(err).split())
+    port = endpoint.rpartition(":")[2]
+    if "EADDRINUSE" in text or "address already in use" in text.lower():
+        return (f"--rdzv-endpoint {endpoint}: port {port} is in use on this machine (by another program, or by "
+                "another machine's launch also given --node-rank 0); choose a free port, the same on every "
+                "machine, and give each machine its own --node-rank")
+    waited = re.search(r"[Tt]imed out after (\d+) seconds waiting for clients\. (\d+)/(\d+) clients joined", text)
+    if waited:
+        seconds, joined, expected = waited.groups()
+        return (f"waited {seconds} s at {endpoint} for the other machines, and {joined} of {expected} joined; "
+                f"start convspec train on the others with --node-rank 1 to {nnodes - 1} and the same "
+                f"--rdzv-endpoint, --nnodes and --nproc-per-node")
+    if node_rank > 0 and ("timed out" in text or "timeout" in text.lower()):
+        return (f"waited for node 0 at {endpoint}, which never answered; start convspec train with --node-rank 0 "
+                f"on the machine {endpoint} names (only one machine has --node-rank 0)")
     return None
 
 

@@ -654,6 +654,8 @@ class Trainer:
         if c.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
+            self._refuse_settings_that_differ_between_ranks()
+
             single = len({d for d in self.devices}) == 1 and self.device.type == "cuda"
             self.model = DistributedDataParallel(self.net, device_ids=[self.device] if single else None)
         if self.compile:
@@ -671,6 +673,44 @@ class Trainer:
                 torch.cuda.set_rng_state_all(self.state["rng"]["cuda"])
         elif c.rank:
             torch.manual_seed(r.seed + 1000003 * c.rank)  # dropout differs per rank; weights came from rank 0
+
+    # The recipe keys a command-line option sets, named as the option: what a user typed differently.
+    OPTION_OF = {"seed": "--seed", "epochs": "--epochs", "batch_size": "--batch-size", "precision": "--precision"}
+
+    def _settings(self) -> dict:
+        """What every rank must share: the net, the recipe, the options that change the step, the data."""
+        from convspec.parse import as_parsed
+
+        spec = self.net_spec
+        return {"the spec": as_parsed(spec.spec_text), "the params file": as_parsed(spec.params_text or ""),
+                "--set": sorted(spec.overrides),
+                **{self.OPTION_OF.get(k, f"the recipe's {k}"): v for k, v in self.recipe.as_dict().items()},
+                "--precision": self.precision, "--no-channels-last": not self.channels_last,
+                "--compile": self.compile, "--resume": self.state is not None,
+                "the data": (self.fingerprint, len(self.train_source)),
+                "the validation data": None if self.val_source is self.train_source else len(self.val_source)}
+
+    def _refuse_settings_that_differ_between_ranks(self) -> None:
+        """Each machine runs its own command: one given another --seed trained on the wrong images
+        without a word, and one given another --epochs ended in gloo's "collective mismatch" abort."""
+        import torch.distributed as dist
+
+        mine = self._settings()
+        every: list = [None] * self.cluster.world
+        dist.all_gather_object(every, mine)
+        for rank, theirs in enumerate(every):
+            key = next((k for k in mine if theirs.get(k) != every[0].get(k)), None)
+            if key is None:
+                continue
+            shown = lambda v: "set" if v is True else "not set" if v is False else repr(v)
+            if key in ("the spec", "the params file", "the data"):
+                said = f"{key} differs from rank 0's"
+            else:
+                said = f"{key} is {shown(theirs.get(key))} there and {shown(every[0].get(key))} on rank 0"
+            err = fail(f"rank {rank} was started otherwise than rank 0: {said}; start every machine with the same "
+                       "command and data (only --node-rank differs)")
+            err.every_rank = True  # every rank gathered the same list, so all stop here: rank 0 speaks
+            raise err
 
     # --- the loop -----------------------------------------------------------------------
 

@@ -295,6 +295,63 @@ def test_launch_on_gpus_refuses_what_cannot_work(tmp_path, monkeypatch, gpus, op
 
 
 @NEEDS_GLOO
+def test_a_taken_port_for_the_machines_to_meet_is_one_line(tmp_path):
+    """A port in use on node 0 (another program, or two machines both given --node-rank 0) was
+    "unexpected DistNetworkError ... This is a convspec bug" (exit 3)."""
+    spec, data = write_spec(tmp_path), make_data(tmp_path / "data")
+    with socket.socket(socket.AF_INET6 if socket.has_dualstack_ipv6() else socket.AF_INET) as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(main, ["train", str(spec), "--data", str(data), "--out", str(tmp_path / "run"),
+                                           "--nproc-per-node", "1", "--nnodes", "2", "--node-rank", "0",
+                                           "--rdzv-endpoint", f"localhost:{port}"])
+    assert (result.exit_code, result.stderr.splitlines()[-1]) == (1, (
+        f"error: --rdzv-endpoint localhost:{port}: port {port} is in use on this machine (by another program, or by "
+        "another machine's launch also given --node-rank 0); choose a free port, the same on every machine, and "
+        "give each machine its own --node-rank"))
+
+
+@NEEDS_GLOO
+def test_machines_started_with_other_settings_are_refused_on_each(tmp_path):
+    """Each machine runs its own command: node 1 with another --seed trained on the wrong shard
+    without a word, and with another --epochs the run ended in gloo's collective-mismatch abort."""
+    spec, data = write_spec(tmp_path), make_data(tmp_path / "data")
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    node = lambda rank, *extra: [sys.executable, "-m", "convspec", "train", str(spec), "--data", str(data), "--out",
+                                 str(tmp_path / f"run{rank}"), "--quiet", "--epochs", "1", "--nproc-per-node", "1",
+                                 "--nnodes", "2", "--node-rank", str(rank), "--rdzv-endpoint", f"localhost:{port}",
+                                 *extra]
+    other = subprocess.Popen(node(1, "--seed", "7"), env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    first = subprocess.run(node(0), env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    _, other_err = other.communicate(timeout=300)
+    said = ("error: rank 1 was started otherwise than rank 0: --seed is 7 there and 0 on rank 0; start every machine "
+            "with the same command and data (only --node-rank differs)\n")
+    assert (first.returncode, first.stderr) == (1, said)
+    assert (other.returncode, other_err) == (1, said)
+
+
+def test_machines_that_never_meet_are_one_line():
+    """torchrun's own words after its 900 s wait (torch 2.13), as convspec says them."""
+    from runtime.distributed import rendezvous_problem
+
+    waited = torch.distributed.DistStoreError("Timed out after 901 seconds waiting for clients. 1/2 clients joined.")
+    assert rendezvous_problem(waited, "host0:29500", 2, 0) == (
+        "waited 901 s at host0:29500 for the other machines, and 1 of 2 joined; start convspec train on the others "
+        "with --node-rank 1 to 1 and the same --rdzv-endpoint, --nnodes and --nproc-per-node")
+    client = torch.distributed.DistNetworkError("The client socket has timed out after 900000ms while trying to "
+                                                "connect to (host0, 29500).")
+    assert rendezvous_problem(client, "host0:29500", 2, 1) == (
+        "waited for node 0 at host0:29500, which never answered; start convspec train with --node-rank 0 on the "
+        "machine host0:29500 names (only one machine has --node-rank 0)")
+    assert rendezvous_problem(torch.distributed.DistError("something else"), "host0:29500", 2, 1) is None
+
+
+@NEEDS_GLOO
 def test_ctrl_c_while_waiting_for_the_other_machines_stops_at_once(tmp_path):
     """torchrun's agent waits for the other nodes inside C++, where Python raises no
     KeyboardInterrupt: Ctrl-C went unseen until the 600 s rendezvous timeout."""
