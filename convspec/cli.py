@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import pathlib
 import shlex
 import socket
 import sys
@@ -384,6 +385,12 @@ def _launch_ranks(ctx, options, nproc: int, nnodes: int, node_rank: int, endpoin
     if gpus and nproc > gpus:
         raise fail(f"--nproc-per-node {nproc}: this machine has {gpus} GPU{'s' if gpus > 1 else ''}, one per rank; "
                    f"use at most {gpus}")
+    if options.resume and nnodes > 1 and options.out and not runs.has_checkpoints(pathlib.Path(options.out)):
+        # Every rank loads the checkpoint, and a machine's own --out held only its ranks' logs: node 1
+        # was told to start again without --resume while node 0 waited for it.
+        raise fail(f"{options.out}: holds no checkpoint on this machine; every machine of a multi-machine run "
+                   "resumes from the run's checkpoints, so each needs the run folder (one on a shared file "
+                   "system, or a copy of node 0's)")
     # The spec, the options, the data path and the run folder, checked here once rather than by every
     # rank; reading the data itself is left to the ranks, which read it anyway.
     settled = Trainer(dataclasses.replace(options, echo=lambda text: None))
@@ -408,7 +415,9 @@ def _launch_ranks(ctx, options, nproc: int, nnodes: int, node_rank: int, endpoin
         return
     if failed.rank < 0:  # Ctrl-C or SIGTERM reached the ranks too; rank 0 said what it saved
         sys.exit(128 - failed.exit_code)
-    code = failed.exit_code if failed.exit_code > 0 else 1
+    # convspec's own statuses between the ranks and the launcher are not the user's
+    code = failed.exit_code if failed.exit_code > 0 and failed.exit_code not in (
+        D.LOST_A_RANK, D.STOPPED_WITH_RANK_0, D.STOPPED_ON_AN_ERROR) else 1
     if failed.exit_code == D.STOPPED_WITH_RANK_0:
         sys.exit(1)  # an error every rank met; this machine's local rank 0 printed it on this terminal
     if failed.output is None and failed.exit_code > 0 and failed.exit_code != D.LOST_A_RANK:
@@ -707,12 +716,14 @@ def _guard(ctx: click.Context, fn) -> None:
         if debug:
             raise
         click.echo(f"error: {err}" if err.location is None else str(err), err=True)
-        if err.every_rank and os.environ.get("RANK", "0") != "0":
-            from runtime.distributed import LAUNCHER_ENV, STOPPED_WITH_RANK_0
+        if os.environ.get("RANK", "0") != "0":
+            from runtime.distributed import LAUNCHER_ENV, STOPPED_ON_AN_ERROR, STOPPED_WITH_RANK_0
             if os.environ.get(LAUNCHER_ENV):  # convspec's launcher: rank 0 says it on the terminal
                 import time
                 time.sleep(2)  # so that the launcher sees rank 0 stop first, not this copy of its error
-                sys.exit(STOPPED_WITH_RANK_0)
+                # every_rank: met together, through a collective. Otherwise likely the same (the data,
+                # the options), and the launcher names this rank only if rank 0 had no error of its own.
+                sys.exit(STOPPED_WITH_RANK_0 if err.every_rank else STOPPED_ON_AN_ERROR)
         sys.exit(err.exit_code)
     except OSError as err:  # a path that cannot be made, read or written; a full disk
         if debug:

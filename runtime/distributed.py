@@ -108,6 +108,12 @@ LOST_A_RANK = 75
 # The exit status of a rank other than 0 that stopped on an error every rank reached together (a NaN
 # loss, seen through a collective): rank 0 says it, so the launcher does not say it again for this one.
 STOPPED_WITH_RANK_0 = 76
+# The exit status of a rank other than 0 that stopped on its own error before training (a short
+# dataset, an unreadable image): most such errors every rank meets, and local rank 0 has said it on
+# the terminal; the launcher names this rank only if local rank 0 did not stop on an error of its own.
+STOPPED_ON_AN_ERROR = 77
+# The exit statuses of convspec train stopped by Ctrl-C or SIGTERM after saving (128 + the signal).
+SAVED_AND_STOPPED = (130, 143)
 
 
 @dataclass(frozen=True)
@@ -173,6 +179,9 @@ def launch(argv: list[str], nproc: int, log_dir: str, nnodes: int = 1, node_rank
         from convspec.errors import fail
         raise fail(problem) from None
     except ChildFailedError as err:
+        signal = stopping_signal([f.exitcode for f in err.failures.values()])
+        if signal:
+            return RankFailure(-1, -signal, None)
         rank = first_to_stop(err.failures)
         failure = err.failures[rank]
         output = None
@@ -216,7 +225,7 @@ STOPPED_WAITING = 130
 def _ctrl_c_while_waiting(endpoint: str):
     """Make Ctrl-C work while this machine waits for the others.
 
-    torchrun's agent waits for them inside TCPStore's C++ (up to 600 s), where Python
+    torchrun's agent waits for them inside TCPStore's C++ (up to 900 s), where Python
     cannot raise KeyboardInterrupt, so Ctrl-C went unseen until the wait timed out.
     The interpreter's C-level handler still writes each signal to a wakeup fd at once,
     and the wait releases the GIL, so a thread reading that fd can end the launcher
@@ -265,11 +274,22 @@ def _ctrl_c_while_waiting(endpoint: str):
         os.close(read_end)
 
 
+def stopping_signal(codes: list[int]) -> int | None:
+    """The signal (2 or 15) when the ranks' exit statuses are a stop after saving: a signal to one
+    rank stops them all once rank 0 has saved, and rank 0 said so.  The ranks that did not get it
+    exit as if by Ctrl-C, so SIGTERM is the signal if any rank got one."""
+    if any(c in SAVED_AND_STOPPED for c in codes) and all(
+            c in SAVED_AND_STOPPED or c in (LOST_A_RANK, STOPPED_WITH_RANK_0, -2, -15) for c in codes):
+        return 15 if 143 in codes else 2
+    return None
+
+
 def first_to_stop(failures: dict) -> int:
     """The rank that stopped first on its own: not one that lost contact with it,
     nor one the agent then stopped with SIGTERM (failures seen in one pass of the
     agent's monitor share a time, so the time alone cannot tell)."""
-    own = {r: f for r, f in failures.items() if f.exitcode not in (LOST_A_RANK, STOPPED_WITH_RANK_0, -15, 128 + 15)}
+    own = {r: f for r, f in failures.items()
+           if f.exitcode not in (LOST_A_RANK, STOPPED_WITH_RANK_0, STOPPED_ON_AN_ERROR, -15, 128 + 15)}
     pool = own or failures
     return min(pool, key=lambda r: (pool[r].timestamp, r))
 

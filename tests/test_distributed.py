@@ -173,6 +173,23 @@ def test_a_rank_killed_after_the_run_finished_is_not_told_to_continue(tmp_path, 
                                            f"(epoch 1 of 1): {run} is complete")
 
 
+def test_convspecs_own_rank_statuses_are_not_the_launchers(tmp_path, monkeypatch):
+    """A machine whose rank lost contact with another exited 75, a status the README does not list."""
+    spec, data, log = write_spec(tmp_path), make_data(tmp_path / "data"), tmp_path / "stderr.log"
+    log.write_text("too few images here\n")
+    for failure, said in [
+        (D.RankFailure(rank=2, exit_code=D.LOST_A_RANK, output=None),
+         "rank 2: lost contact with another rank, which stopped without a message here (on another machine? its own "
+         "output says why)"),
+        (D.RankFailure(rank=1, exit_code=D.STOPPED_ON_AN_ERROR, output=str(log)),
+         f"rank 1: too few images here; all of its output: {log}"),
+    ]:
+        monkeypatch.setattr(D, "launch", lambda *args, failure=failure: failure)
+        res = CliRunner().invoke(main, ["train", str(spec), "--data", str(data), "--out", str(tmp_path / "run"),
+                                        "--nproc-per-node", "2"])
+        assert (res.exit_code, res.stderr.splitlines()[-1]) == (1, said)
+
+
 @NEEDS_GLOO
 def test_a_nan_loss_on_two_ranks_is_said_once(tmp_path):
     """Every rank stops on a NaN together; rank 1's copy of the error once followed rank 0's
@@ -212,6 +229,12 @@ def test_an_error_every_rank_reaches_is_left_to_rank_0(monkeypatch, capsys):
             _guard(Failure(obj=None), lambda: (_ for _ in ()).throw(shared))
         assert stop.value.code == status
     assert capsys.readouterr().err.count("error: loss became nan") == 3  # each rank's own output keeps it
+    # An error rank 1 met on its own (before training: most likely every rank's) is marked too, otherwise.
+    monkeypatch.setenv(D.LAUNCHER_ENV, "--nproc-per-node 2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as stop:
+        _guard(Failure(obj=None), lambda: (_ for _ in ()).throw(SpecError("too few images")))
+    assert stop.value.code == D.STOPPED_ON_AN_ERROR
     # Rank 1 stopped first by the clock, with the shared error: rank 0 is named.
     assert D.first_to_stop({0: Failure(exitcode=1, timestamp=6), 1: Failure(exitcode=D.STOPPED_WITH_RANK_0,
                                                                            timestamp=5)}) == 0
@@ -335,6 +358,19 @@ def test_machines_started_with_other_settings_are_refused_on_each(tmp_path):
     assert (other.returncode, other_err) == (1, said)
 
 
+def test_resuming_on_a_machine_without_the_run_folder_says_each_machine_needs_it(tmp_path):
+    """A machine's own --out holds only its ranks' logs: node 1 was told the run "stopped before its
+    first epoch ended; start it again without --resume", while node 0 waited for it."""
+    spec, run = write_spec(tmp_path), tmp_path / "run"
+    (run / "ranks").mkdir(parents=True)
+    result = CliRunner().invoke(main, ["train", str(spec), "--data", str(tmp_path), "--out", str(run), "--resume",
+                                       "--nproc-per-node", "1", "--nnodes", "2", "--node-rank", "1",
+                                       "--rdzv-endpoint", "10.0.0.1:29500"])
+    assert (result.exit_code, result.stderr) == (1, (
+        f"error: {run}: holds no checkpoint on this machine; every machine of a multi-machine run resumes from the "
+        "run's checkpoints, so each needs the run folder (one on a shared file system, or a copy of node 0's)\n"))
+
+
 def test_machines_that_never_meet_are_one_line():
     """torchrun's own words after its 900 s wait (torch 2.13), as convspec says them."""
     from runtime.distributed import rendezvous_problem
@@ -354,7 +390,7 @@ def test_machines_that_never_meet_are_one_line():
 @NEEDS_GLOO
 def test_ctrl_c_while_waiting_for_the_other_machines_stops_at_once(tmp_path):
     """torchrun's agent waits for the other nodes inside C++, where Python raises no
-    KeyboardInterrupt: Ctrl-C went unseen until the 600 s rendezvous timeout."""
+    KeyboardInterrupt: Ctrl-C went unseen until the 900 s rendezvous timeout."""
     import signal
     import socket
     import time
@@ -434,6 +470,35 @@ def test_the_rank_named_is_the_one_that_stopped_on_its_own():
     assert D.first_to_stop(seen) == 1
     assert D.first_to_stop({0: Failure(exitcode=1, timestamp=7), 1: Failure(exitcode=1, timestamp=6)}) == 1
     assert D.first_to_stop({0: Failure(exitcode=-15, timestamp=5), 1: Failure(exitcode=143, timestamp=5)}) == 0
+    # Rank 1's error, likely rank 0's too: rank 0's own error is named if it had one, else rank 1's.
+    assert D.first_to_stop({0: Failure(exitcode=1, timestamp=6),
+                            1: Failure(exitcode=D.STOPPED_ON_AN_ERROR, timestamp=5)}) == 0
+    assert D.first_to_stop({0: Failure(exitcode=D.LOST_A_RANK, timestamp=6),
+                            1: Failure(exitcode=D.STOPPED_ON_AN_ERROR, timestamp=5)}) == 1
+
+
+def test_a_signal_to_one_rank_is_a_stop_after_saving_not_a_failure():
+    """SIGTERM to rank 0 alone: rank 0 saved and said so (143), rank 1 stopped with it (130), and the
+    launcher added "rank 1: SIGINT: stopped ..." and exited 130."""
+    assert D.stopping_signal([143, 130]) == 15
+    assert D.stopping_signal([130, 130]) == 2
+    assert D.stopping_signal([130, D.LOST_A_RANK, -15]) == 2
+    assert D.stopping_signal([-15, D.LOST_A_RANK]) is None  # killed before it could save: a failure, named
+    assert D.stopping_signal([130, 1]) is None  # a rank's own error: named
+
+
+@NEEDS_GLOO
+def test_an_error_each_rank_meets_before_training_is_said_once(tmp_path):
+    """A dataset too small for a batch, an unreadable image, a class count that differs from the
+    net's: every rank met it, and the launcher repeated rank 0's line as "rank 1: ..."."""
+    spec, data = write_spec(tmp_path), make_data(tmp_path / "data")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "convspec", "train", str(spec), "--data", str(data), "--out",
+                           str(tmp_path / "run"), "--quiet", "--nproc-per-node", "2", "--batch-size", "1000"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert (proc.returncode, proc.stderr) == (1, f"{data}: 144 training images (48 of 192 are held out by "
+                                                 "valFraction=0.25) make no full batch of 1000; use a smaller "
+                                                 "--batch-size or more data\n")
 
 
 def test_a_bad_spec_is_one_error_and_starts_no_rank(tmp_path):
