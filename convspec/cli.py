@@ -331,7 +331,8 @@ def train(ctx, spec, params_path, data, val_data, epochs, batch_size, out, resum
         try:
             summary = run_train(options)
         except TrainingStopped as stop:
-            click.echo(str(stop), err=True)
+            if _speaks_for_this_machine():
+                click.echo(str(stop), err=True)
             sys.exit(stop.exit_code)
         except StoppedAtOnce as stop:
             click.echo(str(stop), err=True)
@@ -350,6 +351,14 @@ def train(ctx, spec, params_path, data, val_data, epochs, batch_size, out, resum
             _echo_while_read(f"done: {summary.run_dir}  training {summary.train_seconds:.1f} s")
 
     _guard(ctx, run)
+
+
+def _speaks_for_this_machine() -> bool:
+    """Under bare torchrun a machine's ranks share its terminal, and each said the same stop line:
+    local rank 0 speaks for them.  Under convspec's launcher the others write to their own files."""
+    from runtime.distributed import LAUNCHER_ENV
+
+    return os.environ.get(LAUNCHER_ENV) is not None or os.environ.get("LOCAL_RANK", "0") == "0"
 
 
 LAUNCHER_OPTIONS = ("nproc", "nnodes", "node_rank", "rdzv_endpoint")

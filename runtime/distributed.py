@@ -239,6 +239,20 @@ def _ctrl_c_while_waiting(endpoint: str):
     if threading.current_thread() is not threading.main_thread() or not callable(waiting_handler):
         yield  # set_wakeup_fd works from the main thread only; an ignored SIGINT needs nothing
         return
+
+    def stop(signum: int) -> None:
+        name = signal.Signals(signum).name
+        sys.stderr.write(f"\n{name}: stopped while waiting for the machines to meet at {endpoint}; "
+                         "no rank had started, so nothing was trained or saved\n")
+        sys.stderr.flush()
+        os._exit(128 + signum)
+
+    # SIGTERM (a scheduler's stop) killed the launcher without a word: it gets a Python handler for
+    # the wait, so that it too reaches the wakeup fd; the agent sets its own once the ranks start.
+    term_before = signal.getsignal(signal.SIGTERM)
+    term_handler = (lambda signum, frame: stop(signum)) if term_before == signal.SIG_DFL else None
+    if term_handler:
+        signal.signal(signal.SIGTERM, term_handler)
     read_end, write_end = os.pipe()
     try:
         os.set_blocking(write_end, False)  # on Windows only from Python 3.12
@@ -246,6 +260,8 @@ def _ctrl_c_while_waiting(endpoint: str):
     except (AttributeError, OSError, ValueError):
         os.close(read_end)
         os.close(write_end)
+        if term_handler:
+            signal.signal(signal.SIGTERM, term_before)
         yield  # as before: Ctrl-C is seen once the wait ends
         return
 
@@ -258,10 +274,9 @@ def _ctrl_c_while_waiting(endpoint: str):
             if not got:
                 return  # the launcher closed the pipe: the wait is over
             if got[0] == signal.SIGINT and signal.getsignal(signal.SIGINT) is waiting_handler:
-                sys.stderr.write(f"\nSIGINT: stopped while waiting for the machines to meet at {endpoint}; "
-                                 "no rank had started, so nothing was trained or saved\n")
-                sys.stderr.flush()
-                os._exit(STOPPED_WAITING)
+                stop(signal.SIGINT)  # exits STOPPED_WAITING
+            if term_handler and got[0] == signal.SIGTERM and signal.getsignal(signal.SIGTERM) is term_handler:
+                stop(signal.SIGTERM)
 
     watcher = threading.Thread(target=watch, name="ctrl-c-while-waiting", daemon=True)
     watcher.start()
@@ -269,6 +284,8 @@ def _ctrl_c_while_waiting(endpoint: str):
         yield
     finally:
         signal.set_wakeup_fd(previous_fd)
+        if term_handler and signal.getsignal(signal.SIGTERM) is term_handler:
+            signal.signal(signal.SIGTERM, term_before)
         os.close(write_end)
         watcher.join(timeout=5)
         os.close(read_end)

@@ -67,7 +67,10 @@ def evaluate(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device
             counts[0].index_add_(0, labels, torch.ones_like(labels))
             counts[1].index_add_(0, labels, (~hit[:, 0]).long())
             counts[2].index_add_(0, labels, (~hit.any(1)).long())
-            bar.update(b)
+            # ``total`` counts every rank's images, and each rank scores its share: rank 0's bar
+            # stands for all (its share is the largest, so the last update is clamped to the total)
+            world = cluster.world if cluster is not None else 1
+            bar.update(min(b * world, max(bar.total - bar.done, 0)) if world > 1 else b)
     finally:
         bar.close()
         model.train(was_training)

@@ -911,7 +911,7 @@ class Trainer:
         batches = eval_batches(self.val_source, shard, self.rank_batch, self.crop,
                                ten_views=self.recipe.test_views == 10, mean=self.train_source.mean)
         return evaluate(self.net, batches, self.device, len(self.classes), TOPK, self.precision,
-                        total=len(shard), progress=self.main and self.o.progress,
+                        total=len(self.val_idx), progress=self.main and self.o.progress,
                         channels_last=self.channels_last, cluster=c)
 
     def _end_epoch(self, epoch: int, record: dict):

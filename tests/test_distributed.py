@@ -388,9 +388,11 @@ def test_machines_that_never_meet_are_one_line():
 
 
 @NEEDS_GLOO
-def test_ctrl_c_while_waiting_for_the_other_machines_stops_at_once(tmp_path):
+@pytest.mark.parametrize("signum", [2, 15], ids=["SIGINT", "SIGTERM"])
+def test_ctrl_c_while_waiting_for_the_other_machines_stops_at_once(tmp_path, signum):
     """torchrun's agent waits for the other nodes inside C++, where Python raises no
-    KeyboardInterrupt: Ctrl-C went unseen until the 900 s rendezvous timeout."""
+    KeyboardInterrupt: Ctrl-C went unseen until the 900 s rendezvous timeout; SIGTERM
+    ended the launcher without a word."""
     import signal
     import socket
     import time
@@ -416,16 +418,16 @@ def test_ctrl_c_while_waiting_for_the_other_machines_stops_at_once(tmp_path):
             if probe.connect_ex(("127.0.0.1", port)) == 0:
                 break
         time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     start = time.monotonic()
     try:
         stderr = proc.communicate(timeout=60)[1]
     finally:
         proc.kill()
     assert time.monotonic() - start < 30
-    assert proc.returncode == D.STOPPED_WAITING == 130
-    assert stderr.strip() == (f"SIGINT: stopped while waiting for the machines to meet at 127.0.0.1:{port}; no rank "
-                            "had started, so nothing was trained or saved")
+    assert proc.returncode == 128 + signum and D.STOPPED_WAITING == 130
+    assert stderr.strip() == (f"{signal.Signals(signum).name}: stopped while waiting for the machines to meet at "
+                            f"127.0.0.1:{port}; no rank had started, so nothing was trained or saved")
 
 
 def test_a_missing_data_path_is_one_error_and_starts_no_rank(tmp_path):
@@ -509,3 +511,32 @@ def test_a_bad_spec_is_one_error_and_starts_no_rank(tmp_path):
     assert result.stderr.splitlines()[0].endswith("unknown neuron function 'relux'; did you mean 'relu'?")
     assert str(spec) in result.stderr.splitlines()[0] and "rank" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_validations_progress_counts_every_ranks_images(monkeypatch, capsys):
+    """With 2 ranks and 25,000 validation images the bar read 12500/12500: rank 0's share."""
+    from runtime import evaluate as E
+
+    monkeypatch.setattr(E, "all_reduce_sum", lambda tensor, cluster: tensor)
+    # Rank 0's share of 7 images over 2 ranks: 4 (the larger), in batches of 3 and 1.
+    batches = [(torch.zeros(3, 1, 3, 4, 4), torch.zeros(3, dtype=torch.int64)),
+               (torch.zeros(1, 1, 3, 4, 4), torch.zeros(1, dtype=torch.int64))]
+    E.evaluate(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 2)), batches, torch.device("cpu"), 2,
+               total=7, progress=True, cluster=D.Cluster(rank=0, world=2))
+    drawn = [line.split("]")[1].split()[0] for line in capsys.readouterr().err.splitlines() if "evaluating" in line]
+    assert drawn[-1] == "7/7"
+
+
+def test_under_bare_torchrun_one_rank_a_machine_says_the_stop(monkeypatch, tmp_path):
+    """Ctrl-C under torchrun: each rank printed "SIGINT: stopped ... Continue with: ..." on the shared terminal."""
+    import runtime.train as T
+
+    def stopped(options):
+        raise T.TrainingStopped("SIGINT: stopped in epoch 1 after batch 3; saved run/interrupted.pt", 130)
+    monkeypatch.setattr(T, "train", stopped)
+    monkeypatch.delenv(D.LAUNCHER_ENV, raising=False)
+    for rank, said in (("1", ""), ("0", "SIGINT: stopped in epoch 1 after batch 3; saved run/interrupted.pt\n")):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        result = CliRunner().invoke(main, ["train", str(write_spec(tmp_path)), "--data", str(tmp_path)])
+        assert (result.exit_code, result.stderr) == (130, said)
