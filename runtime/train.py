@@ -668,9 +668,15 @@ class Trainer:
             raise fail(f"{err}", Location(self.net_spec.params_path or self.net_spec.path)) from None
         if self.state is not None:
             self.optimizer.load_state_dict(self.state["optimizer"])
-            torch.set_rng_state(self.state["rng"]["torch"])
-            if torch.cuda.is_available() and self.state["rng"]["cuda"]:
-                torch.cuda.set_rng_state_all(self.state["rng"]["cuda"])
+            rng = self.state["rng"]
+            ranks = rng.get("ranks") or []
+            if len(ranks) == c.world:  # each rank goes on with its own draws
+                rng = ranks[c.rank]
+            torch.set_rng_state(rng["torch"])
+            if torch.cuda.is_available() and rng["cuda"]:
+                torch.cuda.set_rng_state_all(rng["cuda"])
+            if c.rank and len(ranks) != c.world:  # a checkpoint from before every rank's state was kept
+                torch.manual_seed(r.seed + 1000003 * c.rank + self.state["step"])
         elif c.rank:
             torch.manual_seed(r.seed + 1000003 * c.rank)  # dropout differs per rank; weights came from rank 0
 
@@ -881,8 +887,9 @@ class Trainer:
         part's time is in the file but not yet in the run's (the epoch's end counts it)."""
         partial = self._sums_so_far(sums, loss_sum, wrong_sum, seen, seconds)
         path = self.run_dir / runs.INTERRUPTED
+        rng = self._rng_states()
         if self.main:
-            state = self._state(epoch, batch, partial)
+            state = self._state(epoch, batch, partial, rng)
             state["train_seconds"] = self.train_seconds + seconds
             ckpt.save(path, state)
         return path
@@ -943,8 +950,9 @@ class Trainer:
                              f"learning rate x{r.lr_factor:g} from epoch {epoch + 2}")
         last = self.run_dir / ckpt.epoch_name(epoch + 1)
         self.last_saved = time.perf_counter()
+        rng = self._rng_states()
         if self.main:
-            ckpt.save(last, self._state(epoch + 1, 0))
+            ckpt.save(last, self._state(epoch + 1, 0, rng=rng))
             if improved:
                 files.link_or_copy(last, self.run_dir / runs.BEST)
             (self.run_dir / runs.INTERRUPTED).unlink(missing_ok=True)
@@ -996,7 +1004,21 @@ class Trainer:
 
     # --- state -------------------------------------------------------------------------------
 
-    def _state(self, epoch: int, batch: int, partial: dict | None = None) -> dict:
+    def _rng_states(self) -> dict:
+        """This rank's random state and, across ranks, every rank's (a collective: every rank calls it
+        at each save).  Each rank draws its own dropout masks; a checkpoint that kept rank 0's alone
+        resumed every rank from it, so that after a resume all ranks drew the same masks."""
+        mine = {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        if not self.cluster.distributed:
+            return mine
+        import torch.distributed as dist
+
+        every: list = [None] * self.cluster.world
+        dist.all_gather_object(every, mine)
+        return {**mine, "ranks": every}
+
+    def _state(self, epoch: int, batch: int, partial: dict | None = None, rng: dict | None = None) -> dict:
         spec = self.net_spec
         src = self.train_source
         data = {"path": str(self.data_path), "resolved": str(self.resolved_data),
@@ -1018,8 +1040,7 @@ class Trainer:
             "model": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "schedule": dict(self.sched),
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+            "rng": rng or self._rng_states(),
             "spec": {"path": spec.path, "text": spec.spec_text, "params_path": spec.params_path,
                      "params_text": spec.params_text, "overrides": list(spec.overrides)},
             "recipe": self.recipe.as_dict(),

@@ -540,3 +540,42 @@ def test_under_bare_torchrun_one_rank_a_machine_says_the_stop(monkeypatch, tmp_p
         monkeypatch.setenv("LOCAL_RANK", rank)
         result = CliRunner().invoke(main, ["train", str(write_spec(tmp_path)), "--data", str(tmp_path)])
         assert (result.exit_code, result.stderr) == (130, said)
+
+
+# Rank 0 gets Ctrl-C once the first epoch's checkpoint is on disk, as a user stopping a run would.
+STOP_RANK_0_AFTER_EPOCH_1 = """import os, signal, sys, threading, time
+from pathlib import Path
+if os.environ.get("RANK") == "0" and "--resume" not in sys.argv:
+    def stop_after_the_first_checkpoint():
+        run = Path(sys.argv[sys.argv.index("--out") + 1])
+        while not (run / "epoch-0001.pt").exists():
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)
+    threading.Thread(target=stop_after_the_first_checkpoint, daemon=True).start()
+"""
+
+
+@NEEDS_GLOO
+def test_a_resumed_run_with_dropout_on_two_ranks_is_the_uninterrupted_run(tmp_path):
+    """Only rank 0's random state was kept: after a resume every rank drew rank 0's dropout masks,
+    so the run went on otherwise than it would have, with the same mask on each half of a batch."""
+    spec, data = write_spec(tmp_path, SPEC), make_data(tmp_path / "data")
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(STOP_RANK_0_AFTER_EPOCH_1)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = lambda out, *extra: [sys.executable, "-m", "convspec", "train", str(spec), "--data", str(data),
+                                   "--out", str(out), "--epochs", "3", "--batch-size", "32", "--quiet",
+                                   "--nproc-per-node", "2", *extra]
+    whole = subprocess.run(command(tmp_path / "whole"), env=env, cwd=ROOT, capture_output=True, text=True,
+                           timeout=300)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    stopped = tmp_path / "stopped"
+    first = subprocess.run(command(stopped), cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           env={**env, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(ROOT)])})
+    assert first.returncode == 130, first.stderr[-3000:]
+    resumed = subprocess.run([sys.executable, "-m", "convspec", "train", "--resume", "--out", str(stopped),
+                              "--quiet", "--nproc-per-node", "2"], env=env, cwd=ROOT, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = ckpt.load(tmp_path / "whole" / "epoch-0003.pt")["model"], ckpt.load(stopped / "epoch-0003.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
