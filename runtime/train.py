@@ -662,6 +662,11 @@ class Trainer:
             # Compiled lazily at the first steps (and once more for a smaller last batch);
             # the parameters stay self.net's, so checkpoints and validation are unchanged.
             self.model = torch.compile(self.model)
+            if c.distributed:  # DDP's forward opens a profiler range, which dynamo warns it skips, in every run
+                import logging
+
+                logging.getLogger("torch._dynamo.variables.ctx_manager").addFilter(
+                    lambda record: "Profiler record function" not in str(record.msg))
         try:
             self.optimizer = ConvnetSGD(self.net.learning_rules())
         except ValueError as err:

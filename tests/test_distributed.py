@@ -579,3 +579,15 @@ def test_a_resumed_run_with_dropout_on_two_ranks_is_the_uninterrupted_run(tmp_pa
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a, b = ckpt.load(tmp_path / "whole" / "epoch-0003.pt")["model"], ckpt.load(stopped / "epoch-0003.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@NEEDS_GLOO
+def test_compile_on_two_ranks_lets_no_torch_log_line_through(tmp_path):
+    """DDP's forward opens a profiler range, and dynamo said "[rank0]:W... Profiler record function ... will be
+    ignored" on every compiled data-parallel run."""
+    spec, data = write_spec(tmp_path), make_data(tmp_path / "data")
+    proc = subprocess.run([sys.executable, "-m", "convspec", "train", str(spec), "--data", str(data), "--out",
+                           str(tmp_path / "run"), "--epochs", "1", "--quiet", "--compile", "--nproc-per-node", "2"],
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert (proc.returncode, proc.stderr) == (0, ""), proc.stderr[-3000:]
