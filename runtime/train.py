@@ -177,6 +177,7 @@ class Trainer:
         self.auto_named = False  # runs/<spec>-<date>-<time>, not --out: another name if that one is taken
         self._lock: int | None = None  # the run folder's lock, while training there
         self.retimed_note: str | None = None  # a resume with another --epochs moves the schedules
+        self.world_note: str | None = None  # a resume on another number of ranks
         self.resumed_mtime = 0  # the checkpoint resumed from, as it was when read
 
     def say(self, text: str) -> None:
@@ -389,13 +390,21 @@ class Trainer:
             (o.compile is not None and o.compile != self.compile, f"--compile (the run's: {self.compile})"),
         ]
         recorded_world = s["options"].get("world", 1)
-        if recorded_world != self.world:  # each rank's share of a batch and its dropout masks would change
+        if recorded_world != self.world:
+            # The global batches, their augmentation and the updates do not depend on the ranks (each
+            # reads its share of the same batch); only the dropout masks, drawn per rank, do.
+            dropouts = [l.name for l in self.net_spec.layers.values()
+                        if l.type in ("dropout", "dropout2") and l["enable"]]
             how = "without --nproc-per-node" if recorded_world == 1 else \
                 f"on {recorded_world} ranks in all (--nproc-per-node {recorded_world} on one machine)"
-            raise fail(f"the run was trained on {plural(recorded_world, 'rank')} and would resume on "
-                       f"{self.world}, which changes how each batch is split and the dropout masks each rank draws; "
-                       f"resume it {how}",
-                       Location(str(self.run_dir)))
+            if dropouts:
+                raise fail(f"the run was trained on {plural(recorded_world, 'rank')} and would resume on "
+                           f"{self.world}, which changes the dropout masks each rank draws ({', '.join(dropouts)}), "
+                           f"so the run would not go on as it was; resume it {how}, or train a new run",
+                           Location(str(self.run_dir)))
+            self.world_note = (f"note: the run was trained on {plural(recorded_world, 'rank')} and resumes on "
+                               f"{self.world}: the same batches and updates (its net has no dropout), with each "
+                               "batch's gradient summed over ranks in another order, so equal up to float rounding")
         differing = [text for differs, text in changed if differs]
         if differing:
             raise fail(f"a resumed run keeps the settings it recorded, and these differ: {'; '.join(differing)}; "
@@ -751,6 +760,8 @@ class Trainer:
         self.say(self._banner(epoch0, batch0))
         if self.retimed_note:
             self.say(self.retimed_note)
+        if self.world_note:
+            self.say(self.world_note)
         late = [str(d) for d in r.lr_drops if d >= r.epochs]
         # e.g. the 18pct spec (drops after 120, 130) tried with --epochs 10.  Said when the run starts, where
         # --set train.lrDrops can still change it; a resume cannot, and the first run said it already.
