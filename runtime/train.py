@@ -707,7 +707,7 @@ class Trainer:
                 **{self.OPTION_OF.get(k, f"the recipe's {k}"): v for k, v in self.recipe.as_dict().items()},
                 "--precision": self.precision, "--no-channels-last": not self.channels_last,
                 "--compile": self.compile, "--resume": self.state is not None,
-                "the data": (self.fingerprint, len(self.train_source)),
+                "the data": (self.fingerprint, len(self.train_source)), "--train-limit": self.train_limit,
                 "the validation data": None if self.val_source is self.train_source else len(self.val_source)}
 
     def _refuse_settings_that_differ_between_ranks(self) -> None:

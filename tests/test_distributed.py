@@ -327,9 +327,12 @@ def test_launch_on_gpus_refuses_what_cannot_work(tmp_path, monkeypatch, gpus, op
 
 
 @NEEDS_GLOO
-def test_a_taken_port_for_the_machines_to_meet_is_one_line(tmp_path):
+def test_a_taken_port_for_the_machines_to_meet_is_one_line(tmp_path, monkeypatch):
     """A port in use on node 0 (another program, or two machines both given --node-rank 0) was
     "unexpected DistNetworkError ... This is a convspec bug" (exit 3)."""
+    # The launcher runs in this process here and sets these for its ranks: undone after the test.
+    monkeypatch.setenv(D.LAUNCHER_ENV, "")
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads())))
     spec, data = write_spec(tmp_path), make_data(tmp_path / "data")
     with socket.socket(socket.AF_INET6 if socket.has_dualstack_ipv6() else socket.AF_INET) as taken:
         taken.bind(("", 0))
