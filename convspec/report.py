@@ -54,8 +54,8 @@ def _mib(n: int) -> str:
 
 
 def settings(layer) -> str:
-    """The values an ablation edits, in one cell: kernel/stride and padding, pooling, norm and
-    dropout settings, the neuron, and a weight layer's rate and decay.  Without them the table
+    """The values most ablations edit, in one cell: kernel/stride and padding, pooling, norm and
+    dropout settings, the neuron, and a weight layer's rate, momentum and decay.  Without them the table
     of an edited copy (or a --set) read the same as the baseline's."""
     a = layer.attrs
     parts = []
@@ -68,11 +68,14 @@ def settings(layer) -> str:
         parts.append(f"size {a['size']}" + "".join(f" {key} {a[key]:g}" for key in ("scale", "pow")
                                                     if a.get(key) is not None))
     if "keep" in a:
-        parts.append(f"keep {a['keep']:g}")
+        parts.append(f"keep {a['keep']:g}" if a.get("enable", True) else "off")
     if a.get("neuron") is not None:
         parts.append(str(a["neuron"]))
     if "epsW" in a and a["epsW"] and None not in a["epsW"]:
-        parts.append(f"epsW {_per_input(map(str, a['epsW']))} wc {_per_input(f'{w:g}' for w in a['wc'])}")
+        parts.append(f"epsW {_per_input(map(str, a['epsW']))}")
+        if a["momW"] and None not in a["momW"]:
+            parts.append(f"momW {_per_input(f'{m:g}' for m in a['momW'])}")
+        parts.append(f"wc {_per_input(f'{w:g}' for w in a['wc'])}")
     return " ".join(parts)
 
 

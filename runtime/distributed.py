@@ -74,6 +74,23 @@ def all_reduce_sum(tensor: torch.Tensor, cluster: Cluster) -> torch.Tensor:
     return tensor
 
 
+def agreed_signal_and_flags(signum: int | None, flags: tuple[bool, ...], cluster: Cluster) -> tuple:
+    """(signal, *flags) agreed by every rank, in one all-reduce of maxima: the stop signal any rank
+    got (SIGTERM over SIGINT, so that every rank stops, and exits, as by the stronger one), and
+    each flag true if any rank says so."""
+    values = [signum or 0, *(int(f) for f in flags)]
+    if cluster.distributed:
+        t = torch.tensor(values, dtype=torch.int64)
+        if cluster.backend == "nccl":
+            on_gpu = t.to(rank_device(cluster))
+            dist.all_reduce(on_gpu, op=dist.ReduceOp.MAX)
+            t = on_gpu.cpu()
+        else:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        values = t.tolist()
+    return (values[0] or None, *(bool(v) for v in values[1:]))
+
+
 def broadcast_flag(flag: bool, cluster: Cluster) -> bool:
     """True on every rank if any rank says so (a signal or a NaN on one rank stops all)."""
     return broadcast_flags((flag,), cluster)[0]
@@ -307,7 +324,10 @@ def first_to_stop(failures: dict) -> int:
     agent's monitor share a time, so the time alone cannot tell)."""
     own = {r: f for r, f in failures.items()
            if f.exitcode not in (LOST_A_RANK, STOPPED_WITH_RANK_0, STOPPED_ON_AN_ERROR, -15, 128 + 15)}
-    pool = own or failures
+    # With no rank stopped on its own error, one that stopped on an error rank 0 did not meet is named
+    # (during training: an unreadable image in its share), not rank 0 lost or stopped by the agent.
+    errors = {r: f for r, f in failures.items() if f.exitcode == STOPPED_ON_AN_ERROR}
+    pool = own or errors or failures
     return min(pool, key=lambda r: (pool[r].timestamp, r))
 
 

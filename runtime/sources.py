@@ -254,6 +254,23 @@ def file_size(file: str) -> int:
         return -1
 
 
+def content_fingerprint(path: Path) -> str:
+    """:func:`fingerprint` without where the data came from: a store's description names the
+    folder it was prepared from, so two machines' stores of the same images differ by it."""
+    import hashlib
+    import json
+
+    marker = Path(path) / STORE_MARKER
+    if not marker.is_file():
+        return fingerprint(path)
+    try:
+        description = json.loads(marker.read_text())
+        description.pop("source", None)
+    except (OSError, ValueError, AttributeError):  # a damaged description is reported where it is read
+        return fingerprint(path)
+    return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def fingerprint(path: Path) -> str:
     """A short hash that changes when the dataset does: the store's
     description, or the names and sizes of the files (cheap: no pixel is read).

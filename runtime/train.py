@@ -269,6 +269,9 @@ class Trainer:
                        "would score the images the net trains on; leave --val-data out (valFraction holds some "
                        "out) or give other images", Location(str(self.val_path)))
         if self.recipe.batch_size % self.world:
+            if self.state is not None:  # a resume keeps its batch
+                raise fail(f"the run's batch of {self.recipe.batch_size} does not split over {self.world} ranks; "
+                           f"resume it on a number of ranks that divides {self.recipe.batch_size}")
             raise fail(f"the batch of {self.recipe.batch_size} does not split over {self.world} ranks; "
                        f"use a multiple of {self.world} (--batch-size)")
         self.replicas = data_parallel_replicas(self.net_spec)
@@ -404,7 +407,7 @@ class Trainer:
                            Location(str(self.run_dir)))
             self.world_note = (f"note: the run was trained on {plural(recorded_world, 'rank')} and resumes on "
                                f"{self.world}: the same batches and updates (its net has no dropout), with each "
-                               "batch's gradient summed over ranks in another order, so equal up to float rounding")
+                               "batch's gradient summed in another order, so equal up to float rounding")
         differing = [text for differs, text in changed if differs]
         if differing:
             raise fail(f"a resumed run keeps the settings it recorded, and these differ: {'; '.join(differing)}; "
@@ -627,7 +630,8 @@ class Trainer:
             fix, where = ("add a params file (NAME.params.cfg beside the spec, or --params FILE) setting epsW, epsB, "
                           "momW and momB for each layer with weights"), first.loc
         else:
-            fix = f"set epsW, epsB, momW and momB in its [{first.name}] section of {params}"
+            fix = (f"set epsW, epsB, momW and momB in its [{first.name}] section of {params}" if first.params_loc
+                   else f"add a [{first.name}] section to {params} setting epsW, epsB, momW and momB")
             where = first.params_loc or Location(params)
         raise fail(f"layer '{first.name}' has no {lacking}, which training needs{more if others else ''}; "
                    f"{fix}", where)
@@ -701,13 +705,16 @@ class Trainer:
         """What every rank must share: the net, the recipe, the options that change the step, the data."""
         from convspec.parse import as_parsed
 
+        from .sources import content_fingerprint
+
         spec = self.net_spec
         return {"the spec": as_parsed(spec.spec_text), "the params file": as_parsed(spec.params_text or ""),
                 "--set": sorted(spec.overrides),
                 **{self.OPTION_OF.get(k, f"the recipe's {k}"): v for k, v in self.recipe.as_dict().items()},
                 "--precision": self.precision, "--no-channels-last": not self.channels_last,
                 "--compile": self.compile, "--resume": self.state is not None,
-                "the data": (self.fingerprint, len(self.train_source)), "--train-limit": self.train_limit,
+                "the data": (content_fingerprint(self.resolved_data), len(self.train_source)),
+                "--train-limit": self.train_limit,
                 "the validation data": None if self.val_source is self.train_source else len(self.val_source)}
 
     def _refuse_settings_that_differ_between_ranks(self) -> None:
@@ -788,7 +795,8 @@ class Trainer:
                 record = self._train_epoch(epoch, batch0 if epoch == epoch0 else 0,
                                            partial if epoch == epoch0 else None)
                 last, best = self._end_epoch(epoch, record)
-                if D.broadcast_flag(self.stop_signal is not None, self.cluster) and epoch + 1 < r.epochs:
+                self.stop_signal = D.agreed_signal_and_flags(self.stop_signal, (), self.cluster)[0]
+                if self.stop_signal is not None and epoch + 1 < r.epochs:
                     # The signal came during validation: the epoch's checkpoint is the place to stop.
                     name = signal.Signals(self.stop_signal or signal.SIGINT).name
                     raise TrainingStopped(f"{name}: stopped after epoch {epoch + 1}; saved {last}. "
@@ -876,8 +884,9 @@ class Trainer:
                 bar.update(len(values) * r.batch_size, f"loss {values[-1]:.4f}")
             # Rank 0's clock decides when a snapshot is due, and every rank learns it with the stop flag.
             due = self.main and self.snapshot_every > 0 and time.perf_counter() - self.last_saved >= self.snapshot_every
-            stop, snapshot = D.broadcast_flags((self.stop_signal is not None, due), c)
-            if stop:
+            # Every rank stops by the same signal, the one any rank got (its name in the message, its exit status)
+            self.stop_signal, snapshot = D.agreed_signal_and_flags(self.stop_signal, (due,), c)
+            if self.stop_signal is not None:
                 self._save_interrupted(epoch, b + 1, sums, loss_sum, wrong_sum, seen, time.perf_counter() - t0)
             if snapshot and b + 1 < n_batches:
                 # Writing the file is not training, as the epoch's own checkpoint is not: move the

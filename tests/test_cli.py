@@ -117,7 +117,7 @@ def test_check_alexnet_json():
     # 48 filters of 3x11x11 plus 48 biases; 224 -> 55 with cuda-convnet's rounding up.
     assert conv1a == {"name": "conv1a", "type": "conv", "gpu": [0], "shape": [48, 55, 55],
                       "params": 48 * 3 * 11 * 11 + 48, "neurons": 48 * 55 * 55,
-                      "macs": 48 * 55 * 55 * 3 * 11 * 11, "settings": "11x11/4 pad 0 relu epsW 0.01 wc 0.0005"}
+                      "macs": 48 * 55 * 55 * 3 * 11 * 11, "settings": "11x11/4 pad 0 relu epsW 0.01 momW 0.9 wc 0.0005"}
 
 
 def test_check_shows_the_settings_an_ablation_edits():
@@ -134,14 +134,18 @@ def test_check_shows_the_settings_an_ablation_edits():
 
     baseline = rows()
     assert (baseline["conv1"], baseline["pool1"], baseline["pool2"], baseline["fc64"], baseline["probs"]) == (
-        "5x5/1 pad 2 epsW 0.001 wc 0.004", "max 3/2 relu", "avg 3/2", "relu epsW 0.001 wc 0.03", "")
+        "5x5/1 pad 2 epsW 0.001 momW 0.9 wc 0.004", "max 3/2 relu", "avg 3/2", "relu epsW 0.001 momW 0.9 wc 0.03", "")
     edited = rows("--set", "pool1.pool=avg", "--set", "conv2.neuron=tanh[1,1]", "--set", "conv3.padding=1",
-                  "--set", "fc64.epsW=linear[base=0.002;tgtFactor=0.25]", "--set", "pool3.stride=1")
+                  "--set", "fc64.epsW=linear[base=0.002;tgtFactor=0.25]", "--set", "pool3.stride=1",
+                  "--set", "fc64.momW=0.95")
     assert (edited["pool1"], edited["conv2"], edited["fc64"], edited["conv3"], edited["pool3"]) == (
-        "avg 3/2 relu", "5x5/1 pad 2 tanh[1,1] epsW 0.001 wc 0.004",
-        "relu epsW linear[base=0.002;tgtFactor=0.25] wc 0.03", "5x5/1 pad 1 relu epsW 0.001 wc 0.004", "avg 3/1")
+        "avg 3/2 relu", "5x5/1 pad 2 tanh[1,1] epsW 0.001 momW 0.9 wc 0.004",
+        "relu epsW linear[base=0.002;tgtFactor=0.25] momW 0.95 wc 0.03", "5x5/1 pad 1 relu epsW 0.001 momW 0.9 wc 0.004",
+        "avg 3/1")
     norm = invoke("check", str(ROOT / "specs" / "cifar10-11pct.cfg"))
     assert "size 9 scale 0.001 pow 0.75" in next(line for line in norm.stdout.splitlines() if line.startswith("rnorm1"))
+    dropped = invoke("check", ALEXNET, "--set", "dropout6a.enable=0").stdout.splitlines()
+    assert [line.split()[-1] for line in dropped if line.startswith("dropout6")] == ["off", "0.5"]
 
 
 def test_check_tiny_spec_and_input_override(tmp_path):

@@ -20,7 +20,7 @@ from runtime import cifar, files, store
 from runtime.loader import ArraySource, Batches, eval_batches, holdout, open_source
 from runtime.preprocess import Augment, Stats, augment_batch, eval_views, load_square
 from runtime.store import PrepareOptions, StoreSplit, prepare
-from runtime.sources import list_flat, names_from_synsets, read_synsets
+from runtime.sources import content_fingerprint, fingerprint, list_flat, names_from_synsets, read_synsets
 
 from conftest import SHARED
 
@@ -827,3 +827,17 @@ def test_a_synsets_file_that_names_no_class_folder_is_refused_and_gaps_are_noted
     assert [c["name"] for c in meta["classes"]] == ["house cat, Felis catus", "dog"]
     assert meta["notes"] == [f"note: 1 of 2 classes are not named in {half} (e.g. dog); they keep their "
                              "own names"]
+
+
+def test_stores_of_the_same_images_have_one_content_fingerprint(tmp_path):
+    """Machines compare their data as they start: two stores prepared from copies of one folder
+    differed by the source path in store.json, and were refused as other data."""
+    root = _image_folder(tmp_path, bad=False)
+    shutil.copytree(root, tmp_path / "copy")
+    prepare(root, tmp_path / "a", PrepareOptions(size=16, workers=1), progress=False)
+    prepare(tmp_path / "copy", tmp_path / "b", PrepareOptions(size=16, workers=1), progress=False)
+    assert fingerprint(tmp_path / "a") != fingerprint(tmp_path / "b")  # a resume's check keeps the source
+    assert content_fingerprint(tmp_path / "a") == content_fingerprint(tmp_path / "b")
+    assert content_fingerprint(root) == fingerprint(root) == fingerprint(tmp_path / "copy")
+    prepare(root, tmp_path / "c", PrepareOptions(size=20, workers=1), progress=False)
+    assert content_fingerprint(tmp_path / "c") != content_fingerprint(tmp_path / "a")

@@ -89,8 +89,7 @@ def test_two_gloo_ranks_match_one_process_on_the_combined_batch(tmp_path):
     result = CliRunner().invoke(main, ["train", "--resume", "--out", str(tmp_path / "on-one"), "--epochs", "3"])
     assert result.exit_code == 0, result.output
     assert ("note: the run was trained on 2 ranks and resumes on 1: the same batches and updates (its net has no "
-            "dropout), with each batch's gradient summed over ranks in another order, so equal up to float "
-            "rounding") in result.output
+            "dropout), with each batch's gradient summed in another order, so equal up to float rounding") in result.output
     proc = subprocess.run([sys.executable, "-m", "convspec", "train", "--resume", "--out", str(launched), "--epochs",
                            "3", "--quiet", "--nproc-per-node", "2"], env=env, cwd=ROOT, capture_output=True,
                           text=True, timeout=300)
@@ -98,6 +97,11 @@ def test_two_gloo_ranks_match_one_process_on_the_combined_batch(tmp_path):
     on_one, on_two = (ckpt.load(run / "epoch-0003.pt")["model"] for run in (tmp_path / "on-one", launched))
     for k in on_two:
         torch.testing.assert_close(on_one[k], on_two[k], rtol=1e-4, atol=1e-6)
+    # A resume keeps its batch: the advice is about the ranks (--batch-size, once given, was then refused).
+    result = CliRunner().invoke(main, ["train", "--resume", "--out", str(launched), "--epochs", "4",
+                                       "--nproc-per-node", "3"])
+    assert (result.exit_code, result.stderr) == (1, "error: the run's batch of 32 does not split over 3 ranks; "
+                                                    "resume it on a number of ranks that divides 32\n")
     rank0 = torch.load(f"{out}-rank0.pt", weights_only=True)
     rank1 = torch.load(f"{out}-rank1.pt", weights_only=True)
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)  # bitwise
@@ -489,6 +493,10 @@ def test_the_rank_named_is_the_one_that_stopped_on_its_own():
                             1: Failure(exitcode=D.STOPPED_ON_AN_ERROR, timestamp=5)}) == 0
     assert D.first_to_stop({0: Failure(exitcode=D.LOST_A_RANK, timestamp=6),
                             1: Failure(exitcode=D.STOPPED_ON_AN_ERROR, timestamp=5)}) == 1
+    # During training (an unreadable image in rank 1's share): rank 0, stopped by the agent first by the
+    # clock, was named "killed by SIGTERM", and rank 1's error was nowhere on the terminal.
+    assert D.first_to_stop({0: Failure(exitcode=-15, timestamp=5),
+                            1: Failure(exitcode=D.STOPPED_ON_AN_ERROR, timestamp=6)}) == 1
 
 
 def test_a_signal_to_one_rank_is_a_stop_after_saving_not_a_failure():
@@ -611,3 +619,18 @@ def test_compile_on_two_ranks_lets_no_torch_log_line_through(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     assert (proc.returncode, proc.stderr) == (0, ""), proc.stderr[-3000:]
+
+
+# Rank 1 alone gets SIGTERM once the first epoch's checkpoint is on disk, as a scheduler might send it.
+TERM_RANK_1_AFTER_EPOCH_1 = STOP_RANK_0_AFTER_EPOCH_1.replace('"RANK") == "0"', '"RANK") == "1"').replace(
+    "signal.SIGINT", "signal.SIGTERM")
+
+
+@NEEDS_GLOO
+def test_sigterm_to_one_rank_stops_every_rank_as_sigterm(tmp_path):
+    """Rank 0 said "signal: stopped ..." (or "SIGINT: stopped after epoch N" during validation) and the
+    launcher's exit status was 130 or 143 by a race: the ranks now agree on the signal any of them got."""
+    proc, run = _launch_two_ranks_with(TERM_RANK_1_AFTER_EPOCH_1, tmp_path, epochs=200)
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    said = [line for line in proc.stderr.splitlines() if "stopped" in line]
+    assert len(said) == 1 and said[0].startswith("SIGTERM: stopped "), proc.stderr[-3000:]

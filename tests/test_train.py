@@ -325,15 +325,15 @@ def test_a_stop_between_the_minibatches_of_an_update_period_resumes_exactly(setu
     common = dict(spec=str(spec), data=str(data), deterministic=True, epochs=2,
                   overrides=["fc1.updatePeriod=3", "conv1.updatePeriod=2"])
     train(_quiet(out=str(tmp_path / "whole"), **common))
-    real, asked = D.broadcast_flags, []
+    real, asked = D.agreed_signal_and_flags, []
 
-    def stop_after_step_13(flags, cluster):
-        if len(flags) != 2:  # a loss's NaN flag
-            return real(flags, cluster)
-        asked.append(flags)  # once a step: (stop, snapshot due)
-        stop, due = real(flags, cluster)
-        return stop or len(asked) == 13, due
-    monkeypatch.setattr(D, "broadcast_flags", stop_after_step_13)
+    def stop_after_step_13(signum, flags, cluster):
+        if len(flags) != 1:  # the epoch's end asks for the signal alone
+            return real(signum, flags, cluster)
+        asked.append(flags)  # once a step: (the stop signal, whether a snapshot is due)
+        signum, due = real(signum, flags, cluster)
+        return signum or (2 if len(asked) == 13 else None), due
+    monkeypatch.setattr(D, "agreed_signal_and_flags", stop_after_step_13)
     with pytest.raises(TrainingStopped):
         train(_quiet(out=str(tmp_path / "cut"), **common))
     monkeypatch.undo()
@@ -649,6 +649,11 @@ def test_missing_learning_rules_are_located_and_named(setup, tmp_path):
     assert (res.exit_code, res.output) == (1, (
         f"{params}:1:2: layer 'conv1' has no epsB or momB, which training needs (1 other layer lacks some too: fc1); "
         f"set epsW, epsB, momW and momB in its [conv1] section of {params}\n[conv1]\n ^\n"))
+    params.write_text(PARAMS.split("[fc2]")[0] + "[train]" + PARAMS.split("[train]")[1])  # no [fc2] at all
+    res = run()
+    assert (res.exit_code, res.output) == (1, (
+        f"{params}: layer 'fc2' has no epsW, epsB, momW or momB, which training needs; add a [fc2] section to "
+        f"{params} setting epsW, epsB, momW and momB\n"))
     params.unlink()
     res = run()
     assert (res.exit_code, res.output) == (1, (
