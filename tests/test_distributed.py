@@ -146,17 +146,22 @@ def _launch_two_ranks_with(sitecustomize: str, tmp_path: Path, epochs: int):
     return proc, run
 
 
-# Rank 1 is killed from outside (as the kernel's OOM killer does) once the first checkpoint is on disk.
-KILL_RANK_1_AFTER_EPOCH_1 = """import os, signal, sys, threading, time
+def _signal_after_the_first_checkpoint(rank: int, name: str) -> str:
+    """Code for each rank's Python to run as it starts: rank ``rank`` sends itself signal ``name``
+    once the first epoch's checkpoint is on disk (not in a resumed run)."""
+    return f"""import os, signal, sys, threading, time
 from pathlib import Path
-if os.environ.get("RANK") == "1":
-    def kill_after_the_first_checkpoint():
+if os.environ.get("RANK") == "{rank}" and "--resume" not in sys.argv:
+    def signal_after_the_first_checkpoint():
         run = Path(sys.argv[sys.argv.index("--out") + 1])
         while not (run / "epoch-0001.pt").exists():
             time.sleep(0.02)
-        os.kill(os.getpid(), signal.SIGKILL)
-    threading.Thread(target=kill_after_the_first_checkpoint, daemon=True).start()
+        os.kill(os.getpid(), signal.{name})
+    threading.Thread(target=signal_after_the_first_checkpoint, daemon=True).start()
 """
+
+
+KILL_RANK_1_AFTER_EPOCH_1 = _signal_after_the_first_checkpoint(1, "SIGKILL")  # as the kernel's OOM killer does
 
 
 @NEEDS_GLOO
@@ -562,17 +567,7 @@ def test_under_bare_torchrun_one_rank_a_machine_says_the_stop(monkeypatch, tmp_p
         assert (result.exit_code, result.stderr) == (130, said)
 
 
-# Rank 0 gets Ctrl-C once the first epoch's checkpoint is on disk, as a user stopping a run would.
-STOP_RANK_0_AFTER_EPOCH_1 = """import os, signal, sys, threading, time
-from pathlib import Path
-if os.environ.get("RANK") == "0" and "--resume" not in sys.argv:
-    def stop_after_the_first_checkpoint():
-        run = Path(sys.argv[sys.argv.index("--out") + 1])
-        while not (run / "epoch-0001.pt").exists():
-            time.sleep(0.02)
-        os.kill(os.getpid(), signal.SIGINT)
-    threading.Thread(target=stop_after_the_first_checkpoint, daemon=True).start()
-"""
+STOP_RANK_0_AFTER_EPOCH_1 = _signal_after_the_first_checkpoint(0, "SIGINT")  # as a user stopping a run would
 
 
 @NEEDS_GLOO
@@ -621,9 +616,7 @@ def test_compile_on_two_ranks_lets_no_torch_log_line_through(tmp_path):
     assert (proc.returncode, proc.stderr) == (0, ""), proc.stderr[-3000:]
 
 
-# Rank 1 alone gets SIGTERM once the first epoch's checkpoint is on disk, as a scheduler might send it.
-TERM_RANK_1_AFTER_EPOCH_1 = STOP_RANK_0_AFTER_EPOCH_1.replace('"RANK") == "0"', '"RANK") == "1"').replace(
-    "signal.SIGINT", "signal.SIGTERM")
+TERM_RANK_1_AFTER_EPOCH_1 = _signal_after_the_first_checkpoint(1, "SIGTERM")  # as a scheduler might send it
 
 
 @NEEDS_GLOO
