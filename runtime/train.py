@@ -977,7 +977,7 @@ class Trainer:
         self.last_saved = time.perf_counter()
         rng = self._rng_states()
         if self.main:
-            ckpt.save(last, self._state(epoch + 1, 0, rng=rng))
+            ckpt.save(last, self._state(epoch + 1, 0, None, rng))
             if improved:
                 files.link_or_copy(last, self.run_dir / runs.BEST)
             (self.run_dir / runs.INTERRUPTED).unlink(missing_ok=True)
@@ -1043,7 +1043,8 @@ class Trainer:
         dist.all_gather_object(every, mine)
         return {**mine, "ranks": every}
 
-    def _state(self, epoch: int, batch: int, partial: dict | None = None, rng: dict | None = None) -> dict:
+    def _state(self, epoch: int, batch: int, partial: dict | None, rng: dict) -> dict:
+        """The checkpoint; ``rng`` from :meth:`_rng_states`, which every rank calls (a collective)."""
         spec = self.net_spec
         src = self.train_source
         data = {"path": str(self.data_path), "resolved": str(self.resolved_data),
@@ -1065,7 +1066,7 @@ class Trainer:
             "model": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
             "optimizer": self.optimizer.state_dict(),
             "schedule": dict(self.sched),
-            "rng": rng or self._rng_states(),
+            "rng": rng,
             "spec": {"path": spec.path, "text": spec.spec_text, "params_path": spec.params_path,
                      "params_text": spec.params_text, "overrides": list(spec.overrides)},
             "recipe": self.recipe.as_dict(),
