@@ -574,12 +574,14 @@ STOP_RANK_0_AFTER_EPOCH_1 = _signal_after_the_first_checkpoint(0, "SIGINT")  # a
 def test_a_resumed_run_with_dropout_on_two_ranks_is_the_uninterrupted_run(tmp_path):
     """Only rank 0's random state was kept: after a resume every rank drew rank 0's dropout masks,
     so the run went on otherwise than it would have, with the same mask on each half of a batch."""
+    # 20 epochs of a tenth of a second: the stop, sent once epoch 1's checkpoint is seen, comes well before
+    # the end (with 3, it once came in the last epoch's validation, and the run just finished).
     spec, data = write_spec(tmp_path, SPEC), make_data(tmp_path / "data")
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "sitecustomize.py").write_text(STOP_RANK_0_AFTER_EPOCH_1)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     command = lambda out, *extra: [sys.executable, "-m", "convspec", "train", str(spec), "--data", str(data),
-                                   "--out", str(out), "--epochs", "3", "--batch-size", "32", "--quiet",
+                                   "--out", str(out), "--epochs", "20", "--batch-size", "32", "--quiet",
                                    "--nproc-per-node", "2", *extra]
     whole = subprocess.run(command(tmp_path / "whole"), env=env, cwd=ROOT, capture_output=True, text=True,
                            timeout=300)
@@ -592,11 +594,11 @@ def test_a_resumed_run_with_dropout_on_two_ranks_is_the_uninterrupted_run(tmp_pa
                               "--quiet", "--nproc-per-node", "2"], env=env, cwd=ROOT, capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = ckpt.load(tmp_path / "whole" / "epoch-0003.pt")["model"], ckpt.load(stopped / "epoch-0003.pt")["model"]
+    a, b = ckpt.load(tmp_path / "whole" / "epoch-0020.pt")["model"], ckpt.load(stopped / "epoch-0020.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     # On another number of ranks this net's dropout masks would differ: refused, in one line.
     for options, now in (([], 1), (["--nproc-per-node", "4"], 4)):
-        result = CliRunner().invoke(main, ["train", "--resume", "--out", str(stopped), "--epochs", "4", *options])
+        result = CliRunner().invoke(main, ["train", "--resume", "--out", str(stopped), "--epochs", "21", *options])
         assert (result.exit_code, result.stderr) == (1, f"{stopped}: the run was trained on 2 ranks and would resume "
                                                         f"on {now}, which changes the dropout masks each rank draws "
                                                         "(drop), so the run would not go on as it was; resume it on 2 "
