@@ -63,14 +63,19 @@ def rank_device(cluster: Cluster) -> torch.device:
 
 def all_reduce_sum(tensor: torch.Tensor, cluster: Cluster) -> torch.Tensor:
     """Sum over ranks (in place for CPU tensors); NCCL only reduces GPU tensors."""
+    return _all_reduce(tensor, cluster, "SUM")
+
+
+def _all_reduce(tensor: torch.Tensor, cluster: Cluster, op_name: str) -> torch.Tensor:
     if not cluster.distributed:
         return tensor
+    op = getattr(dist.ReduceOp, op_name)
     if cluster.backend == "nccl":
         on_gpu = tensor.to(rank_device(cluster))
-        dist.all_reduce(on_gpu)
+        dist.all_reduce(on_gpu, op=op)
         tensor.copy_(on_gpu.cpu())
     else:
-        dist.all_reduce(tensor)
+        dist.all_reduce(tensor, op=op)
     return tensor
 
 
@@ -78,31 +83,15 @@ def agreed_signal_and_flags(signum: int | None, flags: tuple[bool, ...], cluster
     """(signal, *flags) agreed by every rank, in one all-reduce of maxima: the stop signal any rank
     got (SIGTERM over SIGINT, so that every rank stops, and exits, as by the stronger one), and
     each flag true if any rank says so."""
-    values = [signum or 0, *(int(f) for f in flags)]
-    if cluster.distributed:
-        t = torch.tensor(values, dtype=torch.int64)
-        if cluster.backend == "nccl":
-            on_gpu = t.to(rank_device(cluster))
-            dist.all_reduce(on_gpu, op=dist.ReduceOp.MAX)
-            t = on_gpu.cpu()
-        else:
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        values = t.tolist()
-    return (values[0] or None, *(bool(v) for v in values[1:]))
+    values = torch.tensor([signum or 0, *(int(f) for f in flags)], dtype=torch.int64)
+    _all_reduce(values, cluster, "MAX")
+    first, *rest = values.tolist()
+    return (first or None, *(bool(v) for v in rest))
 
 
 def broadcast_flag(flag: bool, cluster: Cluster) -> bool:
-    """True on every rank if any rank says so (a signal or a NaN on one rank stops all)."""
-    return broadcast_flags((flag,), cluster)[0]
-
-
-def broadcast_flags(flags: tuple[bool, ...], cluster: Cluster) -> tuple[bool, ...]:
-    """Each flag true on every rank if any rank says so, in one all-reduce."""
-    if not cluster.distributed:
-        return tuple(flags)
-    t = torch.tensor([int(f) for f in flags], dtype=torch.int64)
-    all_reduce_sum(t, cluster)
-    return tuple(bool(v) for v in t.tolist())
+    """True on every rank if any rank says so (a NaN on one rank stops all)."""
+    return bool(_all_reduce(torch.tensor([int(flag)], dtype=torch.int64), cluster, "MAX").item())
 
 
 def barrier(cluster: Cluster) -> None:

@@ -52,6 +52,9 @@ def evaluate(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device
     k = min(k, num_classes)
     counts = torch.zeros(3, num_classes, dtype=torch.int64)  # images, top-1 wrong, top-k wrong
     bar = Progress(total or 0, "evaluating", enabled=progress and bool(total))
+    # ``total`` counts every rank's images, and each rank scores its share: rank 0's bar stands
+    # for all (its share is the largest, so the last update is clamped to the total)
+    world = cluster.world if cluster is not None else 1
     views = 1
     try:
         for images, labels in batches:
@@ -67,9 +70,6 @@ def evaluate(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device
             counts[0].index_add_(0, labels, torch.ones_like(labels))
             counts[1].index_add_(0, labels, (~hit[:, 0]).long())
             counts[2].index_add_(0, labels, (~hit.any(1)).long())
-            # ``total`` counts every rank's images, and each rank scores its share: rank 0's bar
-            # stands for all (its share is the largest, so the last update is clamped to the total)
-            world = cluster.world if cluster is not None else 1
             bar.update(min(b * world, max(bar.total - bar.done, 0)) if world > 1 else b)
     finally:
         bar.close()

@@ -254,20 +254,21 @@ def file_size(file: str) -> int:
         return -1
 
 
-def content_fingerprint(path: Path) -> str:
+def content_fingerprint(path: Path, known: str | None = None) -> str:
     """:func:`fingerprint` without where the data came from: a store's description names the
-    folder it was prepared from, so two machines' stores of the same images differ by it."""
+    folder it was prepared from, so two machines' stores of the same images differ by it.
+    ``known``: the path's fingerprint, already computed (a folder's stats every file)."""
     import hashlib
     import json
 
     marker = Path(path) / STORE_MARKER
     if not marker.is_file():
-        return fingerprint(path)
+        return known or fingerprint(path)
     try:
         description = json.loads(marker.read_text())
         description.pop("source", None)
     except (OSError, ValueError, AttributeError):  # a damaged description is reported where it is read
-        return fingerprint(path)
+        return known or fingerprint(path)
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -699,7 +699,8 @@ class Trainer:
             torch.manual_seed(r.seed + 1000003 * c.rank)  # dropout differs per rank; weights came from rank 0
 
     # The recipe keys a command-line option sets, named as the option: what a user typed differently.
-    OPTION_OF = {"seed": "--seed", "epochs": "--epochs", "batch_size": "--batch-size", "precision": "--precision"}
+    # (The recipe's precision keeps its own name: --precision, below, is the one the run uses.)
+    OPTION_OF = {"seed": "--seed", "epochs": "--epochs", "batch_size": "--batch-size"}
 
     def _settings(self) -> dict:
         """What every rank must share: the net, the recipe, the options that change the step, the data."""
@@ -713,7 +714,7 @@ class Trainer:
                 **{self.OPTION_OF.get(k, f"the recipe's {k}"): v for k, v in self.recipe.as_dict().items()},
                 "--precision": self.precision, "--no-channels-last": not self.channels_last,
                 "--compile": self.compile, "--resume": self.state is not None,
-                "the data": (content_fingerprint(self.resolved_data), len(self.train_source)),
+                "the data": (content_fingerprint(self.resolved_data, self.fingerprint), len(self.train_source)),
                 "--train-limit": self.train_limit,
                 "the validation data": None if self.val_source is self.train_source else len(self.val_source)}
 
