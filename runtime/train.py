@@ -796,19 +796,28 @@ class Trainer:
                 record = self._train_epoch(epoch, batch0 if epoch == epoch0 else 0,
                                            partial if epoch == epoch0 else None)
                 last, best = self._end_epoch(epoch, record)
-                self.stop_signal = D.agreed_signal_and_flags(self.stop_signal, (), self.cluster)[0]
-                if self.stop_signal is not None and epoch + 1 < r.epochs:
+                (stop,) = self._agree_on_the_stop_signal()
+                if stop is not None and epoch + 1 < r.epochs:
                     # The signal came during validation: the epoch's checkpoint is the place to stop.
-                    name = signal.Signals(self.stop_signal or signal.SIGINT).name
-                    raise TrainingStopped(f"{name}: stopped after epoch {epoch + 1}; saved {last}. "
-                                          f"Continue with: {self._resume_command()}",
-                                          128 + (self.stop_signal or 2))
+                    raise TrainingStopped(f"{signal.Signals(stop).name}: stopped after epoch {epoch + 1}; saved "
+                                          f"{last}. Continue with: {self._resume_command()}", 128 + stop)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         D.barrier(self.cluster)
         return RunSummary(self.run_dir, r.epochs, self.step, self.train_seconds, self.history, last,
                           best or (self.run_dir / runs.BEST if (self.run_dir / runs.BEST).exists() else None))
+
+    def _agree_on_the_stop_signal(self, *flags: bool) -> tuple:
+        """(signal or None, *flags): every rank stops by the same signal, the one any rank got (its name
+        in the message, its exit status), and ``flags`` are agreed in the same all-reduce (true if any
+        rank's is).  The ranks act on the answer alone: a signal this rank gets while they agree is
+        neither acted on by this rank alone (the others would wait for it in a collective) nor
+        overwritten by the answer, so it counts at the next agreement."""
+        agreed, *flags = D.agreed_signal_and_flags(self.stop_signal, flags, self.cluster)
+        if agreed is not None:
+            self.stop_signal = agreed
+        return (agreed, *flags)
 
     def _on_signal(self, signum, frame) -> None:
         if self.stop_signal is not None and signum == signal.SIGINT:
@@ -885,9 +894,8 @@ class Trainer:
                 bar.update(len(values) * r.batch_size, f"loss {values[-1]:.4f}")
             # Rank 0's clock decides when a snapshot is due, and every rank learns it with the stop flag.
             due = self.main and self.snapshot_every > 0 and time.perf_counter() - self.last_saved >= self.snapshot_every
-            # Every rank stops by the same signal, the one any rank got (its name in the message, its exit status)
-            self.stop_signal, snapshot = D.agreed_signal_and_flags(self.stop_signal, (due,), c)
-            if self.stop_signal is not None:
+            stop, snapshot = self._agree_on_the_stop_signal(due)
+            if stop is not None:
                 self._save_interrupted(epoch, b + 1, sums, loss_sum, wrong_sum, seen, time.perf_counter() - t0)
             if snapshot and b + 1 < n_batches:
                 # Writing the file is not training, as the epoch's own checkpoint is not: move the
